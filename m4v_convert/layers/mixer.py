@@ -1,0 +1,227 @@
+"""Mamba2 (SSD) mixer with mamba-ssm's ``Mamba2`` parameter names and layout.
+
+Parameters: ``in_proj`` → ``[z | x | B | C | dt]``, depthwise causal ``conv1d`` over
+``[x | B | C]``, ``dt_bias``, ``A_log``, ``D``, gated RMSNorm ``norm.weight``, ``out_proj``.
+With the default options (silu conv activation, no B/C norm, no rotary, gated RMSNorm) a state
+dict of this module loads into ``mamba_ssm.modules.mamba2.Mamba2`` with ``strict=True``.
+
+Options added for the conversion (all off in the Mamba2-compatible setting):
+``bc_norm`` carries the teacher's q/k RMSNorm onto C/B, ``rotary`` applies the teacher's RoPE to
+B/C, ``conv_activation`` may be ``identity`` so the init from attention is exact, ``seq_idx``
+packs independent segments (the conv and the scan both reset at segment boundaries).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from m4v_convert.ops import ssd_scan
+
+
+@dataclass
+class MixerConfig:
+    d_model: int
+    nheads: int
+    headdim: int
+    d_state: int
+    ngroups: int
+    d_conv: int = 4
+    conv_activation: str = "silu"  # "silu" | "identity"
+    bias: bool = False  # in_proj / out_proj bias (attention layers have biases)
+    conv_bias: bool = True
+    bc_norm: str = "none"  # "none" | "per_group" | "across_groups"
+    norm_eps: float = 1e-6
+    out_norm: bool = True  # gated RMSNorm on the scan output (Mamba2 rmsnorm=True)
+    norm_before_gate: bool = False
+    chunk_size: int = 256
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+
+    @property
+    def d_inner(self) -> int:
+        return self.nheads * self.headdim
+
+    @property
+    def d_bc(self) -> int:
+        return self.ngroups * self.d_state
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.d_bc
+
+    def validate(self) -> None:
+        if self.nheads % self.ngroups:
+            raise ValueError(f"ngroups: nheads ({self.nheads}) must be divisible by ngroups ({self.ngroups})")
+        if self.conv_activation not in ("silu", "identity"):
+            raise ValueError(f"conv_activation: expected 'silu' or 'identity', got {self.conv_activation!r}")
+        if self.bc_norm not in ("none", "per_group", "across_groups"):
+            raise ValueError(f"bc_norm: expected 'none', 'per_group' or 'across_groups', got {self.bc_norm!r}")
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over groups of ``group_size`` channels with silu(z) gating (mamba-ssm RMSNormGated)."""
+
+    def __init__(self, hidden: int, group_size: int, eps: float = 1e-6, norm_before_gate: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.group_size = group_size
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z.float())
+        xg = x.unflatten(-1, (-1, self.group_size))
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = xg.flatten(-2) * self.weight.float()
+        if z is not None and self.norm_before_gate:
+            out = out * F.silu(z.float())
+        return out.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]); cos/sin are repeat-interleaved (..., n).
+
+    x: (b, L, g, n); cos, sin: (L, n) or (b, L, n).
+    """
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    cos = cos[..., 0::2].unsqueeze(2).to(torch.float32)
+    sin = sin[..., 1::2].unsqueeze(2).to(torch.float32)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Depthwise causal conv along L that never reads across ``seq_idx`` segments.
+
+    x: (b, L, c); weight: (c, 1, k) as in ``nn.Conv1d``; seq_idx: (b, L) int or None.
+    Tap j (0 = current step) reads x[t - j] with weight[:, 0, k - 1 - j].
+    """
+    k = weight.shape[-1]
+    w = weight[:, 0, :].to(x.dtype)
+    out = x * w[:, k - 1]
+    for j in range(1, k):
+        if j >= x.shape[1]:
+            break
+        shifted = F.pad(x[:, :-j], (0, 0, j, 0))
+        term = shifted * w[:, k - 1 - j]
+        if seq_idx is not None:
+            same = torch.zeros_like(seq_idx, dtype=torch.bool)
+            same[:, j:] = seq_idx[:, j:] == seq_idx[:, :-j]
+            term = term * same.unsqueeze(-1).to(term.dtype)
+        out = out + term
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: MixerConfig, device=None, dtype=None):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        fk = {"device": device, "dtype": dtype}
+        d_in_proj = 2 * c.d_inner + 2 * c.d_bc + c.nheads
+        self.in_proj = nn.Linear(c.d_model, d_in_proj, bias=c.bias, **fk)
+        self.conv1d = nn.Conv1d(
+            c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, padding=c.d_conv - 1, bias=c.conv_bias, **fk
+        )
+        self.dt_bias = nn.Parameter(torch.empty(c.nheads, **fk))
+        self.A_log = nn.Parameter(torch.empty(c.nheads, **fk))
+        self.D = nn.Parameter(torch.empty(c.nheads, **fk))
+        if c.bc_norm != "none":
+            size = c.d_state if c.bc_norm == "per_group" else c.d_bc
+            self.B_norm = nn.RMSNorm(size, eps=c.norm_eps, **fk)
+            self.C_norm = nn.RMSNorm(size, eps=c.norm_eps, **fk)
+        if c.out_norm:
+            self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups, eps=c.norm_eps, norm_before_gate=c.norm_before_gate)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias, **fk)
+        if self.dt_bias.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba2's default init (used when a mixer is not initialized from attention)."""
+        c = self.config
+        dt = torch.exp(
+            torch.rand(c.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min)
+        ).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log.copy_(torch.log(torch.empty(c.nheads).uniform_(*c.A_init_range)))
+        self.D.fill_(1.0)
+
+    def _split_bc_norm(self, t: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        # t: (b, L, g * n)
+        c = self.config
+        if c.bc_norm == "across_groups":
+            return norm(t)
+        return norm(t.unflatten(-1, (c.ngroups, c.d_state))).flatten(-2)
+
+    def forward(
+        self,
+        u: torch.Tensor,
+        *,
+        seq_idx: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """u: (b, L, d_model) → (b, L, d_model).
+
+        seq_idx: (b, L) int32, packed independent segments. rotary: (cos, sin), each (L, d_state)
+        or (b, L, d_state), repeat-interleaved, applied to B and C in sequence order.
+        """
+        c = self.config
+        b, L, _ = u.shape
+        zxbcdt = self.in_proj(u)
+        z, xbc, dt = torch.split(zxbcdt, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        xbc = causal_depthwise_conv(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx)
+        if c.conv_activation == "silu":
+            xbc = F.silu(xbc)
+        x, B, C = torch.split(xbc, [c.d_inner, c.d_bc, c.d_bc], dim=-1)
+        if c.bc_norm != "none":
+            B = self._split_bc_norm(B, self.B_norm)
+            C = self._split_bc_norm(C, self.C_norm)
+        B = B.unflatten(-1, (c.ngroups, c.d_state))
+        C = C.unflatten(-1, (c.ngroups, c.d_state))
+        if rotary is not None:
+            B = apply_rotary_interleaved(B, *rotary)
+            C = apply_rotary_interleaved(C, *rotary)
+        A = -torch.exp(self.A_log.float())
+        y = ssd_scan(
+            x.unflatten(-1, (c.nheads, c.headdim)),
+            dt,
+            A,
+            B,
+            C,
+            chunk_size=c.chunk_size,
+            D=self.D,
+            z=None if c.out_norm else z.unflatten(-1, (c.nheads, c.headdim)),
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            seq_idx=seq_idx,
+        )
+        y = y.flatten(-2)
+        if c.out_norm:
+            y = self.norm(y, z)
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"d_model={c.d_model}, nheads={c.nheads}, headdim={c.headdim}, d_state={c.d_state}, "
+            f"ngroups={c.ngroups}, conv={c.d_conv}/{c.conv_activation}, bc_norm={c.bc_norm}, out_norm={c.out_norm}"
+        )

@@ -1,0 +1,338 @@
+"""MM-DiM block pieces: re-composition, mixer, temporal branch, init from attention."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_attention
+from m4v_convert.layers.mixer import Mamba2Mixer, MixerConfig
+from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
+from m4v_convert.layers.recompose import (
+    NUM_PATHS, FrameBlock, Recomposer, VideoLayout, text_sandwich_indices, zigzag_order,
+)
+from m4v_convert.layers.temporal import TemporalBranch
+
+MULTI_STAGE = VideoLayout((FrameBlock(2, 2, 3, 0), FrameBlock(1, 4, 6, 1), FrameBlock(2, 4, 6, 1)))
+
+
+# ---------------------------------------------------------------- zigzag paths
+
+@pytest.mark.parametrize("h,w", [(3, 4), (4, 4), (5, 2), (2, 7)])
+def test_zigzag_paths_visit_every_cell_once_through_neighbours(h, w):
+    orders = []
+    for path in range(NUM_PATHS):
+        order = zigzag_order(h, w, path)
+        assert sorted(order.tolist()) == list(range(h * w))
+        rows, cols = order // w, order % w
+        steps = (rows[1:] - rows[:-1]).abs() + (cols[1:] - cols[:-1]).abs()
+        assert torch.all(steps == 1), f"path {path} jumps"
+        orders.append(tuple(order.tolist()))
+    assert len(set(orders)) == NUM_PATHS
+
+
+def test_zigzag_start_corners():
+    h, w = 3, 4
+    corners = {zigzag_order(h, w, p)[0].item() for p in range(4)}
+    assert corners == {0, w - 1, (h - 1) * w, h * w - 1}
+    # paths 0-3 are row snakes: the first w cells share a row; 4-7 column snakes
+    assert (zigzag_order(h, w, 0)[:w] // w).unique().numel() == 1
+    assert (zigzag_order(h, w, 4)[:h] % w).unique().numel() == 1
+
+
+# ---------------------------------------------------------------- text sandwich
+
+def test_text_sandwich_pads_are_zero_and_valid_text_touches_video():
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    b, lz, d = mask.shape[0], mask.shape[1], 3
+    text = torch.randn(b, lz, d) + 5.0  # never zero
+    layout = VideoLayout.single(2, 2, 2)
+    rc = Recomposer(layout, 0, registers=True, text_sandwich=True)
+    video = torch.randn(b, layout.num_tokens, d)
+    seq = rc.forward(video, torch.randn(1, d), text, mask)
+    n_video = rc.sequence_length(lz) - 2 * lz
+    z_l, z_r = seq[:, :lz], seq[:, lz + n_video:]
+    for i in range(b):
+        valid = text[i][mask[i]]
+        k = valid.shape[0]
+        assert torch.equal(z_l[i, lz - k:], valid)  # right-aligned, ends right before the video
+        assert torch.equal(z_r[i, :k], valid)  # left-aligned, starts right after the video
+        assert torch.all(z_l[i, : lz - k] == 0) and torch.all(z_r[i, k:] == 0)
+
+
+def test_text_sandwich_indices_all_pad_row():
+    left, right = text_sandwich_indices(torch.zeros(1, 4, dtype=torch.bool))
+    assert torch.all(left == 4) and torch.all(right == 4)
+
+
+# ---------------------------------------------------------------- inverse
+
+@pytest.mark.parametrize("path", list(range(NUM_PATHS)) + [None])
+@pytest.mark.parametrize("layout", [VideoLayout.single(3, 2, 5), MULTI_STAGE])
+@pytest.mark.parametrize("registers,sandwich", [(True, True), (False, True), (True, False), (False, False)])
+def test_inverse_of_forward_is_identity(path, layout, registers, sandwich):
+    b, d, lz = 2, 4, 5
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    text = torch.randn(b, lz, d)
+    video = torch.randn(b, layout.num_tokens, d)
+    rc = Recomposer(layout, path, registers=registers, text_sandwich=sandwich)
+    seq = rc.forward(video, torch.randn(2, d), text, mask)
+    assert seq.shape[1] == rc.sequence_length(lz)
+    v, t = rc.inverse(seq, text, mask)
+    assert torch.equal(v, video)
+    if sandwich:
+        # both copies come back and are summed at the valid positions; pads get zero
+        assert torch.allclose(t, 2 * text * mask.unsqueeze(-1))
+    else:
+        assert t is None
+
+
+def test_registers_sit_before_every_frame_and_once_at_the_end():
+    layout = MULTI_STAGE
+    d = 2
+    regs = torch.tensor([[100.0, 100.0], [200.0, 200.0]])
+    video = torch.zeros(1, layout.num_tokens, d)
+    rc = Recomposer(layout, 3, registers=True, text_sandwich=False)
+    seq = rc.forward(video, regs)[0, :, 0]
+    is_reg = seq > 0
+    expected, pos = [], 0
+    for _, h, w, reg, _ in layout.frame_slices():
+        expected.append((pos, 100.0 * (reg + 1)))
+        pos += 1 + h * w
+    expected.append((pos, 200.0))
+    assert is_reg.sum().item() == layout.num_frames + 1
+    for p, val in expected:
+        assert seq[p].item() == val
+
+
+def test_index_tables_are_cached():
+    from m4v_convert.layers.recompose import video_indices
+
+    a = video_indices(MULTI_STAGE, 5, True, "cpu")
+    b = video_indices(MULTI_STAGE, 5, True, "cpu")
+    assert a[0] is b[0] and a[1] is b[1]
+
+
+# ---------------------------------------------------------------- mixer
+
+def _attention_weights(d, heads, hd, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    inner = heads * hd
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype) / math.sqrt(s[-1])  # noqa: E731
+    return AttentionWeights(
+        heads=heads, head_dim=hd,
+        q_weight=r(inner, d), k_weight=r(inner, d), v_weight=r(inner, d), out_weight=r(d, inner),
+        q_bias=r(inner), k_bias=r(inner), v_bias=r(inner), out_bias=r(d),
+        q_norm_weight=1 + 0.1 * r(inner), k_norm_weight=1 + 0.1 * r(inner),
+    )
+
+
+def test_init_reproduces_causal_linear_attention():
+    """With A→0, identity conv, constant gate and no output norm the mixer IS linear attention."""
+    d, heads, hd, L = 12, 3, 4, 23
+    w = _attention_weights(d, heads, hd)
+    cfg = MMDiMConfig(d_model=d, nheads=heads, headdim=hd, bc_norm="across_groups", out_norm=False,
+                      A_init=1e-12, dt_init=0.25, chunk_size=8, temporal=False, registers=False,
+                      text_sandwich=False)
+    block = mmdim_from_attention(cfg, w, dtype=torch.float64)
+    u = torch.randn(2, L, d, dtype=torch.float64)
+    got = block.mixer(u)
+
+    rms = lambda t, wt: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * wt  # noqa: E731
+    q = rms(u @ w.q_weight.T + w.q_bias, w.q_norm_weight).unflatten(-1, (heads, hd))
+    k = rms(u @ w.k_weight.T + w.k_bias, w.k_norm_weight).unflatten(-1, (heads, hd))
+    v = (u @ w.v_weight.T + w.v_bias).unflatten(-1, (heads, hd))
+    scores = torch.einsum("bthn,bshn->bhts", q, k).tril()
+    y = torch.einsum("bhts,bshp->bthp", scores, v).flatten(-2)
+    gate = F.silu(torch.tensor(1.0, dtype=torch.float64))
+    expected = (cfg.dt_init * gate * y) @ w.out_weight.T + w.out_bias
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-7)
+
+
+def test_init_copies_weights_into_mamba2_layout():
+    d, heads, hd = 8, 2, 4
+    w = _attention_weights(d, heads, hd, dtype=torch.float32)
+    cfg = MMDiMConfig(d_model=d, nheads=heads, headdim=hd, bc_norm="across_groups")
+    m = mmdim_from_attention(cfg, w).mixer
+    inner = heads * hd
+    assert torch.equal(m.in_proj.weight[inner: 2 * inner], w.v_weight)
+    assert torch.equal(m.in_proj.weight[2 * inner: 3 * inner], w.k_weight)
+    assert torch.equal(m.in_proj.weight[3 * inner: 4 * inner], w.q_weight)
+    assert torch.equal(m.out_proj.weight, w.out_weight)
+    assert torch.equal(m.C_norm.weight, w.q_norm_weight)
+    assert torch.equal(m.B_norm.weight, w.k_norm_weight)
+
+
+def test_init_rejects_shape_mismatch():
+    w = _attention_weights(8, 2, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="q_weight"):
+        bad = AttentionWeights(**{**w.__dict__, "q_weight": torch.zeros(8, 7)})
+        mmdim_from_attention(MMDiMConfig(d_model=8, nheads=2, headdim=4), bad)
+    with pytest.raises(ValueError, match="heads"):
+        mmdim_from_attention(MMDiMConfig(d_model=8, nheads=4, headdim=2), w)
+
+
+def test_mixer_packed_segments_do_not_leak():
+    cfg = MixerConfig(d_model=8, nheads=2, headdim=4, d_state=4, ngroups=1, chunk_size=4)
+    torch.manual_seed(0)
+    m = Mamba2Mixer(cfg).double()
+    a, b = torch.randn(1, 7, 8, dtype=torch.float64), torch.randn(1, 6, 8, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 6], dtype=torch.int32)
+    packed = m(torch.cat([a, b], 1), seq_idx=seq_idx)
+    torch.testing.assert_close(packed[:, :7], m(a))
+    torch.testing.assert_close(packed[:, 7:], m(b))
+
+
+def test_mixer_rotary_is_used():
+    cfg = MixerConfig(d_model=8, nheads=2, headdim=4, d_state=4, ngroups=2)
+    torch.manual_seed(0)
+    m = Mamba2Mixer(cfg)
+    u = torch.randn(1, 5, 8)
+    ang = torch.randn(5, 2).repeat_interleave(2, -1)
+    out_rot = m(u, rotary=(ang.cos(), ang.sin()))
+    out_id = m(u, rotary=(torch.ones(5, 4), torch.zeros(5, 4)))
+    torch.testing.assert_close(out_id, m(u))
+    assert not torch.allclose(out_rot, out_id)
+
+
+def _mamba2_cls():
+    if not torch.cuda.is_available():
+        return None
+    from m4v_convert.ops.ssd_triton import triton_scan_available
+
+    if not triton_scan_available():
+        return None
+    try:
+        from mamba_ssm.modules.mamba2 import Mamba2
+    except Exception:
+        return None
+    return Mamba2
+
+
+@pytest.mark.gpu
+def test_mixer_state_dict_loads_into_mamba_ssm_mamba2():
+    Mamba2 = _mamba2_cls()
+    if Mamba2 is None:
+        pytest.skip("needs CUDA and mamba-ssm")
+    torch.manual_seed(0)
+    d = 64
+    ref = Mamba2(d_model=d, d_state=32, d_conv=4, expand=2, headdim=16, ngroups=2, use_mem_eff_path=False,
+                 chunk_size=64, device="cuda")
+    cfg = MixerConfig(d_model=d, nheads=8, headdim=16, d_state=32, ngroups=2, norm_eps=1e-5, chunk_size=64)
+    ours = Mamba2Mixer(cfg).cuda()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    u = torch.randn(2, 100, d, device="cuda")
+    torch.testing.assert_close(ours(u), ref(u), rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------- temporal branch
+
+def test_temporal_branch_starts_as_noop_and_is_causal():
+    layout = MULTI_STAGE
+    torch.manual_seed(0)
+    tb = TemporalBranch(6, grid=2, dim=4, heads=2, causal=True)
+    video = torch.randn(2, layout.num_tokens, 6)
+    assert torch.all(tb(video, layout) == 0)
+    torch.nn.init.normal_(tb.up_proj.weight)
+    out = tb(video, layout)
+    assert out.abs().sum() > 0
+    frames = layout.frame_slices()
+    # change frame 2; frames 0, 1 keep their outputs, frame 2 changes
+    start2, h2, w2 = frames[2][0], frames[2][1], frames[2][2]
+    video2 = video.clone()
+    video2[:, start2: start2 + h2 * w2] += 1.0
+    out2 = tb(video2, layout)
+    assert torch.equal(out2[:, :start2], out[:, :start2])
+    assert not torch.allclose(out2[:, start2: start2 + h2 * w2], out[:, start2: start2 + h2 * w2])
+
+
+def test_temporal_branch_bidirectional_sees_the_future_and_sources_restrict():
+    layout = VideoLayout.single(4, 4, 4)
+    torch.manual_seed(0)
+    tb = TemporalBranch(6, grid=2, dim=4, heads=2, causal=False)
+    torch.nn.init.normal_(tb.up_proj.weight)
+    video = torch.randn(1, layout.num_tokens, 6)
+    video2 = video.clone()
+    video2[:, -16:] += 1.0
+    assert not torch.allclose(tb(video2, layout)[:, :16], tb(video, layout)[:, :16])
+    # frames 0, 1 are the only sources: changing frames 2, 3 leaves frames 0, 1 unchanged
+    src = torch.tensor([True, True, False, False])
+    assert torch.equal(tb(video2, layout, src)[:, :32], tb(video, layout, src)[:, :32])
+
+
+def test_temporal_update_is_constant_within_a_region():
+    layout = VideoLayout.single(2, 4, 6)
+    torch.manual_seed(0)
+    tb = TemporalBranch(3, grid=2, dim=4, heads=1)
+    torch.nn.init.normal_(tb.up_proj.weight)
+    out = tb(torch.randn(1, layout.num_tokens, 3), layout).reshape(2, 4, 6, 3)
+    assert torch.allclose(out[:, :2, :3], out[:, :1, :1].expand(-1, 2, 3, -1))
+    assert not torch.allclose(out[:, 0, 0], out[:, 0, 5])
+
+
+# ---------------------------------------------------------------- full block
+
+def _block(**kw):
+    cfg = MMDiMConfig(d_model=8, nheads=2, headdim=4, num_registers=2, chunk_size=8, temporal_dim=4,
+                      temporal_heads=2, bc_norm="across_groups", rotary=True, **kw)
+    torch.manual_seed(0)
+    blk = MMDiM(cfg)
+    torch.nn.init.normal_(blk.temporal.up_proj.weight)
+    return blk.double()
+
+
+def test_block_no_leak_across_batch_items_and_text_masks_pads():
+    blk = _block(layer_index=3)
+    layout = MULTI_STAGE
+    b, lz = 2, 4
+    video = torch.randn(b, layout.num_tokens, 8, dtype=torch.float64)
+    text = torch.randn(b, lz, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    v1, t1 = blk(video, layout, text, mask)
+    video2, text2 = video.clone(), text.clone()
+    video2[1] += 1
+    text2[1] += 1
+    text2[0, 2:] += 100  # pads of item 0 must not matter
+    v2, t2 = blk(video2, layout, text2, mask)
+    torch.testing.assert_close(v2[0], v1[0])
+    torch.testing.assert_close(t2[0, :2], t1[0, :2])
+    assert torch.all(t1[0, 2:] == 0)
+    # the text influences the video (text sandwich is live)
+    text3 = text.clone()
+    text3[0, 0] += 1
+    assert not torch.allclose(blk(video, layout, text3, mask)[0][0], v1[0])
+
+
+def test_block_rotary_changes_output_and_is_ignored_when_off():
+    layout = VideoLayout.single(2, 2, 2)
+    video = torch.randn(1, 8, 8, dtype=torch.float64)
+    ang = torch.randn(8, 2, dtype=torch.float64).repeat_interleave(2, -1)
+    blk = _block()
+    assert not torch.allclose(blk(video, layout, rotary=(ang.cos(), ang.sin()))[0], blk(video, layout)[0])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(video=torch.randn(1, 7, 8)), "layout"),
+    (dict(video=torch.randn(1, 8, 5)), "video"),
+    (dict(video=torch.randn(1, 0, 8)), "L=0"),
+    (dict(text=torch.randn(2, 3, 8)), "text"),
+    (dict(text=torch.randn(1, 3, 8), text_mask=torch.ones(1, 4, dtype=torch.bool)), "text_mask"),
+    (dict(video=torch.zeros(1, 8, 8, dtype=torch.long)), "floating"),
+])
+def test_block_bad_input_names_the_argument(kw, match):
+    blk = MMDiM(MMDiMConfig(d_model=8, nheads=2, headdim=4, temporal_dim=4, temporal_heads=2))
+    args = dict(video=torch.randn(1, 8, 8), layout=VideoLayout.single(2, 2, 2))
+    args.update(kw)
+    if args["video"].shape[1] == 0:
+        args["layout"] = VideoLayout.single(1, 1, 1)
+    with pytest.raises(ValueError, match=match):
+        blk(**args)
+
+
+def test_config_round_trip():
+    cfg = MMDiMConfig(d_model=8, nheads=2, headdim=4, layer_index=11, temporal=False)
+    again = MMDiMConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.path == 3
+    with pytest.raises(ValueError, match="unknown"):
+        MMDiMConfig.from_dict({**cfg.to_dict(), "bogus": 1})
