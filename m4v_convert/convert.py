@@ -1,0 +1,74 @@
+"""The conversion verb: an in-place, filter-driven module swap (the torchao ``quantize_`` shape).
+
+``mambafy_(model, config, filter_fn)`` walks the module tree once, asks
+``filter_fn(module, fully_qualified_name)`` about every node and replaces the matches with what
+the handler registered for ``type(config)`` builds from them. A new kind of conversion is a new
+config dataclass plus a handler, never a new branch here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+Handler = Callable[[nn.Module, str, object], nn.Module]
+_HANDLERS: dict[type, Handler] = {}
+
+
+def register_handler(config_type: type):
+    """Decorator: ``handler(module, fqn, config) -> replacement module``."""
+
+    def deco(fn: Handler) -> Handler:
+        _HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+def mambafy_(model: nn.Module, config, filter_fn: Callable[[nn.Module, str], bool]) -> list[str]:
+    """Replace, in place, every submodule accepted by ``filter_fn``; return the replaced names."""
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"no mambafy handler registered for {type(config).__name__}")
+    replaced: list[str] = []
+    _swap(model, "", config, handler, filter_fn, replaced)
+    return replaced
+
+
+def _swap(module: nn.Module, prefix: str, config, handler: Handler, filter_fn, replaced: list[str]) -> None:
+    for name, child in list(module.named_children()):
+        fqn = f"{prefix}{name}"
+        if filter_fn(child, fqn):
+            setattr(module, name, handler(child, fqn, config))
+            replaced.append(fqn)
+        else:
+            _swap(child, fqn + ".", config, handler, filter_fn, replaced)
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """Parse ``--layers``: ``all``, ``3``, ``0-9``, ``0,2,4``, ``0-3,8,10-11``. Sorted, unique."""
+    from m4v_convert.errors import M4VError
+
+    s = spec.strip().lower()
+    if s == "all":
+        return list(range(num_layers))
+    out: set[int] = set()
+    for part in s.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(p) for p in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise M4VError(
+                f"--layers: cannot parse {part!r} in {spec!r}; use 'all', 'N', 'A-B' or a comma list like '0-3,8'"
+            ) from None
+    bad = sorted(i for i in out if not 0 <= i < num_layers)
+    if bad:
+        raise M4VError(f"--layers: layer(s) {bad} out of range; this model has layers 0-{num_layers - 1}")
+    return sorted(out)

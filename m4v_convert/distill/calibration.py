@@ -1,0 +1,117 @@
+"""Calibration batches for distillation: noised latents at random flow-matching timesteps + text.
+
+Sources:
+
+* **synthetic** (no ``--calib``): clean latents ~ N(0, 1) and random text embeddings with a random
+  number of valid tokens (the rest zero padding, as diffusers pipelines pad). They carry no
+  video content; a conversion distilled on them is labelled ``calibration: synthetic``.
+* **folder** (``--calib DIR``): every ``*.safetensors`` file in DIR holds one or more samples:
+
+  - ``latents``: (C, F, H, W) or (n, C, F, H, W) clean VAE latents (float);
+  - ``text_embeds``: (Lz, text_dim) or (n, Lz, text_dim) text-encoder outputs, padding rows zero;
+  - optional ``text_mask``: (Lz,) or (n, Lz) bool/int, 1 = valid (padding rows are zeroed).
+
+Noising follows rectified flow: ``x_t = (1 − σ)·x_0 + σ·ε`` with ``timestep = 1000·σ``; σ is drawn
+uniformly and then shifted (``σ' = s·σ / (1 + (s − 1)·σ)``) as the backbone's scheduler does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from m4v_convert.errors import M4VError
+
+
+@dataclass
+class CalibSpec:
+    in_channels: int
+    text_dim: int
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    text_len: int
+    flow_shift: float = 1.0
+
+
+@dataclass
+class CleanSample:
+    latents: torch.Tensor  # (C, F, H, W)
+    text: torch.Tensor  # (Lz, text_dim), padding rows zero
+
+
+def synthetic_samples(spec: CalibSpec, n: int, seed: int) -> list[CleanSample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lat = torch.randn(spec.in_channels, spec.latent_frames, spec.latent_height, spec.latent_width, generator=g)
+        text = torch.randn(spec.text_len, spec.text_dim, generator=g)
+        valid = int(torch.randint(1, spec.text_len + 1, (1,), generator=g))
+        text[valid:] = 0
+        out.append(CleanSample(lat, text))
+    return out
+
+
+def folder_samples(folder: Path, spec: CalibSpec) -> list[CleanSample]:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise M4VError(f"--calib {folder}: not a folder")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise M4VError(f"--calib {folder}: no *.safetensors files (expected 'latents' + 'text_embeds' tensors)")
+    out = []
+    for f in files:
+        try:
+            t = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise M4VError(f"--calib {f}: cannot read safetensors ({e})") from None
+        for key in ("latents", "text_embeds"):
+            if key not in t:
+                raise M4VError(f"--calib {f}: missing tensor {key!r} (has {sorted(t)})")
+        lat, txt = t["latents"].float(), t["text_embeds"].float()
+        if lat.dim() == 4:
+            lat = lat.unsqueeze(0)
+        if txt.dim() == 2:
+            txt = txt.unsqueeze(0)
+        mask = t.get("text_mask")
+        if mask is not None and mask.dim() == 1:
+            mask = mask.unsqueeze(0)
+        if lat.dim() != 5 or lat.shape[1] != spec.in_channels:
+            raise M4VError(f"--calib {f}: latents must be (C={spec.in_channels}, F, H, W) or (n, C, F, H, W), "
+                           f"got {tuple(t['latents'].shape)}")
+        if txt.dim() != 3 or txt.shape[-1] != spec.text_dim or txt.shape[0] != lat.shape[0]:
+            raise M4VError(f"--calib {f}: text_embeds must be (Lz, {spec.text_dim}) or (n={lat.shape[0]}, Lz, "
+                           f"{spec.text_dim}), got {tuple(t['text_embeds'].shape)}")
+        if mask is not None:
+            if tuple(mask.shape) != tuple(txt.shape[:2]):
+                raise M4VError(f"--calib {f}: text_mask must have shape {tuple(txt.shape[:2])}, got {tuple(mask.shape)}")
+            txt = txt * mask.bool().unsqueeze(-1)
+        out.extend(CleanSample(lat[i], txt[i]) for i in range(lat.shape[0]))
+    return out
+
+
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def noised_batch(samples: list[CleanSample], spec: CalibSpec, generator: torch.Generator,
+                 device="cpu", dtype=torch.float32) -> dict:
+    """Stack ``samples`` into a forward batch for a video DiT (diffusers argument names)."""
+    lat = torch.stack([s.latents for s in samples])
+    lz = max(s.text.shape[0] for s in samples)
+    text = torch.zeros(len(samples), lz, samples[0].text.shape[-1])
+    for i, s in enumerate(samples):
+        text[i, : s.text.shape[0]] = s.text
+    sigma = shift_sigma(torch.rand(len(samples), generator=generator), spec.flow_shift)
+    noise = torch.randn(lat.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * lat + s * noise
+    return {
+        "hidden_states": x_t.to(device=device, dtype=dtype),
+        "timestep": (sigma * 1000).to(device=device, dtype=dtype),
+        "encoder_hidden_states": text.to(device=device, dtype=dtype),
+    }

@@ -1,0 +1,106 @@
+"""Write and read converted models in the diffusers folder layout.
+
+``config.json`` (the model's own config plus an ``m4v`` entry recording the conversion) and
+``diffusion_pytorch_model.safetensors`` (sharded with a diffusers index when large), whose
+safetensors metadata carries ``format: pt`` plus the toolkit version, source, recipe and layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from m4v_convert.errors import CheckpointError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def _converted_classes() -> dict:
+    from m4v_convert.backbones.wan import M4VWanTransformer3DModel
+
+    classes = {"M4VWanTransformer3DModel": M4VWanTransformer3DModel}
+    try:
+        from m4v_convert.backbones.pyramidflow.converted import CONVERTED_CLASSES
+    except ImportError:
+        CONVERTED_CLASSES = {}
+    classes.update(CONVERTED_CLASSES)
+    return classes
+
+
+def save_converted(model, folder: Path, metadata: dict[str, str],
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write ``model`` (a converted diffusers ModelMixin) into ``folder``; returns the file names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_NAME, metadata=meta)
+        return ["config.json", WEIGHTS_NAME]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata=meta)
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return ["config.json", INDEX_NAME, *names]
+
+
+def read_converted_config(folder: Path) -> dict:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (expected a converted model written by m4v-convert)")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (expected a converted model written by m4v-convert)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if "m4v" not in cfg or cfg.get("_class_name") not in _converted_classes():
+        raise CheckpointError(
+            f"{folder}: not a converted model (config.json has no 'm4v' entry / class "
+            f"{cfg.get('_class_name')!r}); convert it first with m4v-convert"
+        )
+    return cfg
+
+
+def load_converted(folder, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a converted model; returns the diffusers ``ModelMixin`` that was saved, in eval mode.
+
+    Parameters are copied into freshly allocated memory (not left memory-mapped from the file):
+    CPU BLAS kernels may round differently for differently aligned buffers, and the copy makes
+    the reloaded model bit-identical to the one that was saved.
+    """
+    cfg = read_converted_config(Path(folder))
+    cls = _converted_classes()[cfg["_class_name"]]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{folder}: cannot load converted model: {str(e).splitlines()[0]}") from None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for name, b in list(model.named_buffers()):
+            if b is not None and b.device.type != "meta":
+                b.data = b.data.clone()
+    return model.to(device).eval()

@@ -1,0 +1,49 @@
+"""Atomic output folders: everything is written to a temporary sibling, then renamed into place.
+
+A crash, an exception or Ctrl-C leaves no partial ``--out`` folder (the temporary one is removed);
+an existing folder is only replaced when ``overwrite`` is set, and only once the new one is
+complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from m4v_convert.errors import M4VError
+
+
+def check_output_dir(out: Path, overwrite: bool) -> Path:
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise M4VError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise M4VError(f"--out {out} exists and is not a folder")
+    parent = out.parent
+    if not parent.exists():
+        raise M4VError(f"--out: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise M4VError(f"--out: cannot write to {parent}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary folder; on success it becomes ``out`` (replacing it if ``overwrite``)."""
+    out = check_output_dir(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
