@@ -1,0 +1,131 @@
+"""m4v-convert command line: parse flags and dispatch; the work lives in ``m4v_convert``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert pretrained video diffusion transformers to MM-DiM (Mamba) hybrids.")
+
+
+def _fail(message: str, code: int = 2):
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn user-input errors into one clear message and a non-zero exit (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from m4v_convert.errors import M4VError
+
+        try:
+            return fn(*args, **kwargs)
+        except M4VError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written", 130)
+
+    return wrapper
+
+
+@app.command("wan2.1")
+@user_errors
+def wan21(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Wan2.1 checkpoint: diffusers folder, pipeline folder, "
+                                    "original-layout folder or .safetensors file"),
+    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="'all', '0-9', '0,2,4' or mixes (default: recipe)"),
+    recipe: str = typer.Option("wan2.1", "--recipe", help="recipe name or YAML file"),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors "
+                                         "(latents + text_embeds); default: synthetic"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    seed: int = typer.Option(0, "--seed"),
+    size: str = typer.Option("480x832", "--size", help="video size HxW for the FLOPs report"),
+    frames: int = typer.Option(81, "--frames", help="video frames for the FLOPs report"),
+):
+    """Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, save, report FLOPs."""
+    from m4v_convert.pipeline import ConvertOptions, convert
+
+    convert(ConvertOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, distill_steps=distill_steps,
+                           calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
+                           report_size=_parse_size(size), report_frames=frames))
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    from m4v_convert.errors import M4VError
+
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+        if h <= 0 or w <= 0:
+            raise ValueError
+        return h, w
+    except ValueError:
+        raise M4VError(f"--size: expected HEIGHTxWIDTH like 480x832, got {size!r}") from None
+
+
+@app.command("flops")
+@user_errors
+def flops(
+    recipe: str = typer.Argument(..., help="recipe name or YAML file"),
+    model: str = typer.Option(..., "--model", help="published config of the recipe, e.g. 1.3b or 14b"),
+    size: str = typer.Option("480x832", "--size", help="HEIGHTxWIDTH in pixels"),
+    frames: int = typer.Option(81, "--frames", help="number of video frames (pixels)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="layers to convert (default: recipe)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+    crosscheck: bool = typer.Option(True, "--crosscheck/--no-crosscheck",
+                                    help="cross-check with FlopCounterMode on the meta device"),
+):
+    """FLOPs report for a published full-size config (meta device, no weights needed)."""
+    from rich.console import Console
+
+    from m4v_convert.convert import parse_layers
+    from m4v_convert.errors import M4VError
+    from m4v_convert.flops.report import conversion_flops_report, markdown_report
+    from m4v_convert.recipes import load_recipe
+
+    rec = load_recipe(recipe)
+    if model not in rec.published:
+        raise M4VError(f"--model: recipe {rec.name!r} ships configs {sorted(rec.published)}, not {model!r}")
+    if frames < 1:
+        raise M4VError(f"--frames: expected >= 1, got {frames}")
+    cfg = json.loads(rec.published[model].read_text())
+    height, width = _parse_size(size)
+    chosen = parse_layers(layers or rec.default_layers, cfg["num_layers"])
+    report = conversion_flops_report(cfg, chosen, rec.mmdim, frames=frames, height=height, width=width,
+                                     text_len=int(rec.video.get("text_len", 512)), crosscheck=crosscheck)
+    report["model"] = f"{rec.name} {model}"
+    Console().print(markdown_report(report), highlight=False)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+@app.command("recipes")
+@user_errors
+def recipes():
+    """List the shipped recipes."""
+    from m4v_convert.recipes import describe_recipes
+
+    for name, description in describe_recipes():
+        typer.echo(f"{name:<28} {description}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
