@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _fail(message: str, code: int = 2):
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 
@@ -93,7 +93,7 @@ def flops(
 
     from m4v_convert.convert import parse_layers
     from m4v_convert.errors import M4VError
-    from m4v_convert.flops.report import conversion_flops_report, markdown_report
+    from m4v_convert.flops.report import build_wan_flops_report, markdown_report
     from m4v_convert.recipes import load_recipe
 
     rec = load_recipe(recipe)
@@ -104,10 +104,10 @@ def flops(
     cfg = json.loads(rec.published[model].read_text())
     height, width = _parse_size(size)
     chosen = parse_layers(layers or rec.default_layers, cfg["num_layers"])
-    report = conversion_flops_report(cfg, chosen, rec.mmdim, frames=frames, height=height, width=width,
-                                     text_len=int(rec.video.get("text_len", 512)), crosscheck=crosscheck)
-    report["model"] = f"{rec.name} {model}"
-    Console().print(markdown_report(report), highlight=False)
+    report = build_wan_flops_report(cfg, frames, height, width, text_len=int(rec.video.get("text_len", 512)),
+                                    converted_layers=chosen, mmdim_config=rec.mmdim, crosscheck=crosscheck,
+                                    name=f"{rec.name} {model}")
+    typer.echo(markdown_report(report))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))

@@ -135,11 +135,12 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     _print_errors(con, result)
 
     # report + save
-    from m4v_convert.flops.report import conversion_flops_report, write_flops_report
+    from m4v_convert.flops.report import build_wan_flops_report, write_flops_report
 
     height, width = opts.report_size
-    flops = conversion_flops_report(cfg, layers, recipe.mmdim, frames=opts.report_frames, height=height,
-                                    width=width, text_len=int(recipe.video.get("text_len", 512)))
+    flops = build_wan_flops_report(cfg, opts.report_frames, height, width,
+                                   text_len=int(recipe.video.get("text_len", 512)), converted_layers=layers,
+                                   mmdim_config=recipe.mmdim, name=f"{recipe.name} ({Path(opts.checkpoint).name})")
     meta = {
         "toolkit": "m4v-convert", "version": m4v_convert.__version__, "source": str(Path(opts.checkpoint).resolve()),
         "recipe": recipe.name, "layers": layers, "calibration": calib_source,

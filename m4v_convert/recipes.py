@@ -112,7 +112,7 @@ def _check_mmdim(mmdim: dict, where: str) -> None:
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load a shipped recipe by name (``wan2.1``) or any YAML file by path."""
     path = Path(name_or_path).expanduser()
-    if not path.suffix:
+    if path.suffix not in (".yaml", ".yml") and not path.is_file():
         path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = ", ".join(available_recipes()) or "none"
