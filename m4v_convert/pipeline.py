@@ -146,7 +146,9 @@ def convert(opts: ConvertOptions, console=None) -> dict:
         "recipe": recipe.name, "layers": layers, "calibration": calib_source,
         "distill": {"stage1_steps": settings.steps, "lr": settings.lr},
     }
-    student.register_to_config(m4v={**student.config["m4v"], **{k: v for k, v in meta.items()}})
+    # config["m4v"]["layers"] holds the per-layer MMDiMConfig dicts; the plain list goes under its own key
+    record = {k: v for k, v in meta.items() if k != "layers"}
+    student.register_to_config(m4v={**student.config["m4v"], **record, "converted_layers": layers})
     summary = {
         **meta,
         "error_before": {str(k): v for k, v in result.error_before.items()},
