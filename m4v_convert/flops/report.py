@@ -55,7 +55,7 @@ def format_tflops(x) -> str:
 _tf = format_tflops
 
 
-def _markdown(report: dict) -> str:
+def markdown_report(report: dict) -> str:
     v, m = report["video"], report.get("model", {})
     lines = [f"# FLOPs report: {report.get('name', 'model')}", ""]
     lines.append(f"Video {v['frames']} frames × {v['height']}×{v['width']} px → {report['tokens']:,} video tokens"
@@ -165,6 +165,6 @@ def write_flops_report(report: dict, out_dir) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "flops.json", "md": out / "flops.md", "png": out / "flops.png"}
     paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
-    paths["md"].write_text(_markdown(report))
+    paths["md"].write_text(markdown_report(report))
     _plot(report, paths["png"])
     return paths
