@@ -23,8 +23,10 @@ def check_output_dir(out: Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise M4VError(f"--out {out} exists and is not a folder")
     parent = out.parent
-    if not parent.exists():
-        raise M4VError(f"--out: parent folder {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise M4VError(f"--out: cannot create parent folder {parent} ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
         raise M4VError(f"--out: cannot write to {parent}")
     return out
