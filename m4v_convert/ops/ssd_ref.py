@@ -88,7 +88,7 @@ def ssd_scan_ref(
             decay = torch.where((cur != prev_idx)[:, None], torch.zeros_like(decay), decay)
             prev_idx = cur
         S = decay[:, :, None, None] * S + (dtp[:, t, :, None] * xc[:, t])[..., None] * Bh[:, t, :, None, :]
-        out = torch.einsum("bhpn,bhn->bhp", S, Ch[:, t])
+        out = (S * Ch[:, t, :, None, :]).sum(-1)  # S_t C_t: (b, h, p)
         if Dh is not None:
             out = out + Dh * xc[:, t]
         if z is not None:
