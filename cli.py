@@ -123,6 +123,56 @@ def recipes():
         typer.echo(f"{name:<28} {description}")
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    teacher: Path = typer.Argument(..., help="the original (teacher) Wan2.1 checkpoint"),
+    student: Path = typer.Argument(..., help="a model converted from it by m4v-convert"),
+    out: Path = typer.Option(..., "--out", help="output folder: metrics.json, samples.gif, frames.png"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="file with one prompt per line "
+                                           "(default: the built-in held-out prompts)"),
+    seeds: int = typer.Option(4, "--seeds", help="noise seeds per prompt"),
+    steps: int = typer.Option(20, "--steps", help="flow-match Euler sampling steps"),
+    shift: float = typer.Option(3.0, "--shift", help="sampler timestep shift"),
+    task: Optional[Path] = typer.Option(None, "--task", help="synthetic task JSON (default: TEACHER/task.json)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+):
+    """Fidelity of STUDENT against TEACHER: prediction error per timestep, sample PSNR/SSIM, prompt adherence."""
+    from m4v_convert.eval import EvalOptions, run_eval
+
+    run_eval(EvalOptions(teacher=teacher, student=student, out=out, prompts=prompts, seeds=seeds, steps=steps,
+                         shift=shift, task=task, device=device, overwrite=overwrite))
+
+
+@app.command("ablate")
+@user_errors
+def ablate(
+    teacher: Path = typer.Argument(..., help="the Wan2.1 checkpoint to convert"),
+    out: Path = typer.Option(..., "--out", help="output folder: ablation.md/json, variants/<name>/"),
+    variants: str = typer.Option("full,no-text-sandwich,no-registers,raster,no-temporal", "--variants",
+                                 help="comma-separated MM-DiM variants"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="layers to convert (default: recipe)"),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps per variant "
+                                                "(default: recipe)"),
+    recipe: str = typer.Option("wan2.1", "--recipe", help="recipe name or YAML file"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration folder (default: TEACHER/calib, "
+                                         "else generated from the synthetic task)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="eval prompts file (default: held-out set)"),
+    seeds: int = typer.Option(4, "--seeds", help="eval noise seeds per prompt"),
+    steps: int = typer.Option(20, "--steps", help="eval sampling steps"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+):
+    """Convert TEACHER once per MM-DiM variant (one component off) at an equal budget and tabulate eval metrics."""
+    from m4v_convert.eval import AblateOptions, run_ablate
+
+    run_ablate(AblateOptions(teacher=teacher, out=out, variants=[v.strip() for v in variants.split(",") if v.strip()],
+                             layers=layers, distill_steps=distill_steps, recipe=recipe, calib=calib, prompts=prompts,
+                             seeds=seeds, steps=steps, device=device, seed=seed, overwrite=overwrite))
+
+
 def main():
     app()
 

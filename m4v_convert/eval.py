@@ -1,0 +1,565 @@
+"""Fidelity of a converted model against its teacher: ``m4v-convert eval`` and ``m4v-convert ablate``.
+
+Metrics (all on held-out prompts and seeds of the synthetic shapes task, :mod:`m4v_convert.synthetic`):
+
+* **prediction error per timestep**: both models get the same noised inputs
+  ``x_t = (1 − σ)·x_0 + σ·ε`` (held-out clean latents, seeded noise) at ``timestep = 1000·σ``;
+  ``‖v_student − v_teacher‖ / ‖v_teacher‖`` over the whole batch, per timestep and averaged.
+* **sample PSNR / SSIM**: both models sample from the same seeded noise with the flow-match Euler
+  sampler (``synthetic.euler_sample``: N steps, shift s, no guidance). Each pair of latent videos is
+  normalized with the *teacher's* sample range, ``x̂ = (x − min_T)/(max_T − min_T)`` (the same map for
+  both, so the data range is 1); PSNR = ``10·log10(1 / MSE)`` with the MSE pooled over all samples
+  (``Infinity`` when the samples are identical); SSIM is the usual Wang et al. index (C1 = 0.01²,
+  C2 = 0.03², 7×7 Gaussian window σ = 1.5, valid positions only) on every (sample, channel, frame)
+  H×W slice of the normalized latents, averaged.
+  ``sample_rel_error`` = ``‖x_S − x_T‖ / ‖x_T‖`` over all sample latents is reported next to them
+  as a scale-free check (range normalization makes PSNR generous when a few pixels span a wide range).
+* **prompt adherence** of each model's samples: colour accuracy, direction accuracy and their mean
+  (``ShapesTask.adherence``), plus the student − teacher difference in points, and the agreement
+  (fraction of samples where both read back the same colour and direction).
+
+``ablate`` converts the teacher once per MM-DiM variant (each with one component switched off) at
+the same distillation budget (same layers, steps, calibration data, seed) through
+``pipeline.convert`` with a temporary recipe, and tabulates these metrics per variant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from m4v_convert.errors import CheckpointError, M4VError
+from m4v_convert.synthetic import Labels, ShapesTask, TaskConfig, euler_sample, heldout_labels, read_prompts
+
+#: config entries that must agree between teacher and student (the base WanTransformer3DModel's)
+ARCH_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+             "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "image_dim", "added_kv_proj_dim")
+DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
+SAMPLE_NOISE_BASE = 3_000_000  # sample i's initial noise uses seed SAMPLE_NOISE_BASE + i
+TIMESTEP_NOISE_SEED = 4_000_000
+
+#: ablation variants: name → (MMDiMConfig overrides, row label as in the paper's component ablation)
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "full": ({}, "MM-DiM (all components)"),
+    "no-text-sandwich": ({"text_sandwich": False}, "w/o text sandwich"),
+    "no-registers": ({"registers": False}, "w/o per-frame registers"),
+    "raster": ({"zigzag": False}, "raster scan instead of zigzag"),
+    "no-temporal": ({"temporal": False}, "w/o temporal branch"),
+}
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def normalize_to(reference: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """Map every tensor with the affine map that sends ``reference``'s [min, max] to [0, 1]."""
+    lo, hi = reference.min(), reference.max()
+    scale = (hi - lo).clamp(min=1e-12)
+    return [(x - lo) / scale for x in (reference, *xs)]
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
+    """``10·log10(data_range² / MSE)``; ``inf`` when identical."""
+    mse = float((x.double() - y.double()).pow(2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(r * r) / (2 * sigma * sigma))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7, sigma: float | None = 1.5,
+         k1: float = 0.01, k2: float = 0.03) -> float:
+    """Mean SSIM over the trailing two (H, W) dims of ``x`` and ``y`` (any leading dims).
+
+    Local statistics with a ``win_size``² window (Gaussian of std ``sigma``, or uniform when
+    ``sigma`` is None) at valid positions only; population (biased) variances, as in Wang et al.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
+    h, w = x.shape[-2:]
+    win = min(win_size, h, w)
+    kernel = (_gaussian_window(win, sigma) if sigma else torch.full((win, win), 1.0 / (win * win), dtype=torch.float64))
+    kernel = kernel.view(1, 1, win, win)
+    a = x.double().reshape(-1, 1, h, w)
+    b = y.double().reshape(-1, 1, h, w)
+
+    def filt(t):
+        return F.conv2d(t, kernel)
+
+    mu_a, mu_b = filt(a), filt(b)
+    var_a = filt(a * a) - mu_a ** 2
+    var_b = filt(b * b) - mu_b ** 2
+    cov = filt(a * b) - mu_a * mu_b
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / ‖b‖``."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalSettings:
+    labels: list[Labels] = field(default_factory=heldout_labels)
+    seeds: int = 4  # noise/layout seeds per prompt
+    steps: int = 20  # Euler sampling steps
+    shift: float = 3.0  # sampler shift
+    timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
+    batch_size: int = 16
+
+
+def _forward(model, x, t, text):
+    dtype = next(model.parameters()).dtype
+    return model(hidden_states=x.to(dtype), timestep=t.to(dtype), encoder_hidden_states=text.to(dtype),
+                 return_dict=False)[0].float()
+
+
+@torch.no_grad()
+def sample(model, task: ShapesTask, settings: EvalSettings) -> tuple[torch.Tensor, list[Labels]]:
+    """Samples of ``model`` for every (prompt, seed) of ``settings``: (B, C, F, H, W) latents."""
+    labels = [lab for lab in settings.labels for _ in range(settings.seeds)]
+    c = task.config
+    noise = torch.stack([torch.randn(c.channels, c.frames, c.height, c.width,
+                                     generator=torch.Generator().manual_seed(SAMPLE_NOISE_BASE + i))
+                         for i in range(len(labels))])
+    text = task.encode(labels)
+    out = euler_sample(model, noise, text, steps=settings.steps, shift=settings.shift, batch_size=settings.batch_size)
+    return out, labels
+
+
+@torch.no_grad()
+def prediction_errors(teacher, student, task: ShapesTask, settings: EvalSettings) -> dict[str, float]:
+    """Per-timestep ``‖v_S − v_T‖ / ‖v_T‖`` on the same noised held-out inputs."""
+    labels = [lab for lab in settings.labels for _ in range(settings.seeds)]
+    x0, text = task.eval_batch(labels, [i for _ in settings.labels for i in range(settings.seeds)])
+    gen = torch.Generator().manual_seed(TIMESTEP_NOISE_SEED)
+    noise = torch.randn(x0.shape, generator=gen)
+    out = {}
+    for t in settings.timesteps:
+        sigma = t / 1000.0
+        x_t = (1 - sigma) * x0 + sigma * noise
+        ts = torch.full((x0.shape[0],), float(t))
+        v_t, v_s = [], []
+        for s in range(0, x0.shape[0], settings.batch_size):
+            sl = slice(s, s + settings.batch_size)
+            v_t.append(_forward(teacher, x_t[sl], ts[sl], text[sl]))
+            v_s.append(_forward(student, x_t[sl], ts[sl], text[sl]))
+        out[str(t)] = relative_error(torch.cat(v_s), torch.cat(v_t))
+    return out
+
+
+def evaluate(teacher, student, task: ShapesTask, settings: EvalSettings | None = None,
+             teacher_samples: tuple[torch.Tensor, dict] | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """All metrics of ``student`` against ``teacher``; returns (metrics, teacher samples, student samples).
+
+    ``teacher_samples``: (samples, adherence) from an earlier call with the same settings, reused
+    (``ablate`` samples the teacher once).
+    """
+    settings = settings or EvalSettings()
+    t0 = time.time()
+    errors = prediction_errors(teacher, student, task, settings)
+    if teacher_samples is None:
+        xs_t, labels = sample(teacher, task, settings)
+        adh_t = task.adherence(xs_t, labels)
+    else:
+        xs_t, adh_t = teacher_samples
+        labels = [lab for lab in settings.labels for _ in range(settings.seeds)]
+    xs_s, _ = sample(student, task, settings)
+    adh_s = task.adherence(xs_s, labels)
+    mses, ssims = [], []
+    for a, b in zip(xs_t, xs_s):
+        na, nb = normalize_to(a, b)
+        mses.append(float((na.double() - nb.double()).pow(2).mean()))
+        ssims.append(ssim(na, nb))
+    mse = sum(mses) / len(mses)
+    agree = sum(r_t == r_s for r_t, r_s in zip(adh_t["read"], adh_s["read"])) / len(labels)
+    metrics = {
+        "prompts": [lab.prompt for lab in settings.labels], "seeds_per_prompt": settings.seeds,
+        "samples": len(labels), "sampler": {"name": "flow-match Euler", "steps": settings.steps,
+                                            "shift": settings.shift, "guidance": 1.0},
+        "pred_rel_error": errors, "pred_rel_error_mean": sum(errors.values()) / len(errors),
+        "psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse),
+        "psnr_db_per_sample": [math.inf if m == 0 else 10 * math.log10(1.0 / m) for m in mses],
+        "ssim": sum(ssims) / len(ssims),
+        "sample_rel_error": relative_error(xs_s, xs_t),
+        "adherence_teacher": {k: v for k, v in adh_t.items() if k != "read"},
+        "adherence_student": {k: v for k, v in adh_s.items() if k != "read"},
+        "adherence_delta_points": adh_s["score"] - adh_t["score"],
+        "agreement": 100.0 * agree,
+        "read_teacher": adh_t["read"], "read_student": adh_s["read"],
+        "seconds": round(time.time() - t0, 1),
+    }
+    return metrics, xs_t, xs_s
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def check_same_architecture(teacher_cfg, student_cfg, teacher_path, student_path) -> None:
+    diffs = []
+    for k in ARCH_KEYS:
+        a, b = teacher_cfg.get(k), student_cfg.get(k)
+        a = list(a) if isinstance(a, (tuple, list)) else a
+        b = list(b) if isinstance(b, (tuple, list)) else b
+        if a != b:
+            diffs.append(f"{k} {a} vs {b}")
+    if diffs:
+        raise M4VError(f"teacher {teacher_path} and student {student_path} have different architectures "
+                       f"({'; '.join(diffs[:4])}): evaluate a student against the model it was converted from")
+
+
+def load_pair(teacher_path: Path, student_path: Path, device="cpu"):
+    from m4v_convert.backbones.wan_io import load_wan_transformer
+    from m4v_convert.io.converted import load_converted, read_converted_config
+
+    student_path = Path(student_path).expanduser()
+    if not student_path.exists():
+        raise CheckpointError(f"student {student_path} does not exist")
+    read_converted_config(student_path)  # clear message before loading anything
+    teacher = load_wan_transformer(teacher_path, device=device)
+    student = load_converted(student_path, device=device)
+    check_same_architecture(dict(teacher.config), dict(student.config), teacher_path, student_path)
+    return teacher.requires_grad_(False), student.requires_grad_(False)
+
+
+def load_task(teacher_path: Path, teacher_cfg, task_path: Path | None = None) -> tuple[ShapesTask, str]:
+    """The teacher's synthetic task: ``--task FILE``, else ``TEACHER/task.json``, else a default one
+    sized to the teacher (then adherence is meaningless unless it was trained on it)."""
+    if task_path is not None:
+        if not Path(task_path).is_file():
+            raise M4VError(f"--task {task_path}: no such file")
+        cfg, source = TaskConfig.load(task_path), str(task_path)
+    elif (Path(teacher_path) / "task.json").is_file():
+        cfg, source = TaskConfig.load(Path(teacher_path) / "task.json"), str(Path(teacher_path) / "task.json")
+    else:
+        cfg, source = TaskConfig(channels=teacher_cfg["in_channels"], text_dim=teacher_cfg["text_dim"]), "default"
+    if cfg.channels != teacher_cfg["in_channels"] or cfg.text_dim != teacher_cfg["text_dim"]:
+        raise M4VError(f"task ({source}) has {cfg.channels} channels / text_dim {cfg.text_dim}, the teacher "
+                       f"{teacher_cfg['in_channels']} / {teacher_cfg['text_dim']}")
+    return ShapesTask(cfg), source
+
+
+def shared_weights_equal(teacher, student) -> bool:
+    """Whether every weight the conversion does not replace is equal in teacher and student."""
+    s = student.state_dict()
+    conv = {f"blocks.{i}.attn1." for i in getattr(student, "converted_layers", [])}
+    for k, v in teacher.state_dict().items():
+        if any(k.startswith(p) for p in conv):
+            continue
+        if k not in s or s[k].shape != v.shape or not torch.equal(s[k].float(), v.float()):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------- pictures
+
+
+def _tiles(task: ShapesTask, xs: torch.Tensor, scale: int) -> torch.Tensor:
+    """(B, C, F, H, W) → (B, F, H·scale, W·scale, 3) uint8."""
+    rgb = task.to_rgb(xs)  # (B, F, H, W, 3)
+    rgb = rgb.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    return (rgb * 255).round().to(torch.uint8)
+
+
+def write_gif(task: ShapesTask, teacher_xs, student_xs, labels: list[str], path: Path, rows: int = 8,
+              scale: int = 6, ms: int = 300) -> None:
+    """Animated GIF: one row per sample, ``teacher | student`` side by side, one GIF frame per latent frame."""
+    from PIL import Image, ImageDraw
+
+    n = min(rows, teacher_xs.shape[0])
+    ta, st = _tiles(task, teacher_xs[:n], scale), _tiles(task, student_xs[:n], scale)
+    _, f, th, tw, _ = ta.shape
+    gap, label_w, header = 4, 150, 16
+    width = label_w + 2 * tw + 3 * gap
+    height = header + n * (th + gap) + gap
+    frames = []
+    for fi in range(f):
+        im = Image.new("RGB", (width, height), (255, 255, 255))
+        d = ImageDraw.Draw(im)
+        d.text((label_w + gap, 2), "teacher", fill=(0, 0, 0))
+        d.text((label_w + 2 * gap + tw, 2), "student", fill=(0, 0, 0))
+        d.text((width - 52, 2), f"frame {fi}", fill=(90, 90, 90))
+        for r in range(n):
+            y = header + r * (th + gap)
+            d.text((4, y + th // 2 - 6), labels[r], fill=(0, 0, 0))
+            im.paste(Image.fromarray(ta[r, fi].numpy()), (label_w + gap, y))
+            im.paste(Image.fromarray(st[r, fi].numpy()), (label_w + 2 * gap + tw, y))
+        frames.append(im.convert("P", palette=Image.ADAPTIVE, colors=64))
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms, loop=0, optimize=True)
+
+
+def write_frame_grid(task: ShapesTask, teacher_xs, student_xs, labels: list[str], path: Path, rows: int = 4) -> None:
+    """PNG: for each of ``rows`` samples, a teacher row and a student row, one column per latent frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(rows, teacher_xs.shape[0])
+    ta, st = task.to_rgb(teacher_xs[:n]), task.to_rgb(student_xs[:n])
+    f = ta.shape[1]
+    fig, axes = plt.subplots(2 * n, f, figsize=(1.3 * f + 1.2, 1.35 * 2 * n), squeeze=False)
+    for r in range(n):
+        for which, src in ((0, ta), (1, st)):
+            for fi in range(f):
+                ax = axes[2 * r + which, fi]
+                ax.imshow(src[r, fi].numpy(), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if fi == 0:
+                    ax.set_ylabel(("teacher\n" if which == 0 else "student\n") + labels[r].replace("a ", "", 1)
+                                  .replace(" moving", "\n"), fontsize=6)
+                if r == 0 and which == 0:
+                    ax.set_title(f"frame {fi}", fontsize=8)
+    fig.suptitle("latents → RGB (fixed projection: each colour vector → its named colour)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+@dataclass
+class EvalOptions:
+    teacher: Path
+    student: Path
+    out: Path
+    prompts: Path | None = None
+    seeds: int = 4
+    steps: int = 20
+    shift: float = 3.0
+    task: Path | None = None
+    device: str = "auto"
+    overwrite: bool = False
+
+
+def _settings(prompts: Path | None, seeds: int, steps: int, shift: float) -> EvalSettings:
+    if seeds < 1:
+        raise M4VError(f"--seeds: expected >= 1, got {seeds}")
+    if steps < 1:
+        raise M4VError(f"--steps: expected >= 1, got {steps}")
+    if shift <= 0:
+        raise M4VError(f"--shift: expected > 0, got {shift}")
+    labels = read_prompts(prompts) if prompts is not None else heldout_labels()
+    return EvalSettings(labels=labels, seeds=seeds, steps=steps, shift=shift)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2)  # Infinity for identical samples (json.loads reads it back)
+
+
+def write_eval_outputs(folder: Path, metrics: dict, task: ShapesTask, xs_t, xs_s) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(_json(metrics) + "\n")
+    seeds = metrics["seeds_per_prompt"]
+    # one row per prompt (its first seed) in the pictures
+    idx = list(range(0, xs_t.shape[0], seeds))
+    labels = [metrics["prompts"][i // seeds] for i in idx]
+    write_gif(task, xs_t[idx], xs_s[idx], labels, folder / "samples.gif")
+    write_frame_grid(task, xs_t[idx], xs_s[idx], labels, folder / "frames.png")
+
+
+def run_eval(opts: EvalOptions, console=None) -> dict:
+    from m4v_convert.io.output import atomic_output_dir, check_output_dir
+    from m4v_convert.pipeline import _console, resolve_device
+
+    con = _console(console)
+    settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
+    check_output_dir(opts.out, opts.overwrite)
+    device = resolve_device(opts.device)
+    teacher, student = load_pair(opts.teacher, opts.student, device=device)
+    task, task_source = load_task(opts.teacher, dict(teacher.config), opts.task)
+    same = shared_weights_equal(teacher, student)
+    if not same:
+        con.print("[yellow]warning: the student's unconverted weights differ from the teacher's; was it converted "
+                  "from another checkpoint?[/]")
+    con.print(f"eval: {len(settings.labels)} prompts × {settings.seeds} seeds, {settings.steps} Euler steps "
+              f"(task: {task_source})")
+    metrics, xs_t, xs_s = evaluate(teacher, student, task, settings)
+    metrics.update(teacher=str(Path(opts.teacher).resolve()), student=str(Path(opts.student).resolve()),
+                   task=task_source, shared_weights_equal=same,
+                   converted_layers=list(getattr(student, "converted_layers", [])))
+    with atomic_output_dir(opts.out, opts.overwrite) as tmp:
+        write_eval_outputs(tmp, metrics, task, xs_t, xs_s)
+    con.print(metrics_table([("student", metrics)], title=f"eval: {Path(opts.student).name} vs "
+                                                          f"{Path(opts.teacher).name}", teacher_row=True))
+    con.print(f"[green]wrote[/] {Path(opts.out).resolve()} (metrics.json, samples.gif, frames.png)")
+    return metrics
+
+
+COLUMNS = ("pred. rel. err ↓", "PSNR dB ↑", "SSIM ↑", "colour % ↑", "direction % ↑", "adherence ↑", "Δ adh.")
+
+
+def _row(m: dict) -> list[str]:
+    a = m["adherence_student"]
+    return [f"{m['pred_rel_error_mean']:.4f}", "inf" if math.isinf(m["psnr_db"]) else f"{m['psnr_db']:.2f}",
+            f"{m['ssim']:.4f}", f"{a['colour_acc']:.1f}", f"{a['direction_acc']:.1f}", f"{a['score']:.1f}",
+            f"{m['adherence_delta_points']:+.1f}"]
+
+
+def _teacher_row(m: dict) -> list[str]:
+    a = m["adherence_teacher"]
+    return ["0", "inf", "1", f"{a['colour_acc']:.1f}", f"{a['direction_acc']:.1f}", f"{a['score']:.1f}", ""]
+
+
+def metrics_table(rows: list[tuple[str, dict]], title: str, teacher_row: bool = True):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("variant")
+    for c in COLUMNS:
+        table.add_column(c, justify="right")
+    if teacher_row and rows:
+        table.add_row("teacher (attention)", *_teacher_row(rows[0][1]))
+    for name, m in rows:
+        table.add_row(name, *_row(m))
+    return table
+
+
+def markdown_table(rows: list[tuple[str, dict]], teacher_row: bool = True) -> str:
+    lines = ["| variant | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    if teacher_row and rows:
+        lines.append("| teacher (attention) | " + " | ".join(_teacher_row(rows[0][1])) + " |")
+    for name, m in rows:
+        lines.append(f"| {name} | " + " | ".join(_row(m)) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class AblateOptions:
+    teacher: Path
+    out: Path
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    layers: str | None = None
+    distill_steps: int | None = None
+    recipe: str = "wan2.1"
+    calib: Path | None = None
+    prompts: Path | None = None
+    seeds: int = 4
+    steps: int = 20
+    shift: float = 3.0
+    task: Path | None = None
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+
+
+def write_task_calib(task: ShapesTask, folder: Path, n: int = 32, seed: int = 0) -> Path:
+    """Clean latents + text of ``n`` training-prompt samples in the ``--calib`` format."""
+    from safetensors.torch import save_file
+
+    from m4v_convert.synthetic import train_labels
+
+    labels = train_labels()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(labels), (n,), generator=gen).tolist()
+    lat, txt = task.batch([labels[i] for i in idx], gen)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": lat.contiguous(), "text_embeds": txt.contiguous()}, str(folder / "task-calib.safetensors"))
+    return folder
+
+
+def variant_recipe(recipe: str, overrides: dict, name: str, folder: Path) -> Path:
+    """Write the recipe with ``mmdim`` ``overrides`` applied as a YAML file under ``folder``."""
+    import yaml
+
+    from m4v_convert.recipes import load_recipe
+
+    rec = load_recipe(recipe)
+    data = yaml.safe_load(rec.path.read_text())
+    data["published"] = {k: str(v) for k, v in rec.published.items()}  # absolute: the file moves
+    data["mmdim"] = {**(data.get("mmdim") or {}), **overrides}
+    data["description"] = f"{data['description']} [ablation: {name}]"
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_ablate(opts: AblateOptions, console=None) -> dict:
+    from m4v_convert.backbones.wan_io import load_wan_transformer
+    from m4v_convert.io.converted import load_converted
+    from m4v_convert.io.output import atomic_output_dir, check_output_dir
+    from m4v_convert.pipeline import ConvertOptions, _console, convert, resolve_device
+    from m4v_convert.recipes import load_recipe
+
+    con = _console(console)
+    unknown = [v for v in opts.variants if v not in VARIANTS]
+    if unknown or not opts.variants:
+        raise M4VError(f"--variants: unknown {unknown[0]!r}" if unknown else "--variants: none given"
+                       + f" (choose from {', '.join(VARIANTS)})")
+    settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
+    load_recipe(opts.recipe)
+    check_output_dir(opts.out, opts.overwrite)
+    device = resolve_device(opts.device)
+    teacher = load_wan_transformer(opts.teacher, device=device).requires_grad_(False)
+    task, task_source = load_task(opts.teacher, dict(teacher.config), opts.task)
+    t0 = time.time()
+    with atomic_output_dir(opts.out, opts.overwrite) as tmp, tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        calib = opts.calib
+        if calib is None and (Path(opts.teacher) / "calib").is_dir():
+            calib = Path(opts.teacher) / "calib"
+        if calib is None:
+            calib = write_task_calib(task, work / "calib", seed=opts.seed)
+            calib_label = "task (generated)"
+        else:
+            calib_label = str(calib)
+        con.print(f"ablate: {len(opts.variants)} variants, equal budget: layers {opts.layers or 'recipe default'}, "
+                  f"distill steps {opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, "
+                  f"calibration {calib_label}, seed {opts.seed}")
+        xs_t = adh_t = None
+        rows, results = [], {}
+        for name in opts.variants:
+            overrides, label = VARIANTS[name]
+            con.rule(f"{name}: {label}")
+            recipe_path = variant_recipe(opts.recipe, overrides, name, work)
+            out = tmp / "variants" / name
+            summary = convert(ConvertOptions(recipe=str(recipe_path), checkpoint=Path(opts.teacher), out=out,
+                                             layers=opts.layers, distill_steps=opts.distill_steps, calib=calib,
+                                             device=opts.device, seed=opts.seed, report_size=(480, 832),
+                                             report_frames=81), console=con)
+            student = load_converted(out, device=device).requires_grad_(False)
+            metrics, xs_t_new, xs_s = evaluate(teacher, student, task, settings,
+                                               teacher_samples=None if xs_t is None else (xs_t, adh_t))
+            if xs_t is None:
+                xs_t, adh_t = xs_t_new, {**metrics["adherence_teacher"], "read": metrics["read_teacher"]}
+            metrics.update(variant=name, label=label, mmdim_overrides=overrides,
+                           convert_seconds=summary["seconds"], distill=summary["distill"],
+                           converted_flops=summary["converted_total_flops"])
+            (out / "metrics.json").write_text(_json(metrics) + "\n")
+            results[name] = metrics
+            rows.append((label, metrics))
+        report = {
+            "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
+            "layers": opts.layers, "distill_steps": opts.distill_steps, "calibration": calib_label, "seed": opts.seed,
+            "eval": {"prompts": [lab.prompt for lab in settings.labels], "seeds_per_prompt": settings.seeds,
+                     "sampler_steps": settings.steps, "shift": settings.shift},
+            "variants": results, "seconds": round(time.time() - t0, 1),
+        }
+        (tmp / "ablation.json").write_text(_json(report) + "\n")
+        (tmp / "ablation.md").write_text(
+            f"# MM-DiM component ablation\n\nteacher `{opts.teacher}`, equal distillation budget per variant "
+            f"(layers {opts.layers or 'recipe default'}, distill steps "
+            f"{opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, calibration "
+            f"{calib_label}, seed {opts.seed}); eval on {len(settings.labels)} prompts × {settings.seeds} seeds, "
+            f"{settings.steps} Euler steps.\n\n{markdown_table(rows)}\n")
+    con.print(metrics_table(rows, title="MM-DiM component ablation (equal distillation budget)"))
+    con.print(f"[green]wrote[/] {Path(opts.out).resolve()} (ablation.json, ablation.md, variants/*)")
+    return report
