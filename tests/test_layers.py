@@ -336,3 +336,19 @@ def test_config_round_trip():
     assert again == cfg and again.path == 3
     with pytest.raises(ValueError, match="unknown"):
         MMDiMConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_causal_depthwise_conv_matches_conv1d_and_respects_segments():
+    from m4v_convert.layers.mixer import causal_depthwise_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 1, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = F.conv1d(x.transpose(1, 2), w, b, padding=3, groups=6)[..., :9].transpose(1, 2)
+    torch.testing.assert_close(causal_depthwise_conv(x, w, b), ref)
+    seq = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    packed = causal_depthwise_conv(x, w, b, seq)
+    torch.testing.assert_close(packed[0, 4:], causal_depthwise_conv(x[:1, 4:], w, b)[0])
+    torch.testing.assert_close(packed[1], ref[1])
+    assert torch.autograd.gradcheck(lambda x, w, b: causal_depthwise_conv(x, w, b, seq), (x, w, b))

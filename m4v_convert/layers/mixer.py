@@ -114,25 +114,19 @@ def causal_depthwise_conv(
     x: (b, L, c); weight: (c, 1, k) as in ``nn.Conv1d``; seq_idx: (b, L) int or None.
     Tap j (0 = current step) reads x[t - j] with weight[:, 0, k - 1 - j].
     """
-    k = weight.shape[-1]
-    if seq_idx is None:  # one segment: the library conv (one pass, no per-tap temporaries)
-        out = F.conv1d(x.transpose(1, 2), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                       padding=k - 1, groups=x.shape[-1])
-        return out[..., : x.shape[1]].transpose(1, 2)
+    k, length = weight.shape[-1], x.shape[1]
     w = weight[:, 0, :].to(x.dtype)
-    out = x * w[:, k - 1]
-    for j in range(1, k):
-        if j >= x.shape[1]:
-            break
-        shifted = F.pad(x[:, :-j], (0, 0, j, 0))
-        term = shifted * w[:, k - 1 - j]
+    # In-place multiply-adds on shifted views: several times faster on CPU than F.conv1d's
+    # depthwise kernel here, and the same code masks segment boundaries.
+    if bias is None:
+        out = x * w[:, k - 1]
+    else:
+        out = torch.addcmul(bias.to(x.dtype), x, w[:, k - 1])
+    for j in range(1, min(k, length)):
+        src = x[:, :-j]
         if seq_idx is not None:
-            same = torch.zeros_like(seq_idx, dtype=torch.bool)
-            same[:, j:] = seq_idx[:, j:] == seq_idx[:, :-j]
-            term = term * same.unsqueeze(-1).to(term.dtype)
-        out = out + term
-    if bias is not None:
-        out = out + bias.to(x.dtype)
+            src = src * (seq_idx[:, j:] == seq_idx[:, :-j]).unsqueeze(-1).to(x.dtype)
+        out[:, j:].addcmul_(src, w[:, k - 1 - j])
     return out
 
 
