@@ -533,8 +533,9 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             out = tmp / "variants" / name
             summary = convert(ConvertOptions(recipe=str(recipe_path), checkpoint=Path(opts.teacher), out=out,
                                              layers=opts.layers, distill_steps=opts.distill_steps, calib=calib,
-                                             device=opts.device, seed=opts.seed, report_size=(480, 832),
-                                             report_frames=81), console=con)
+                                             device=opts.device, seed=opts.seed,
+                                             report_size=(8 * task.config.height, 8 * task.config.width),
+                                             report_frames=4 * (task.config.frames - 1) + 1), console=con)
             student = load_converted(out, device=device).requires_grad_(False)
             metrics, xs_t_new, xs_s = evaluate(teacher, student, task, settings,
                                                teacher_samples=None if xs_t is None else (xs_t, adh_t))

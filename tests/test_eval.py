@@ -1,0 +1,244 @@
+"""Fidelity tooling: the synthetic shapes task, its adherence metric, PSNR/SSIM, eval and ablate."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from m4v_convert.backbones.wan import M4VWanTransformer3DModel
+from m4v_convert.errors import M4VError
+from m4v_convert.eval import EvalSettings, evaluate, normalize_to, psnr, ssim
+from m4v_convert.io.converted import save_converted
+from m4v_convert.synthetic import (
+    Labels, ShapesTask, TaskConfig, all_labels, heldout_labels, parse_prompt, read_prompts, train_labels,
+)
+from m4v_convert.testing import make_tiny_wan, save_tiny_wan
+
+runner = CliRunner()
+TINY_MMDIM = {"bc_norm": "across_groups", "rotary": True, "temporal_causal": False, "temporal_dim": 8,
+              "temporal_heads": 2}
+
+
+# ------------------------------------------------------------------ synthetic task + adherence
+
+
+def test_task_is_deterministic_and_prompts_are_split():
+    a, b = ShapesTask(TaskConfig(seed=3)), ShapesTask(TaskConfig(seed=3))
+    assert torch.equal(a.colour_vectors, b.colour_vectors) and torch.equal(a.word_table, b.word_table)
+    assert not torch.equal(a.colour_vectors, ShapesTask(TaskConfig(seed=4)).colour_vectors)
+    labs = all_labels()[:6]
+    xa, ta = a.batch(labs, torch.Generator().manual_seed(7))
+    xb, tb = b.batch(labs, torch.Generator().manual_seed(7))
+    assert torch.equal(xa, xb) and torch.equal(ta, tb)
+    assert not torch.equal(xa, a.batch(labs, torch.Generator().manual_seed(8))[0])
+    assert torch.equal(a.eval_batch(labs, [0] * 6)[0], b.eval_batch(labs, [0] * 6)[0])
+    # text: one row per word, zero padding rows after (the converted model's padding mask)
+    assert (ta.ne(0).any(-1).sum(1) == 5).all() and ta[:, 5:].abs().sum() == 0
+    assert set(heldout_labels()).isdisjoint(train_labels()) and len(train_labels()) + len(heldout_labels()) == 48
+    assert parse_prompt("a blue disc moving up") == Labels("blue", "disc", "up")
+
+
+def test_adherence_recovers_labels_on_clean_latents_and_fails_on_shuffled():
+    task = ShapesTask(TaskConfig())
+    labs = all_labels()
+    x, _ = task.batch(labs, torch.Generator().manual_seed(0))
+    oracle = task.adherence(x, labs)
+    assert oracle["colour_acc"] == 100.0 and oracle["direction_acc"] == 100.0
+    # time reversed: every direction flips
+    assert task.adherence(x.flip(2), labs)["direction_acc"] == 0.0
+    # pixels shuffled independently in each frame: no coherent motion
+    g = torch.Generator().manual_seed(1)
+    b, c, f, h, w = x.shape
+    flat = x.reshape(b, c, f, h * w).clone()
+    for i in range(b):
+        for j in range(f):
+            flat[i, :, j] = flat[i, :, j, torch.randperm(h * w, generator=g)]
+    assert task.adherence(flat.reshape(x.shape), labs)["direction_acc"] < 50.0
+    # channels permuted: colours no longer match their vectors
+    perm = torch.randperm(c, generator=g)
+    assert task.adherence(x[:, perm], labs)["colour_acc"] < 50.0
+    # labels shuffled against the same latents
+    shuffled = [labs[i] for i in torch.randperm(len(labs), generator=g).tolist()]
+    assert task.adherence(x, shuffled)["score"] < 50.0
+
+
+# ------------------------------------------------------------------ PSNR / SSIM
+
+
+def test_psnr_and_normalization_against_hand_values():
+    assert psnr(torch.zeros(4, 4), torch.full((4, 4), 0.1)) == pytest.approx(20.0)
+    assert psnr(torch.zeros(10), torch.tensor([0.5] + [0.0] * 9)) == pytest.approx(10 * math.log10(1 / 0.025))
+    assert psnr(torch.ones(3), torch.ones(3)) == math.inf
+    ref, other = normalize_to(torch.tensor([2.0, 3.0, 4.0]), torch.tensor([3.0, 5.0]))
+    assert ref.tolist() == [0.0, 0.5, 1.0] and other.tolist() == [0.5, 1.5]
+
+
+def test_ssim_against_hand_values():
+    # one 7x7 window with uniform weights = the global SSIM formula
+    x = torch.arange(49, dtype=torch.float64).reshape(7, 7) / 48
+    y = x ** 2
+    mx, my = x.mean(), y.mean()
+    vx, vy = ((x - mx) ** 2).mean(), ((y - my) ** 2).mean()
+    cxy = ((x - mx) * (y - my)).mean()
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    want = float((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    assert ssim(x, y, win_size=7, sigma=None) == pytest.approx(want, rel=1e-12)
+    # constant images: only the luminance term remains
+    a, b = torch.full((8, 8), 0.2), torch.full((8, 8), 0.6)
+    assert ssim(a, b) == pytest.approx((2 * 0.2 * 0.6 + c1) / (0.2 ** 2 + 0.6 ** 2 + c1), rel=1e-6)
+    z = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert ssim(z, z) == pytest.approx(1.0) and ssim(z, z.flip(-1)) < 0.5
+
+
+# ------------------------------------------------------------------ eval
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return make_tiny_wan(seed=1)
+
+
+def _student(teacher, layers):
+    student = M4VWanTransformer3DModel.from_teacher(teacher)
+    if layers:
+        student.convert_(layers, TINY_MMDIM)
+    return student.eval()
+
+
+SMALL = dict(seeds=1, steps=3)
+#: a small task for the tiny model (3 latent frames of 8x8) keeps these tests fast
+TINY_TASK = TaskConfig(channels=4, text_dim=32, frames=3, height=8, width=8, size=3, speed=2)
+
+
+def test_eval_teacher_vs_itself_is_exact_and_vs_converted_is_not(teacher):
+    task = ShapesTask(TINY_TASK)
+    settings = EvalSettings(labels=heldout_labels()[:2], **SMALL)
+    same, xs_t, xs_s = evaluate(teacher, _student(teacher, []), task, settings)
+    assert same["psnr_db"] == math.inf and same["ssim"] == pytest.approx(1.0)
+    assert all(v == 0.0 for v in same["pred_rel_error"].values()) and same["sample_rel_error"] == 0.0
+    assert same["adherence_delta_points"] == 0.0 and same["agreement"] == 100.0 and torch.equal(xs_t, xs_s)
+    other, _, _ = evaluate(teacher, _student(teacher, [0, 1]), task, settings)
+    assert math.isfinite(other["psnr_db"]) and other["ssim"] < 1.0
+    assert all(v > 0.0 for v in other["pred_rel_error"].values())
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, teacher):
+    root = tmp_path_factory.mktemp("eval")
+    save_tiny_wan(teacher, root / "teacher")
+    TINY_TASK.save(root / "teacher" / "task.json")
+    save_converted(_student(teacher, []), root / "same", metadata={})
+    save_converted(_student(teacher, [0, 1]), root / "converted", metadata={})
+    other = make_tiny_wan(seed=2, num_layers=3)
+    save_converted(_student(other, [0]), root / "other_arch", metadata={})
+    save_tiny_wan(teacher, root / "plain")
+    (root / "prompts.txt").write_text("# held-out\na red disc moving up\n\na green square moving left\n")
+    return root
+
+
+def _eval(folders, student, out, *extra):
+    return runner.invoke(app, ["eval", str(folders / "teacher"), str(folders / student), "--out", str(out),
+                               "--prompts", str(folders / "prompts.txt"), "--seeds", "1", "--steps", "3", *extra])
+
+
+def test_cli_eval_writes_metrics_gif_and_png(folders, tmp_path):
+    res = _eval(folders, "same", tmp_path / "same")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "same" / "metrics.json").read_text())
+    assert m["psnr_db"] == math.inf and m["pred_rel_error_mean"] == 0.0 and m["shared_weights_equal"]
+    assert m["prompts"] == ["a red disc moving up", "a green square moving left"] and m["samples"] == 2
+    res = _eval(folders, "converted", tmp_path / "conv")
+    assert res.exit_code == 0, res.output
+    m2 = json.loads((tmp_path / "conv" / "metrics.json").read_text())
+    assert m2["psnr_db"] < 200 and m2["pred_rel_error_mean"] > 0 and m2["converted_layers"] == [0, 1]
+    from PIL import Image
+
+    gif = Image.open(tmp_path / "conv" / "samples.gif")
+    assert gif.n_frames == 3  # one per latent frame
+    assert m2["task"].endswith("task.json")
+    assert (tmp_path / "conv" / "frames.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("case", ["other_arch", "not_converted", "prompts_missing", "prompt_word", "teacher_missing"])
+def test_cli_eval_bad_input_is_one_clear_message(case, folders, tmp_path):
+    out = tmp_path / "out"
+    student, extra = "converted", []
+    expect = {"other_arch": "different architectures", "not_converted": "not a converted model",
+              "prompts_missing": "no such file", "prompt_word": "unknown word 'pink'",
+              "teacher_missing": "does not exist"}[case]
+    if case == "other_arch":
+        student = "other_arch"
+    elif case == "not_converted":
+        student = "plain"
+    elif case == "prompts_missing":
+        extra = ["--prompts", str(tmp_path / "nope.txt")]
+    elif case == "prompt_word":
+        bad = tmp_path / "bad.txt"
+        bad.write_text("a pink square moving left\n")
+        extra = ["--prompts", str(bad)]
+    if case == "teacher_missing":
+        res = runner.invoke(app, ["eval", str(tmp_path / "nope"), str(folders / student), "--out", str(out)])
+    else:
+        res = _eval(folders, student, out, *extra)
+    assert res.exit_code != 0
+    text = " ".join(res.output.split())
+    assert "Traceback" not in res.output and "error:" in text and expect in text
+    assert not out.exists()
+
+
+def test_read_prompts_errors(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text("# nothing\n\n")
+    with pytest.raises(M4VError, match="no prompts"):
+        read_prompts(p)
+    p.write_text("a red square\n")
+    with pytest.raises(M4VError, match="no direction"):
+        read_prompts(p)
+
+
+# ------------------------------------------------------------------ ablate
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    import yaml
+
+    from m4v_convert.recipes import RECIPES_DIR
+
+    data = yaml.safe_load((RECIPES_DIR / "wan2.1.yaml").read_text())
+    data["published"] = {k: str(RECIPES_DIR / v) for k, v in data["published"].items()}
+    data["mmdim"].update(temporal_dim=8, temporal_heads=2)
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cli_ablate_switches_each_component_off(folders, tiny_recipe, tmp_path):
+    out = tmp_path / "abl"
+    res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(out), "--recipe", str(tiny_recipe),
+                              "--distill-steps", "1", "--layers", "all", "--seeds", "1", "--steps", "2",
+                              "--prompts", str(folders / "prompts.txt")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "ablation.json").read_text())
+    switched = {"full": None, "no-text-sandwich": "text_sandwich", "no-registers": "registers", "raster": "zigzag",
+                "no-temporal": "temporal"}
+    assert list(report["variants"]) == list(switched)
+    for name, fld in switched.items():
+        cfg = json.loads((out / "variants" / name / "config.json").read_text())
+        layers = cfg["m4v"]["layers"]
+        assert set(layers) == {"0", "1"}
+        for layer in layers.values():
+            for f in ("text_sandwich", "registers", "zigzag", "temporal"):
+                assert layer[f] is (f != fld), (name, f)
+        assert report["variants"][name]["distill"]["stage1_steps"] == 1  # equal budget
+    table = (out / "ablation.md").read_text()
+    assert "w/o text sandwich" in table and "PSNR" in table and "teacher (attention)" in table
+    assert "w/o temporal branch" in res.output
+
+
+def test_cli_ablate_bad_variant(folders, tmp_path):
+    res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(tmp_path / "o"), "--variants", "nope"])
+    assert res.exit_code != 0 and "unknown 'nope'" in res.output and not (tmp_path / "o").exists()
