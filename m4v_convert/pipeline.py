@@ -6,6 +6,7 @@ The CLI only parses flags into :class:`ConvertOptions` and calls :func:`convert`
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,24 @@ class ConvertOptions:
     seed: int = 0
     report_size: tuple[int, int] = (480, 832)
     report_frames: int = 81
+    # distillation schedule and training (m4v_convert.distill.job); None = the recipe's value
+    stages: str | None = None
+    stage2_steps: int | None = None
+    stage3_steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    feature_weight: float | None = None
+    checkpoint_every: int | None = None
+    train: str | None = None
+    data: Path | None = None
+    teacher_calib: bool = False
+    calib_cache: Path | None = None
+    run_dir: Path | None = None
+    resume: Path | None = None
+    num_processes: int = 1
+    grad_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    deterministic: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,12 +79,19 @@ def _console(console):
 
 
 def convert(opts: ConvertOptions, console=None) -> dict:
-    """Run the whole conversion; returns the summary written to ``conversion.json``."""
-    from m4v_convert.backbones.wan import M4VWanTransformer3DModel, record_teacher_layers
+    """Run the whole conversion; returns the summary written to ``conversion.json``.
+
+    With ``num_processes > 1`` (outside a launched process group) it re-launches itself through
+    accelerate's launcher; inside one (``accelerate launch`` / ``torchrun``) every process trains
+    its share of each batch and rank 0 writes the output.
+    """
+    from m4v_convert.backbones.wan import M4VWanTransformer3DModel
+    from m4v_convert.backbones.wan_distill import WanDistillAdapter
     from m4v_convert.backbones.wan_io import load_wan_transformer
     from m4v_convert.convert import parse_layers
-    from m4v_convert.distill.calibration import CalibSpec, folder_samples, noised_batch, synthetic_samples
-    from m4v_convert.distill.stage1 import Stage1Settings, run_stage1
+    from m4v_convert.distill.calibration import CalibSpec
+    from m4v_convert.distill.distributed import in_distributed_env, init_distributed
+    from m4v_convert.distill.job import make_plan, plot_losses, run_distillation
     from m4v_convert.io.converted import save_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
     from m4v_convert.recipes import load_recipe
@@ -75,13 +101,27 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     recipe = load_recipe(opts.recipe)  # validated before any weight is read
     if recipe.backbone != "wan":
         raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}; this command converts Wan2.1")
-    check_output_dir(opts.out, opts.overwrite)
+    if opts.num_processes < 1:
+        raise M4VError(f"--num-processes: expected >= 1, got {opts.num_processes}")
+    if opts.num_processes > 1 and not in_distributed_env():
+        return _launch_processes(opts, recipe, con)
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
-    if opts.distill_steps is not None and opts.distill_steps < 0:
-        raise M4VError(f"--distill-steps: expected >= 0, got {opts.distill_steps}")
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_main:
+        from rich.console import Console
+
+        con = Console(stderr=True, quiet=True)
+    check_output_dir(opts.out, opts.overwrite)
+    if opts.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    plan = make_plan(recipe, opts, device)  # flags, schedule, run folder, --resume checkpoint
 
     con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
-              f"checkpoint {opts.checkpoint}")
+              f"checkpoint {opts.checkpoint}" + (f"  ({dist.world} processes)" if dist.enabled else ""))
     teacher = load_wan_transformer(opts.checkpoint, dtype=dtype, device=device)
     teacher.requires_grad_(False)
     cfg = dict(teacher.config)
@@ -90,49 +130,26 @@ def convert(opts: ConvertOptions, console=None) -> dict:
               f"{cfg['attention_head_dim']}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; "
               f"converting layers {_ranges(layers)}")
 
+    torch.manual_seed(opts.seed)
     student = M4VWanTransformer3DModel.from_teacher(teacher)
     try:
         student.convert_(layers, recipe.mmdim)
     except ValueError as e:
         raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
     student.requires_grad_(False)
-    blocks = {i: student.blocks[i].attn1.mmdim for i in layers}
-    for blk in blocks.values():
-        blk.requires_grad_(True)
 
-    # calibration data
     c = recipe.calib
     spec = CalibSpec(in_channels=cfg["in_channels"], text_dim=cfg["text_dim"], latent_frames=c["latent_frames"],
                      latent_height=c["latent_height"], latent_width=c["latent_width"], text_len=c["text_len"],
                      flow_shift=float(c.get("flow_shift", 1.0)))
-    if opts.calib is not None:
-        samples = folder_samples(opts.calib, spec)
-        calib_source = f"folder:{opts.calib}"
-    else:
-        samples = synthetic_samples(spec, int(c.get("num_samples", 16)), seed=opts.seed)
-        calib_source = "synthetic"
-        con.print("[yellow]calibration: SYNTHETIC batches (random latents and text embeddings); pass --calib DIR "
-                  "with real latents for a useful conversion[/]")
-    bs = int(c.get("batch_size", 1))
-    n_eval = int(c.get("eval_batches", 1))
-    if len(samples) < bs * (n_eval + 1):
-        raise M4VError(f"calibration: {len(samples)} samples, need at least {bs * (n_eval + 1)} "
-                       f"(batch_size {bs} × ({n_eval} eval + 1 train) batches)")
-    gen = torch.Generator().manual_seed(opts.seed)
-    eval_batches = [noised_batch(samples[i * bs:(i + 1) * bs], spec, gen, device, dtype) for i in range(n_eval)]
-    train_pool = samples[n_eval * bs:]
-
-    def train_batch(step: int) -> dict:
-        idx = torch.randint(len(train_pool), (bs,), generator=gen).tolist()
-        return noised_batch([train_pool[i] for i in idx], spec, gen, device, dtype)
-
-    s1 = recipe.stage1()
-    settings = Stage1Settings(steps=opts.distill_steps if opts.distill_steps is not None else int(s1.get("steps", 100)),
-                              lr=float(s1.get("lr", 1e-3)), weight_decay=float(s1.get("weight_decay", 0.0)),
-                              grad_clip=float(s1.get("grad_clip", 1.0)))
-    result = _run_stage1_with_progress(con, blocks, lambda b: record_teacher_layers(teacher, b, layers),
-                                       train_batch, eval_batches, settings)
-    _print_errors(con, result)
+    adapter = WanDistillAdapter(layers=layers, patch_size=tuple(cfg["patch_size"]))
+    report = run_distillation(teacher, student, adapter, recipe, opts, plan, spec, dist, con, device, dtype)
+    result = report.stage1
+    if result.error_before:
+        _print_errors(con, result)
+    if report.end_to_end_before is not None:
+        con.print(f"end-to-end relative error ‖v_student − v_teacher‖ / ‖v_teacher‖ (held-out batch): "
+                  f"{report.end_to_end_before:.4f} before stage 2/3 → {report.end_to_end_after:.4f} after")
 
     # report + save
     from m4v_convert.flops.report import build_wan_flops_report, write_flops_report
@@ -141,10 +158,14 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     flops = build_wan_flops_report(cfg, opts.report_frames, height, width,
                                    text_len=int(recipe.video.get("text_len", 512)), converted_layers=layers,
                                    mmdim_config=recipe.mmdim, name=f"{recipe.name} ({Path(opts.checkpoint).name})")
+    s1 = plan.schedules[1]
     meta = {
         "toolkit": "m4v-convert", "version": m4v_convert.__version__, "source": str(Path(opts.checkpoint).resolve()),
-        "recipe": recipe.name, "layers": layers, "calibration": calib_source,
-        "distill": {"stage1_steps": settings.steps, "lr": settings.lr},
+        "recipe": recipe.name, "layers": layers, "calibration": report.calibration,
+        "distill": {"stage1_steps": s1.steps if 1 in plan.stages else 0, "lr": s1.lr, "stages": plan.stages,
+                    "train": plan.train, "processes": dist.world,
+                    "schedules": {f"stage{k}": plan.schedules[k].to_dict() for k in plan.stages},
+                    "feature_weight": plan.feature_weight},
     }
     # config["m4v"]["layers"] holds the per-layer MMDiMConfig dicts; the plain list goes under its own key
     record = {k: v for k, v in meta.items() if k != "layers"}
@@ -153,23 +174,61 @@ def convert(opts: ConvertOptions, console=None) -> dict:
         **meta,
         "error_before": {str(k): v for k, v in result.error_before.items()},
         "error_after": {str(k): v for k, v in result.error_after.items()},
+        "end_to_end_error": {"before": report.end_to_end_before, "after": report.end_to_end_after},
+        "stages": {k: {n: v for n, v in r.items() if n not in ("error_before", "error_after")}
+                   for k, r in report.results.items()},
         "original_total_flops": flops["original_total_flops"],
         "converted_total_flops": flops["converted_total_flops"],
         "seconds": None,
     }
-    with atomic_output_dir(opts.out, opts.overwrite) as tmp:
-        save_converted(student, tmp, metadata={
-            "m4v_version": m4v_convert.__version__, "source": meta["source"], "recipe": recipe.name,
-            "layers": ",".join(map(str, layers)), "calibration": calib_source,
-        })
-        write_flops_report(flops, tmp)
-        summary["seconds"] = round(time.time() - t_start, 1)
-        (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
-        (tmp / "README.md").write_text(_model_card(summary, flops, recipe, cfg))
-    con.print(f"[green]wrote[/] {Path(opts.out).resolve()}  ({summary['seconds']} s)")
-    con.print(f"FLOPs at {opts.report_frames}×{height}×{width}: original {flops['original_total_flops'] / 1e12:.3f} "
-              f"TFLOPs → converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs")
+    if dist.is_main:
+        with atomic_output_dir(opts.out, opts.overwrite) as tmp:
+            save_converted(student, tmp, metadata={
+                "m4v_version": m4v_convert.__version__, "source": meta["source"], "recipe": recipe.name,
+                "layers": ",".join(map(str, layers)), "calibration": report.calibration,
+            })
+            write_flops_report(flops, tmp)
+            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in report.log))
+            plot_losses(report.log, tmp / "loss.png")
+            summary["seconds"] = round(time.time() - t_start, 1)
+            (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
+            (tmp / "README.md").write_text(_model_card(summary, flops, recipe, cfg))
+        con.print(f"[green]wrote[/] {Path(opts.out).resolve()}  ({summary['seconds']} s)")
+        con.print(f"FLOPs at {opts.report_frames}×{height}×{width}: original {flops['original_total_flops'] / 1e12:.3f} "
+                  f"TFLOPs → converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs")
+    dist.barrier()
     return summary
+
+
+def _launch_processes(opts: ConvertOptions, recipe, con) -> dict:
+    """``--num-processes N``: check what can be checked here, then run N processes via accelerate."""
+    import dataclasses
+
+    from m4v_convert.distill.distributed import launch
+    from m4v_convert.distill.job import make_plan
+    from m4v_convert.io.output import check_output_dir
+
+    n = opts.num_processes
+    device = resolve_device(opts.device)
+    resolve_dtype(opts.dtype)
+    if device.type == "cuda" and n > torch.cuda.device_count():
+        raise M4VError(f"--num-processes {n}: only {torch.cuda.device_count()} CUDA devices on this machine")
+    check_output_dir(opts.out, opts.overwrite)
+    make_plan(recipe, opts, device)
+    c = recipe.calib
+    if opts.calib is None:
+        train = int(c.get("num_samples", 16)) - int(c.get("batch_size", 1)) * int(c.get("eval_batches", 1))
+        if n > train:
+            raise M4VError(f"--num-processes {n}: the recipe's synthetic calibration has only {train} training "
+                           "samples; every process needs at least one of its own: use fewer processes or more "
+                           "samples (calib.num_samples)")
+    con.print(f"launching {n} processes through accelerate ({device.type})")
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()}
+    rc = launch(options, n)
+    if rc != 0:
+        raise M4VError(f"--num-processes {n}: the processes failed (exit status {rc}; their first error is printed "
+                       "above); nothing was written to --out")
+    return json.loads((Path(opts.out) / "conversion.json").read_text())
 
 
 def _run_stage1_with_progress(con, blocks, record, train_batch, eval_batches, settings):
@@ -213,6 +272,23 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(out)
 
 
+def _later_stages(summary: dict) -> str:
+    lines = []
+    for name, title in (("stage2", "end-to-end distillation"), ("stage3", "flow-matching fine-tune")):
+        r = summary.get("stages", {}).get(name)
+        if r is None:
+            continue
+        if r.get("skipped"):
+            lines.append(f"; {name} ({title}) skipped: {r['skipped']}")
+        else:
+            lines.append(f"; {name} ({title}), {r['steps']} steps")
+    e2e = summary.get("end_to_end_error") or {}
+    if e2e.get("before") is not None:
+        lines.append(f"\n- end-to-end relative error vs the teacher (held-out batch): {e2e['before']:.4f} before "
+                     f"stages 2/3, {e2e['after']:.4f} after (trained: {summary['distill'].get('train', 'mmdim')})")
+    return "".join(lines)
+
+
 def _model_card(summary: dict, flops: dict, recipe, cfg: dict) -> str:
     before = summary["error_before"]
     after = summary["error_after"]
@@ -224,7 +300,7 @@ def _model_card(summary: dict, flops: dict, recipe, cfg: dict) -> str:
 - recipe: `{recipe.name}` ({recipe.description})
 - model: WanTransformer3DModel, {cfg['num_layers']} layers, {cfg['num_attention_heads']} heads × {cfg['attention_head_dim']}
 - converted self-attention layers (MM-DiM): {_ranges(summary['layers'])}
-- distillation: stage 1 (teacher-forced attention transfer), {summary['distill']['stage1_steps']} steps, lr {summary['distill']['lr']}
+- distillation: stage 1 (teacher-forced attention transfer), {summary['distill']['stage1_steps']} steps, lr {summary['distill']['lr']}{_later_stages(summary)}
 - calibration data: **{summary['calibration']}**{' — random latents and text embeddings, not real videos: this model is NOT ready for generation quality, distill it on real latents (`--calib`)' if synthetic else ''}
 
 Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of the original

@@ -31,10 +31,21 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
         "latent_frames": (int, True), "latent_height": (int, True), "latent_width": (int, True),
         "text_len": (int, True), "flow_shift": ((int, float), False), "num_samples": (int, False),
         "batch_size": (int, False), "eval_batches": (int, False), "seed": (int, False),
+        "teacher_steps": (int, False),  # --teacher-calib: Euler steps per teacher sample
     },
-    "distill": {"stage1": (dict, False)},
+    "distill": {"stage1": (dict, False), "stage2": (dict, False), "stage3": (dict, False),
+                "stages": ((str, int, list), False), "train": (str, False), "lora_rank": (int, False),
+                "lora_alpha": ((int, float), False)},
     "distill.stage1": {"steps": (int, False), "lr": ((int, float), False), "weight_decay": ((int, float), False),
-                       "grad_clip": ((int, float), False)},
+                       "grad_clip": ((int, float), False), "batch_size": (int, False),
+                       "checkpoint_every": (int, False)},
+    "distill.stage2": {"steps": (int, False), "lr": ((int, float), False), "weight_decay": ((int, float), False),
+                       "grad_clip": ((int, float), False), "batch_size": (int, False),
+                       "checkpoint_every": (int, False), "feature_weight": ((int, float), False),
+                       "output_weight": ((int, float), False)},
+    "distill.stage3": {"steps": (int, False), "lr": ((int, float), False), "weight_decay": ((int, float), False),
+                       "grad_clip": ((int, float), False), "batch_size": (int, False),
+                       "checkpoint_every": (int, False)},
 }
 _MMDIM_FIXED = {"d_model", "nheads", "headdim", "d_state", "ngroups", "layer_index", "extra"}
 
@@ -109,6 +120,28 @@ def _check_mmdim(mmdim: dict, where: str) -> None:
         raise RecipeError(f"{where}: invalid mmdim settings: {e}") from None
 
 
+def _check_distill(distill: dict, where: str) -> None:
+    """Values the type check cannot judge: stage list, train mode, strictly positive sizes."""
+    from m4v_convert.distill.params import TRAIN_MODES
+
+    if "stages" in distill:
+        raw = distill["stages"]
+        items = raw if isinstance(raw, list) else str(raw).replace(" ", "").split(",")
+        if not items or any(str(s) not in ("1", "2", "3") for s in items):
+            raise RecipeError(f"{where}: field 'distill.stages' must list stages among 1, 2, 3 (e.g. '1,2,3'), "
+                              f"got {raw!r}")
+    if distill.get("train", "mmdim") not in TRAIN_MODES:
+        raise RecipeError(f"{where}: field 'distill.train' must be one of {list(TRAIN_MODES)}, "
+                          f"got {distill['train']!r}")
+    if distill.get("lora_rank", 1) < 1:
+        raise RecipeError(f"{where}: field 'distill.lora_rank' must be >= 1, got {distill['lora_rank']}")
+    for stage in ("stage1", "stage2", "stage3"):
+        section = distill.get(stage, {})
+        for key in ("lr", "batch_size"):
+            if key in section and section[key] <= 0:
+                raise RecipeError(f"{where}: field 'distill.{stage}.{key}' must be > 0, got {section[key]}")
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load a shipped recipe by name (``wan2.1``) or any YAML file by path."""
     path = Path(name_or_path).expanduser()
@@ -130,8 +163,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     for section in ("video", "calib", "distill"):
         if section in data:
             _check_section(data[section], section, where)
-    if "stage1" in data.get("distill", {}):
-        _check_section(data["distill"]["stage1"], "distill.stage1", where)
+    for stage in ("stage1", "stage2", "stage3"):
+        if stage in data.get("distill", {}):
+            _check_section(data["distill"][stage], f"distill.{stage}", where)
+    _check_distill(data.get("distill", {}), where)
     if data["backbone"] not in BACKBONES:
         raise RecipeError(f"{where}: field 'backbone' must be one of {list(BACKBONES)}, got {data['backbone']!r}")
     mmdim = data.get("mmdim", {}) or {}

@@ -11,8 +11,17 @@ Sources:
   - ``text_embeds``: (Lz, text_dim) or (n, Lz, text_dim) text-encoder outputs, padding rows zero;
   - optional ``text_mask``: (Lz,) or (n, Lz) bool/int, 1 = valid (padding rows are zeroed).
 
+* **teacher** (``--teacher-calib`` / ``--calib-cache DIR``): clean latents sampled by the teacher
+  itself from noise (see ``teacher_samples.py``), cached in the folder format above.
+
+The fine-tune data of stage 3 (``--data DIR``) uses the same folder format.
+
 Noising follows rectified flow: ``x_t = (1 − σ)·x_0 + σ·ε`` with ``timestep = 1000·σ``; σ is drawn
-uniformly and then shifted (``σ' = s·σ / (1 + (s − 1)·σ)``) as the backbone's scheduler does.
+uniformly and then shifted (``σ' = s·σ / (1 + (s − 1)·σ)``) as the backbone's scheduler does
+(diffusers ``FlowMatchEulerDiscreteScheduler`` with ``shift``: the same σ grid, the same x_t).
+The velocity that moves x_t along σ is ``dx_t/dσ = ε − x_0``; Wan predicts it (its scheduler
+steps ``x ← x + (σ_next − σ)·v``), so the flow-matching target is ``noise − x0`` (as in
+diffusers' flow-matching training scripts: ``target = noise - model_input``).
 """
 
 from __future__ import annotations
@@ -56,22 +65,24 @@ def synthetic_samples(spec: CalibSpec, n: int, seed: int) -> list[CleanSample]:
     return out
 
 
-def folder_samples(folder: Path, spec: CalibSpec) -> list[CleanSample]:
+def folder_samples(folder: Path, spec: CalibSpec, flag: str = "--calib") -> list[CleanSample]:
+    """Every sample of every ``*.safetensors`` file in ``folder`` (format in the module docstring);
+    ``flag`` names the option in error messages."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise M4VError(f"--calib {folder}: not a folder")
+        raise M4VError(f"{flag} {folder}: not a folder")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise M4VError(f"--calib {folder}: no *.safetensors files (expected 'latents' + 'text_embeds' tensors)")
+        raise M4VError(f"{flag} {folder}: no *.safetensors files (expected 'latents' + 'text_embeds' tensors)")
     out = []
     for f in files:
         try:
             t = load_file(str(f))
         except (SafetensorError, OSError) as e:
-            raise M4VError(f"--calib {f}: cannot read safetensors ({e})") from None
+            raise M4VError(f"{flag} {f}: cannot read safetensors ({e})") from None
         for key in ("latents", "text_embeds"):
             if key not in t:
-                raise M4VError(f"--calib {f}: missing tensor {key!r} (has {sorted(t)})")
+                raise M4VError(f"{flag} {f}: missing tensor {key!r} (has {sorted(t)})")
         lat, txt = t["latents"].float(), t["text_embeds"].float()
         if lat.dim() == 4:
             lat = lat.unsqueeze(0)
@@ -81,14 +92,14 @@ def folder_samples(folder: Path, spec: CalibSpec) -> list[CleanSample]:
         if mask is not None and mask.dim() == 1:
             mask = mask.unsqueeze(0)
         if lat.dim() != 5 or lat.shape[1] != spec.in_channels:
-            raise M4VError(f"--calib {f}: latents must be (C={spec.in_channels}, F, H, W) or (n, C, F, H, W), "
+            raise M4VError(f"{flag} {f}: latents must be (C={spec.in_channels}, F, H, W) or (n, C, F, H, W), "
                            f"got {tuple(t['latents'].shape)}")
         if txt.dim() != 3 or txt.shape[-1] != spec.text_dim or txt.shape[0] != lat.shape[0]:
-            raise M4VError(f"--calib {f}: text_embeds must be (Lz, {spec.text_dim}) or (n={lat.shape[0]}, Lz, "
+            raise M4VError(f"{flag} {f}: text_embeds must be (Lz, {spec.text_dim}) or (n={lat.shape[0]}, Lz, "
                            f"{spec.text_dim}), got {tuple(t['text_embeds'].shape)}")
         if mask is not None:
             if tuple(mask.shape) != tuple(txt.shape[:2]):
-                raise M4VError(f"--calib {f}: text_mask must have shape {tuple(txt.shape[:2])}, got {tuple(mask.shape)}")
+                raise M4VError(f"{flag} {f}: text_mask must have shape {tuple(txt.shape[:2])}, got {tuple(mask.shape)}")
             txt = txt * mask.bool().unsqueeze(-1)
         out.extend(CleanSample(lat[i], txt[i]) for i in range(lat.shape[0]))
     return out
@@ -98,9 +109,29 @@ def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def check_uniform(samples: list[CleanSample], flag: str, patch_size=(1, 1, 1)) -> tuple[int, ...]:
+    """All latents one shape (they are batched together), divisible by the patch size."""
+    shapes = sorted({tuple(s.latents.shape) for s in samples})
+    if len(shapes) > 1:
+        raise M4VError(f"{flag}: latents of different shapes {shapes[:4]}; every sample of a run must have one "
+                       "(C, F, H, W) shape")
+    shape = shapes[0]
+    for name, size, p in zip("FHW", shape[1:], patch_size):
+        if size % p:
+            raise M4VError(f"{flag}: latent {name} = {size} is not a multiple of the model's patch size {p} "
+                           f"(latents {shape})")
+    for i, s in enumerate(samples):
+        if not (torch.isfinite(s.latents).all() and torch.isfinite(s.text).all()):
+            raise M4VError(f"{flag}: sample {i} has NaN or inf values")
+    return shape
+
+
 def noised_batch(samples: list[CleanSample], spec: CalibSpec, generator: torch.Generator,
-                 device="cpu", dtype=torch.float32) -> dict:
-    """Stack ``samples`` into a forward batch for a video DiT (diffusers argument names)."""
+                 device="cpu", dtype=torch.float32, with_target: bool = False):
+    """Stack ``samples`` into a forward batch for a video DiT (diffusers argument names).
+
+    with_target: also return the flow-matching velocity target ``noise − x0`` (b, C, F, H, W), float32.
+    """
     lat = torch.stack([s.latents for s in samples])
     lz = max(s.text.shape[0] for s in samples)
     text = torch.zeros(len(samples), lz, samples[0].text.shape[-1])
@@ -110,8 +141,11 @@ def noised_batch(samples: list[CleanSample], spec: CalibSpec, generator: torch.G
     noise = torch.randn(lat.shape, generator=generator)
     s = sigma.view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * lat + s * noise
-    return {
+    batch = {
         "hidden_states": x_t.to(device=device, dtype=dtype),
         "timestep": (sigma * 1000).to(device=device, dtype=dtype),
         "encoder_hidden_states": text.to(device=device, dtype=dtype),
     }
+    if with_target:
+        return batch, (noise - lat).to(device=device)
+    return batch

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+import torch.nn as nn
 
+from m4v_convert.distill.trainer import StageOutcome, StageSchedule, Trainer
 from m4v_convert.layers.init_from_attention import calibrate_output_norm
 from m4v_convert.layers.mmdim import MMDiM
 
@@ -20,11 +22,7 @@ RecordFn = Callable[[dict], dict]  # batch → {layer: LayerRecord}
 
 
 @dataclass
-class Stage1Settings:
-    steps: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+class Stage1Settings(StageSchedule):
     calibrate_norm: bool = True
 
 
@@ -33,6 +31,19 @@ class Stage1Result:
     error_before: dict[int, float]
     error_after: dict[int, float]
     losses: list[dict[int, float]] = field(default_factory=list)
+    outcome: StageOutcome | None = None
+
+
+def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Batch mean of each sample's MSE divided by that sample's teacher mean square.
+
+    Per sample (not per batch), so the loss of a batch split over processes averages to the loss
+    of the whole batch: data-parallel training is then the single-process step.
+    """
+    p, t = pred.float(), target.float()
+    err = (p - t).pow(2).flatten(1).mean(1)
+    scale = t.pow(2).flatten(1).mean(1).clamp(min=1e-12)
+    return (err / scale).mean()
 
 
 def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> float:
@@ -68,51 +79,92 @@ def calibrate_output_norms(blocks: dict[int, MMDiM], records: dict) -> None:
         calibrate_output_norm(block, captured["s"], records[i].pre_out)
 
 
+class Stage1Task:
+    """Stage 1 as a :class:`~m4v_convert.distill.trainer.StageTask`: one teacher pass records every
+    selected layer; each block's loss is :func:`normalized_mse` against its layer's output."""
+
+    name = "stage1"
+    title = "stage 1 (attention transfer)"
+
+    def __init__(self, blocks: dict[int, nn.Module], record: RecordFn, batches: Callable[[int], dict],
+                 generator: torch.Generator | None = None, grad_checkpointing: bool = False,
+                 counter: Callable[[dict], tuple[int, int]] | None = None):
+        self.blocks, self.record, self.batches = blocks, record, batches
+        self.generator = generator
+        self.grad_checkpointing = grad_checkpointing
+        self.counter = counter
+
+    def batch(self, step: int) -> dict:
+        return self.batches(step)
+
+    def _call(self, block: nn.Module, rec) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, rec.hidden_states, use_reentrant=False, **rec.context)[0]
+        return block(rec.hidden_states, **rec.context)[0]
+
+    def loss(self, batch: dict):
+        recs = self.record(batch)
+        total, parts = 0.0, {}
+        for i, block in self.blocks.items():
+            layer_loss = normalized_mse(self._call(block, recs[i]), recs[i].output)
+            total = total + layer_loss
+            parts[f"layer{i}"] = layer_loss.detach()
+        return total, parts
+
+    def count(self, batch: dict) -> tuple[int, int]:
+        if self.counter is not None:
+            return self.counter(batch)
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return (1 if first is None else int(first.shape[0])), 0
+
+
 def run_stage1(
-    blocks: dict[int, MMDiM],
+    blocks: dict[int, nn.Module],
     record: RecordFn,
     train_batches: Callable[[int], dict],
     eval_batches: list[dict],
-    settings: Stage1Settings,
+    settings: StageSchedule,
     progress=None,
+    *,
+    trainer: Trainer | None = None,
+    generator: torch.Generator | None = None,
+    resume: dict | None = None,
+    grad_checkpointing: bool = False,
+    counter: Callable[[dict], tuple[int, int]] | None = None,
 ) -> Stage1Result:
     """Train ``blocks`` (layer index → MMDiM) in place.
 
     record: runs the teacher on a batch and returns ``{layer: LayerRecord}``.
-    train_batches: step → batch. eval_batches: fixed held-out batches for the before/after report.
+    train_batches: step → batch (drawn from ``generator``, which checkpoints save and resume restores).
+    eval_batches: fixed held-out batches for the before/after report.
     progress: optional callable(step, losses: dict[int, float]) for display.
+    trainer: the run's :class:`Trainer` (checkpoints, processes, log); default: a local one.
+    resume: a checkpoint of this stage in progress (from ``RunDir.load``).
     """
     eval_records = [record(b) for b in eval_batches]
-    if settings.calibrate_norm:
-        calibrate_output_norms(blocks, eval_records[0])
-    before = layer_errors(blocks, eval_records)
-    params = [p for blk in blocks.values() for p in blk.parameters() if p.requires_grad]
-    result = Stage1Result(error_before=before, error_after=before)
+    if resume is None:
+        if getattr(settings, "calibrate_norm", True):
+            calibrate_output_norms(blocks, eval_records[0])
+        before = layer_errors(blocks, eval_records)
+    else:  # the weights (norm calibration included) come from the checkpoint
+        before = {int(k): float(v) for k, v in resume["extra"]["error_before"].items()}
+    if trainer is None:
+        trainer = Trainer(nn.ModuleDict({str(i): b for i, b in blocks.items()}), show_progress=False)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    params = {names.get(id(p), f"{i}.{n}"): p for i, blk in blocks.items() for n, p in blk.named_parameters()
+              if p.requires_grad}
+    task = Stage1Task(blocks, record, train_batches, generator=generator, grad_checkpointing=grad_checkpointing,
+                      counter=counter)
+
+    def on_step(step, parts):
+        if progress is not None:
+            progress(step, {int(k.removeprefix("layer")): v for k, v in parts.items()})
+
+    outcome = trainer.fit(task, settings, params, resume=resume, on_step=on_step,
+                          extra={"error_before": {str(i): v for i, v in before.items()}})
+    result = Stage1Result(error_before=before, error_after=before, outcome=outcome,
+                          losses=[{int(k.removeprefix("layer")): v for k, v in p.items()} for p in outcome.parts])
     if settings.steps > 0 and params:
-        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps, eta_min=settings.lr * 0.1)
-        for blk in blocks.values():
-            blk.train()
-        for step in range(settings.steps):
-            recs = record(train_batches(step))
-            opt.zero_grad(set_to_none=True)
-            losses = {}
-            total = 0.0
-            for i, blk in blocks.items():
-                target = recs[i].output
-                out, _ = blk(recs[i].hidden_states, **recs[i].context)
-                loss = (out.float() - target.float()).pow(2).mean() / target.float().pow(2).mean().clamp(min=1e-12)
-                total = total + loss
-                losses[i] = loss.item()
-            if not torch.isfinite(total.detach()):
-                raise FloatingPointError(f"stage 1: non-finite loss at step {step}: {losses}")
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            opt.step()
-            sched.step()
-            result.losses.append(losses)
-            if progress is not None:
-                progress(step, losses)
         for blk in blocks.values():
             blk.eval()
         result.error_after = layer_errors(blocks, eval_records)

@@ -1,0 +1,396 @@
+"""The distillation schedule of one conversion: plan (recipe + flags) → calibration → stages 1-3.
+
+:func:`make_plan` checks every distillation flag and the run folder before any weight is read;
+:func:`run_distillation` then runs the planned stages on the :class:`~m4v_convert.distill.trainer.Trainer`
+(one loop for all stages: checkpoints, resume, processes, guards, log) and returns a
+:class:`DistillReport` for the output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from m4v_convert.distill.calibration import (CalibSpec, CleanSample, check_uniform, folder_samples, noised_batch,
+                                             synthetic_samples)
+from m4v_convert.distill.distributed import DistContext
+from m4v_convert.distill.params import (add_lora, check_train_mode, merge_lora_, set_trainable, trainable_params)
+from m4v_convert.distill.stage1 import Stage1Result, Stage1Settings
+from m4v_convert.distill.state import RunDir, check_identity, log_until
+from m4v_convert.distill.trainer import StageSchedule, Trainer
+from m4v_convert.errors import M4VError
+
+STAGES = (1, 2, 3)
+_DEFAULT_STEPS = {1: 100, 2: 0, 3: 0}
+_DEFAULT_LR = {1: 1e-3, 2: 1e-4, 3: 1e-5}
+
+
+@dataclass
+class DistillPlan:
+    stages: list[int]
+    schedules: dict[int, StageSchedule]
+    train: str = "mmdim"
+    feature_weight: float = 0.5
+    output_weight: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    teacher_steps: int = 4
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    run_dir: RunDir | None = None
+    resume_state: dict | None = field(default=None, repr=False)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.train == "lora" and any(s in self.stages for s in (2, 3))
+
+
+@dataclass
+class DistillReport:
+    stage1: Stage1Result
+    results: dict[str, dict]  # per stage: steps, losses summary, throughput, errors
+    calibration: str
+    end_to_end_before: float | None
+    end_to_end_after: float | None
+    log: list[dict]
+    plan: DistillPlan
+
+
+def parse_stages(text: str) -> list[int]:
+    try:
+        stages = sorted({int(s) for s in str(text).replace(" ", "").split(",") if s})
+    except ValueError:
+        stages = []
+    if not stages or any(s not in STAGES for s in stages):
+        raise M4VError(f"--stages: expected a comma-separated subset of 1,2,3 (e.g. 1,2), got {text!r}")
+    return stages
+
+
+def _positive(flag: str, value, minimum=0, strict=False):
+    if value is None:
+        return None
+    if (value <= minimum) if strict else (value < minimum):
+        raise M4VError(f"{flag}: expected {'>' if strict else '>='} {minimum}, got {value}")
+    return value
+
+
+def make_plan(recipe, opts, device: torch.device) -> DistillPlan:
+    """Recipe schedule with the CLI overrides of ``opts`` (a ``ConvertOptions``); checks flags and
+    the run folder (and reads a ``--resume`` checkpoint) before any weight is loaded."""
+    d = recipe.distill
+    stages = parse_stages(opts.stages if opts.stages is not None else str(d.get("stages", "1,2,3")))
+    train = check_train_mode(opts.train or d.get("train", "mmdim"))
+    _positive("--distill-steps", opts.distill_steps)
+    _positive("--stage2-steps", opts.stage2_steps)
+    _positive("--stage3-steps", opts.stage3_steps)
+    _positive("--lr", opts.lr, strict=True)
+    _positive("--batch-size", opts.batch_size, minimum=1)
+    _positive("--checkpoint-every", opts.checkpoint_every)
+    _positive("--feature-weight", opts.feature_weight)
+    steps_flag = {1: opts.distill_steps, 2: opts.stage2_steps, 3: opts.stage3_steps}
+    default_bs = int(recipe.calib.get("batch_size", 1))
+    schedules = {}
+    for k in STAGES:
+        s = dict(d.get(f"stage{k}", {}))
+        cls = Stage1Settings if k == 1 else StageSchedule
+        schedules[k] = cls(
+            steps=int(steps_flag[k] if steps_flag[k] is not None else s.get("steps", _DEFAULT_STEPS[k])),
+            lr=float(opts.lr if opts.lr is not None else s.get("lr", _DEFAULT_LR[k])),
+            weight_decay=float(s.get("weight_decay", 0.0)), grad_clip=float(s.get("grad_clip", 1.0)),
+            batch_size=int(opts.batch_size if opts.batch_size is not None else s.get("batch_size", default_bs)),
+            checkpoint_every=int(opts.checkpoint_every if opts.checkpoint_every is not None
+                                 else s.get("checkpoint_every", 0)),
+        )
+        if schedules[k].batch_size < 1:
+            raise M4VError(f"{recipe.path}: distill.stage{k}.batch_size must be >= 1")
+    s2 = d.get("stage2", {})
+    mp = opts.mixed_precision
+    if mp not in ("auto", "bf16", "no"):
+        raise M4VError(f"--mixed-precision: expected auto, bf16 or no, got {mp!r}")
+    if opts.data is not None and 3 not in stages:
+        raise M4VError(f"--data is the fine-tune data of stage 3, which --stages {','.join(map(str, stages))} "
+                       "leaves out")
+    plan = DistillPlan(
+        stages=stages, schedules=schedules, train=train,
+        feature_weight=float(opts.feature_weight if opts.feature_weight is not None
+                             else s2.get("feature_weight", 0.5)),
+        output_weight=float(s2.get("output_weight", 1.0)),
+        lora_rank=int(d.get("lora_rank", 8)), lora_alpha=float(d.get("lora_alpha", d.get("lora_rank", 8))),
+        teacher_steps=int(recipe.calib.get("teacher_steps", 4)),
+        bf16=(mp == "bf16") or (mp == "auto" and device.type == "cuda"),
+        grad_checkpointing=bool(opts.grad_checkpointing),
+    )
+    # run folder: --resume DIR, else --run-dir, else <out>.train when any stage checkpoints
+    if opts.resume is not None:
+        plan.run_dir = RunDir(opts.resume)
+        plan.resume_state = plan.run_dir.load("--resume")
+        saved_recipe = plan.resume_state["identity"].get("recipe")
+        if saved_recipe != recipe.name:
+            raise M4VError(f"--resume {plan.run_dir.path}: that run used recipe {saved_recipe!r}, this one "
+                           f"{recipe.name!r}; resume it with the same recipe, or start a new run")
+    elif opts.run_dir is not None or any(schedules[k].checkpoint_every > 0 for k in stages):
+        plan.run_dir = RunDir(opts.run_dir if opts.run_dir is not None
+                              else Path(opts.out).expanduser().resolve().with_name(Path(opts.out).name + ".train"))
+        if plan.run_dir.has_checkpoint() and not opts.overwrite:
+            raise M4VError(f"run folder {plan.run_dir.path} holds a checkpoint of an earlier run; continue it with "
+                           f"--resume {plan.run_dir.path}, or pass --overwrite to start over")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _draw(pool: list[CleanSample], spec: CalibSpec, generator: torch.Generator, per_rank: int, dist: DistContext,
+          device, dtype, with_target: bool = False):
+    """This process's slice of one global batch; every process draws the same global batch."""
+    idx = torch.randint(len(pool), (per_rank * dist.world,), generator=generator).tolist()
+    out = noised_batch([pool[i] for i in idx], spec, generator, "cpu", torch.float32, with_target=with_target)
+    sl = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+    kwargs, target = out if with_target else (out, None)
+    kwargs = {k: v[sl].to(device=device, dtype=dtype) for k, v in kwargs.items()}
+    return (kwargs, target[sl].to(device)) if with_target else kwargs
+
+
+def calibration_samples(recipe, opts, spec: CalibSpec, teacher, plan: DistillPlan, dist: DistContext, con,
+                        device, dtype, patch_size) -> tuple[list[CleanSample], str]:
+    """(samples, label): --calib folder, teacher-generated (--teacher-calib / --calib-cache), or synthetic."""
+    from m4v_convert.distill.teacher_samples import (cached_teacher_samples, sample_with_teacher, teacher_fingerprint,
+                                                     texts_digest)
+
+    n = int(recipe.calib.get("num_samples", 16))
+    if opts.teacher_calib or opts.calib_cache is not None:
+        if opts.calib is not None:
+            texts = [s.text for s in folder_samples(opts.calib, spec)]
+            text_source = f"folder:{Path(opts.calib).resolve()}"
+        else:
+            texts = [s.text for s in synthetic_samples(spec, n, seed=opts.seed)]
+            text_source = "synthetic"
+        cache = opts.calib_cache
+        if cache is None:
+            cache = (plan.run_dir.path if plan.run_dir is not None
+                     else Path(opts.out).expanduser().resolve().with_name(Path(opts.out).name + ".train")) / "teacher_calib"
+        key = {"teacher": teacher_fingerprint(teacher, str(Path(opts.checkpoint).resolve())),
+               "steps": plan.teacher_steps, "seed": opts.seed, "spec": dataclasses.asdict(spec),
+               "text_source": text_source, "texts_sha256": texts_digest(texts)}
+
+        def make():
+            con.print(f"calibration: sampling {len(texts)} clean latents with the teacher "
+                      f"({plan.teacher_steps} flow-matching Euler steps each) ...")
+            return sample_with_teacher(teacher, texts, spec, plan.teacher_steps, opts.seed,
+                                       batch_size=int(recipe.calib.get("batch_size", 1)), device=device, dtype=dtype)
+
+        samples, reused = cached_teacher_samples(cache, key, spec, make, dist=dist)
+        con.print(f"calibration: TEACHER-GENERATED latents ({'reused' if reused else 'cached in'} {cache}); text "
+                  f"embeddings: {text_source}")
+        label = f"teacher:{text_source}"
+    elif opts.calib is not None:
+        samples, label = folder_samples(opts.calib, spec), f"folder:{opts.calib}"
+    else:
+        samples, label = synthetic_samples(spec, n, seed=opts.seed), "synthetic"
+        con.print("[yellow]calibration: SYNTHETIC batches (random latents and text embeddings); pass --calib DIR "
+                  "with real latents (or --teacher-calib) for a useful conversion[/]")
+    check_uniform(samples, "--calib" if label.startswith("folder") else "calibration", patch_size)
+    return samples, label
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan, spec: CalibSpec,
+                     dist: DistContext, con, device, dtype) -> DistillReport:
+    """Run the planned stages on ``student`` in place (see the module docstring)."""
+    from m4v_convert.distill import stage1 as stage1_mod
+    from m4v_convert.distill.stage2 import Stage2Task, end_to_end_error
+    from m4v_convert.distill.stage3 import Stage3Task
+
+    layers = adapter.layers
+    samples, calib_label = calibration_samples(recipe, opts, spec, teacher, plan, dist, con, device, dtype,
+                                               adapter.patch_size)
+    data = None
+    if 3 in plan.stages and opts.data is not None:
+        data = folder_samples(opts.data, spec, flag="--data")
+        check_uniform(data, "--data", adapter.patch_size)
+    bs_eval, n_eval = int(recipe.calib.get("batch_size", 1)), int(recipe.calib.get("eval_batches", 1))
+    if len(samples) < bs_eval * (n_eval + 1):
+        raise M4VError(f"calibration: {len(samples)} samples, need at least {bs_eval * (n_eval + 1)} "
+                       f"(batch_size {bs_eval} × ({n_eval} eval + 1 train) batches)")
+    train_pool = samples[n_eval * bs_eval:]
+    for pool, what in ((train_pool, "calibration training samples"), (data, "--data samples")):
+        if pool is not None and dist.world > len(pool):
+            raise M4VError(f"{dist.world} processes but only {len(pool)} {what}: every process needs at least one "
+                           "sample of its own; use fewer processes or more samples")
+
+    # LoRA before anything is saved or loaded: its parameters are part of the training state
+    if plan.uses_lora:
+        adapted = add_lora(student, adapter.lora_targets, plan.lora_rank, plan.lora_alpha)
+        con.print(f"LoRA rank {plan.lora_rank} on {len(adapted)} linear layers (attn2, ffn)")
+    blocks = adapter.mmdim_blocks(student)
+    stage_params = {1: trainable_params(student, "mmdim", blocks)}
+    for k in (2, 3):
+        stage_params[k] = trainable_params(student, plan.train, blocks)
+    persist = list(dict.fromkeys(n for k in plan.stages for n in stage_params[k]))
+
+    model_cfg = dict(teacher.config)
+    identity = {
+        "recipe": recipe.name, "layers": list(layers), "train": plan.train, "stages": plan.stages,
+        "schedules": {f"stage{k}": plan.schedules[k].to_dict() for k in plan.stages}, "seed": opts.seed,
+        "world_size": dist.world, "calibration": calib_label, "data": None if data is None else str(opts.data),
+        "model": {k: model_cfg.get(k) for k in ("num_layers", "num_attention_heads", "attention_head_dim",
+                                                  "in_channels", "text_dim", "ffn_dim")},
+        "lora": [plan.lora_rank, plan.lora_alpha] if plan.uses_lora else None,
+        "loss": {"feature_weight": plan.feature_weight, "output_weight": plan.output_weight},
+    }
+    state = plan.resume_state
+    if state is not None:
+        check_identity(state["identity"], identity, plan.run_dir.path)
+    trainer = Trainer(student, dist=dist, run_dir=plan.run_dir, console=con, device=device, bf16=plan.bf16,
+                      identity=identity, persist=persist)
+    if state is not None:
+        trainer.load_weights(state)
+        trainer.completed = dict(state["completed"])
+        trainer.log = log_until(plan.run_dir.read_log(), state["stage"], int(state["step"]))
+        if dist.is_main:
+            plan.run_dir.rewrite_log(trainer.log)
+        con.print(f"resuming {plan.run_dir.path}: {state['stage']} step {state['step']}"
+                  f"{' (done)' if state['stage_done'] else ''}")
+    elif plan.run_dir is not None and dist.is_main:
+        plan.run_dir.create()
+        plan.run_dir.clear()
+    dist.barrier()
+
+    gen_eval = torch.Generator().manual_seed(opts.seed)
+    eval_batches = [noised_batch(samples[i * bs_eval:(i + 1) * bs_eval], spec, gen_eval, device, dtype)
+                    for i in range(n_eval)]
+
+    def resume_for(stage: str):
+        if state is not None and state["stage"] == stage and not state["stage_done"]:
+            return state
+        return None
+
+    def generator(k: int) -> torch.Generator:
+        return torch.Generator().manual_seed(opts.seed + 1000 * k)
+
+    results: dict[str, dict] = {}
+    stage1 = Stage1Result(error_before={}, error_after={})
+    e2e_before = e2e_after = None
+
+    # ---- stage 1: teacher-forced attention transfer
+    if 1 in plan.stages:
+        sched = plan.schedules[1]
+        if "stage1" in trainer.completed:
+            done = trainer.completed["stage1"]
+            stage1 = Stage1Result({int(k): v for k, v in done["error_before"].items()},
+                                  {int(k): v for k, v in done["error_after"].items()})
+        else:
+            set_trainable(student, stage_params[1])
+            g1 = generator(1)
+            stage1 = stage1_mod.run_stage1(
+                blocks, lambda b: adapter.record(teacher, b),
+                lambda step: _draw(train_pool, spec, g1, sched.batch_size, dist, device, dtype),
+                eval_batches, sched, trainer=trainer, generator=g1, resume=resume_for("stage1"),
+                grad_checkpointing=plan.grad_checkpointing, counter=adapter.count)
+            trainer.finish_stage("stage1", {
+                "steps": sched.steps, **_throughput(stage1.outcome),
+                "error_before": {str(k): v for k, v in stage1.error_before.items()},
+                "error_after": {str(k): v for k, v in stage1.error_after.items()}})
+        results["stage1"] = trainer.completed["stage1"]
+
+    # ---- stages 2 and 3 run the whole student
+    if any(k in plan.stages for k in (2, 3)) and plan.grad_checkpointing:
+        adapter.enable_gradient_checkpointing(student)
+    if 2 in plan.stages:
+        sched = plan.schedules[2]
+        if "stage2" not in trainer.completed:
+            r = resume_for("stage2")
+            before = (float(r["extra"]["end_to_end_before"]) if r is not None
+                      else end_to_end_error(student, teacher, eval_batches))
+            params = stage_params[2]
+            set_trainable(student, params)
+            g2 = generator(2)
+            task = Stage2Task(teacher, student, adapter.feature_modules,
+                              lambda step: _draw(train_pool, spec, g2, sched.batch_size, dist, device, dtype),
+                              generator=g2, feature_weight=plan.feature_weight, output_weight=plan.output_weight,
+                              counter=adapter.count)
+            outcome = trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before})
+            after = end_to_end_error(student, teacher, eval_batches)
+            trainer.finish_stage("stage2", {"steps": sched.steps, **_throughput(outcome),
+                                            "end_to_end_before": before, "end_to_end_after": after})
+        results["stage2"] = trainer.completed["stage2"]
+        e2e_before = results["stage2"]["end_to_end_before"]
+    if 3 in plan.stages:
+        sched = plan.schedules[3]
+        if "stage3" not in trainer.completed:
+            if data is None:
+                con.print("stage 3 (flow-matching fine-tune) skipped: no --data folder given")
+                trainer.log_record({"event": "stage_skipped", "stage": "stage3", "reason": "no --data"})
+                trainer.finish_stage("stage3", {"steps": 0, "skipped": "no --data"})
+            else:
+                r = resume_for("stage3")
+                params = stage_params[3]
+                set_trainable(student, params)
+                g3 = generator(3)
+                task = Stage3Task(student, lambda step: _draw(data, spec, g3, sched.batch_size, dist, device, dtype,
+                                                               with_target=True),
+                                  generator=g3, counter=adapter.count)
+                before = (float(r["extra"]["end_to_end_before"]) if r is not None
+                          else end_to_end_error(student, teacher, eval_batches))
+                outcome = trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before})
+                trainer.finish_stage("stage3", {"steps": sched.steps, **_throughput(outcome),
+                                                "end_to_end_before": before,
+                                                "end_to_end_after": end_to_end_error(student, teacher, eval_batches)})
+        results["stage3"] = trainer.completed["stage3"]
+        if e2e_before is None and "end_to_end_before" in results["stage3"]:
+            e2e_before = results["stage3"]["end_to_end_before"]
+    for k in ("stage3", "stage2"):
+        if k in results and "end_to_end_after" in results[k]:
+            e2e_after = results[k]["end_to_end_after"]
+            break
+    student.requires_grad_(False)
+    if plan.uses_lora:
+        merged = merge_lora_(student)
+        con.print(f"merged {merged} LoRA adapters into their layers")
+    if plan.run_dir is not None:
+        con.print(f"training state kept in {plan.run_dir.path} (delete it once the output is good)")
+    return DistillReport(stage1=stage1, results=results, calibration=calib_label, end_to_end_before=e2e_before,
+                         end_to_end_after=e2e_after, log=trainer.log, plan=plan)
+
+
+def _throughput(outcome) -> dict:
+    if outcome is None or not outcome.steps_run:
+        return {}
+    return {"final_loss": outcome.losses[-1], "samples_per_s": round(outcome.samples_per_s, 3),
+            "tokens_per_s": round(outcome.tokens_per_s, 1), "seconds": round(outcome.seconds, 2)}
+
+
+def plot_losses(log: list[dict], path: Path) -> None:
+    """``loss.png``: every stage's loss curve (log scale), one panel per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for r in log:
+        if "loss" in r and "event" not in r and isinstance(r.get("loss"), (int, float)):
+            xs, ys = curves.setdefault(r["stage"], ([], []))
+            xs.append(r["step"])
+            ys.append(r["loss"])
+    n = max(len(curves), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False)
+    for ax, (stage, (xs, ys)) in zip(axes[0], sorted(curves.items())):
+        ax.plot(xs, ys, lw=1.2)
+        if all(y > 0 for y in ys):
+            ax.set_yscale("log")
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    if not curves:
+        axes[0][0].text(0.5, 0.5, "no training steps", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

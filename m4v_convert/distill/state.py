@@ -1,0 +1,177 @@
+"""Training state on disk: one resumable checkpoint per run folder, written atomically.
+
+A run folder (``<out>.train/`` or ``--run-dir``) holds:
+
+* ``state.pt``: the last good checkpoint: student weights that training changes, optimizer and
+  LR-scheduler state of the stage in progress, RNG states (torch, CUDA, the stage's batch
+  generator), stage and step, the results of finished stages, and the run's *identity* (recipe,
+  layers, schedule, ...), which a resume must match;
+* ``state.json``: the same minus tensors, for people;
+* ``train_log.jsonl``: one JSON record per step and event (trimmed back to the checkpoint on resume);
+* ``teacher_calib/``: teacher-generated calibration samples, when used (see ``teacher_samples``).
+
+Files are written to a temporary sibling and renamed into place, so a kill at any moment leaves
+either the previous checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m4v_convert.errors import M4VError
+
+STATE_FILE = "state.pt"
+SUMMARY_FILE = "state.json"
+LOG_FILE = "train_log.jsonl"
+FORMAT = "m4v-convert-train-state"
+VERSION = 1
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _plain(value):
+    """``value`` without tensors (for state.json)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value if not isinstance(v, torch.Tensor)]
+    return value
+
+
+class RunDir:
+    """The folder of one training run (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path).expanduser().resolve()
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG_FILE
+
+    def has_checkpoint(self) -> bool:
+        return self.state_path.is_file()
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise M4VError(f"run folder {self.path}: cannot create it ({e.strerror})") from None
+
+    def clear(self) -> None:
+        """Forget an earlier run's checkpoint and log (``--overwrite``); other files stay."""
+        for name in (STATE_FILE, SUMMARY_FILE, LOG_FILE):
+            (self.path / name).unlink(missing_ok=True)
+
+    def save(self, state: dict) -> None:
+        self.create()
+        atomic_torch_save(state, self.state_path)
+        summary = {k: v for k, v in state.items() if k not in ("weights", "optimizer", "scheduler", "rng")}
+        atomic_write_text(self.path / SUMMARY_FILE, json.dumps(_plain(summary), indent=2))
+
+    def load(self, flag: str = "--resume") -> dict:
+        if not self.path.is_dir():
+            raise M4VError(f"{flag} {self.path}: not a folder")
+        if not self.has_checkpoint():
+            raise M4VError(f"{flag} {self.path}: no training checkpoint ({STATE_FILE}) in this folder")
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (any unreadable file is the same user problem)
+            raise M4VError(f"{flag} {self.state_path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise M4VError(f"{flag} {self.state_path}: not an m4v-convert training checkpoint")
+        if state.get("version") != VERSION:
+            raise M4VError(f"{flag} {self.state_path}: checkpoint format version {state.get('version')}, "
+                           f"this m4v-convert reads version {VERSION}")
+        return state
+
+    # ------------------------------------------------------------------ log
+
+    def append_log(self, records: list[dict]) -> None:
+        if not records:
+            return
+        self.create()
+        with open(self.log_path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    def read_log(self) -> list[dict]:
+        if not self.log_path.is_file():
+            return []
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line torn by a kill: everything after it is not trusted either
+        return out
+
+    def rewrite_log(self, records: list[dict]) -> None:
+        atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def log_until(records: list[dict], stage: str, step: int) -> list[dict]:
+    """The log records up to the last one of ``stage`` at ``step`` (what a checkpoint has seen);
+    records a killed run wrote after its last checkpoint are dropped."""
+    cut = None
+    for i, r in enumerate(records):
+        if r.get("stage") == stage and r.get("step") == step:
+            cut = i
+    return records if cut is None else records[: cut + 1]
+
+
+_IDENTITY_WORDS = {
+    "recipe": "recipe", "layers": "converted layers", "train": "--train", "stages": "--stages",
+    "schedules": "stage schedule", "seed": "--seed", "world_size": "number of processes",
+    "calibration": "calibration source", "data": "--data", "model": "checkpoint architecture",
+    "lora": "LoRA settings", "loss": "loss weights",
+}
+
+
+def check_identity(saved: dict, current: dict, where: Path) -> None:
+    """Refuse to resume a run whose recipe, layers, schedule, ... differ from this one."""
+    for key in current:
+        if saved.get(key) != current[key]:
+            what = _IDENTITY_WORDS.get(key, key)
+            raise M4VError(f"--resume {where}: that run has a different {what} ({key}: {_short(saved.get(key))}) "
+                           f"than this one ({_short(current[key])}); resume it with the same settings, or pass "
+                           "another --run-dir to start a new run")
+
+
+def _short(value, limit: int = 160) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

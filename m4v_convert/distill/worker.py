@@ -1,0 +1,41 @@
+"""One process of a ``--num-processes N`` run: ``python -m m4v_convert.distill.worker OPTIONS.json``.
+
+Started by :func:`m4v_convert.distill.distributed.launch` through accelerate's launcher; runs
+``convert()`` with the options the parent parsed. Only rank 0 prints user errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from m4v_convert.errors import M4VError
+    from m4v_convert.pipeline import ConvertOptions, convert
+
+    argv = sys.argv[1:] if argv is None else argv
+    options = json.loads(Path(argv[0]).read_text())
+    for key in ("checkpoint", "out", "calib", "data", "calib_cache", "run_dir", "resume"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
+    options["report_size"] = tuple(options["report_size"])
+    options["num_processes"] = 1  # already launched
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        convert(ConvertOptions(**options))
+    except M4VError as e:
+        if rank == 0:
+            from rich.console import Console
+
+            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
