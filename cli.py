@@ -55,13 +55,42 @@ def wan21(
     seed: int = typer.Option(0, "--seed"),
     size: str = typer.Option("480x832", "--size", help="video size HxW for the FLOPs report"),
     frames: int = typer.Option(81, "--frames", help="video frames for the FLOPs report"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages to run, e.g. 1,2,3 "
+                                         "(default: recipe; stage 3 runs only with --data)"),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps"),
+    stage3_steps: Optional[int] = typer.Option(None, "--stage3-steps", help="stage-3 (fine-tune) steps"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of every stage (default: recipe, per stage)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per process and step, every stage"),
+    feature_weight: Optional[float] = typer.Option(None, "--feature-weight", help="stage-2 weight of the "
+                                                   "per-layer feature loss"),
+    train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora"),
+    data: Optional[Path] = typer.Option(None, "--data", help="stage-3 fine-tune data: folder of latents + "
+                                        "text_embeds safetensors (the --calib format)"),
+    teacher_calib: bool = typer.Option(False, "--teacher-calib", help="calibrate on latents sampled by the teacher"),
+    calib_cache: Optional[Path] = typer.Option(None, "--calib-cache", help="cache folder of teacher-generated "
+                                               "calibration, reused by later runs (implies --teacher-calib)"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="steps between resumable "
+                                                   "checkpoints, every stage (0: none)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="training state folder (default: <out>.train "
+                                           "when checkpointing)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run whose state is in this folder"),
+    num_processes: int = typer.Option(1, "--num-processes", help="data-parallel processes (launched via accelerate)"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="recompute activations in "
+                                            "backward (long videos)"),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no"),
+    deterministic: bool = typer.Option(False, "--deterministic", help="deterministic algorithms only"),
 ):
     """Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, save, report FLOPs."""
     from m4v_convert.pipeline import ConvertOptions, convert
 
     convert(ConvertOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, distill_steps=distill_steps,
                            calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-                           report_size=_parse_size(size), report_frames=frames))
+                           report_size=_parse_size(size), report_frames=frames, stages=stages,
+                           stage2_steps=stage2_steps, stage3_steps=stage3_steps, lr=lr, batch_size=batch_size,
+                           feature_weight=feature_weight, train=train, data=data, teacher_calib=teacher_calib,
+                           calib_cache=calib_cache, checkpoint_every=checkpoint_every, run_dir=run_dir, resume=resume,
+                           num_processes=num_processes, grad_checkpointing=grad_checkpointing,
+                           mixed_precision=mixed_precision, deterministic=deterministic))
 
 
 def _parse_size(size: str) -> tuple[int, int]:
