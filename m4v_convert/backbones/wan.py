@@ -22,6 +22,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
 
 from m4v_convert.convert import mambafy_, register_handler
+from m4v_convert.distill.records import LayerRecord  # noqa: F401  (re-exported: public name of this module)
 from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_attention
 from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
 from m4v_convert.layers.recompose import VideoLayout
@@ -228,16 +229,6 @@ class M4VWanTransformer3DModel(WanTransformer3DModel):
                                    return_dict=return_dict, attention_kwargs=attention_kwargs)
         finally:
             ctx.clear()
-
-
-@dataclass
-class LayerRecord:
-    """One selected layer's teacher-forced training example: input, context, teacher output."""
-
-    hidden_states: torch.Tensor
-    output: torch.Tensor
-    context: dict  # keyword arguments for MMDiM.forward besides the video tokens
-    pre_out: torch.Tensor | None = None  # teacher's input to its output projection (per-head scale)
 
 
 @torch.no_grad()
