@@ -64,8 +64,19 @@ def save_converted(model, folder: Path, metadata: dict[str, str],
     return ["config.json", INDEX_NAME, *names]
 
 
-def read_converted_config(folder: Path) -> dict:
+def resolve_converted_folder(folder) -> Path:
+    """``folder`` itself, or its single ``diffusion_transformer_*`` subfolder when ``folder`` has no
+    config.json (PyramidFlow conversions keep the release's folder layout)."""
     folder = Path(folder).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        subs = [p for p in sorted(folder.glob("diffusion_transformer_*")) if (p / "config.json").is_file()]
+        if len(subs) == 1:
+            return subs[0]
+    return folder
+
+
+def read_converted_config(folder: Path) -> dict:
+    folder = resolve_converted_folder(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a converted model written by m4v-convert)")
     cfg_path = folder / "config.json"
@@ -90,7 +101,8 @@ def load_converted(folder, *, dtype: torch.dtype | None = None, device: str | to
     CPU BLAS kernels may round differently for differently aligned buffers, and the copy makes
     the reloaded model bit-identical to the one that was saved.
     """
-    cfg = read_converted_config(Path(folder))
+    folder = resolve_converted_folder(folder)
+    cfg = read_converted_config(folder)
     cls = _converted_classes()[cfg["_class_name"]]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

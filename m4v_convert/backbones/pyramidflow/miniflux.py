@@ -182,7 +182,7 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
         )
         temb = self.time_text_embed(timestep_ratio, pooled_projections)
         text = self.context_embedder(encoder_hidden_states)
-        layouts = build_stage_layouts(stages, encoder_attention_mask)
+        layouts = self.token_layouts(stages, encoder_attention_mask)
         return [
             self._forward_stage(clips, text[s::n], temb[s::n], layouts[s]) for s, clips in enumerate(stages)
         ]
