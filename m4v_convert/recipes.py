@@ -17,7 +17,10 @@ from m4v_convert.errors import RecipeError
 from m4v_convert.layers.mmdim import MMDiMConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-BACKBONES = ("wan",)
+BACKBONES = ("wan", "pyramidflow")
+# pyramidflow only: which release variant and transformer folder (diffusion_transformer_<resolution>)
+PYRAMIDFLOW_VARIANTS = ("miniflux", "sd3")
+PYRAMIDFLOW_RESOLUTIONS = ("384p", "768p")
 
 # section → {field: (type(s), required)}
 _SCHEMA: dict[str, dict[str, tuple]] = {
@@ -25,6 +28,8 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
         "name": (str, True), "description": (str, True), "backbone": (str, True),
         "default_layers": ((str, int), True), "published": (dict, False), "video": (dict, False),
         "mmdim": (dict, False), "calib": (dict, False), "distill": (dict, False),
+        # pyramidflow only
+        "variant": (str, False), "resolution": (str, False), "allow_double_stream": (bool, False),
     },
     "video": {"temporal_compression": (int, True), "spatial_compression": (int, True), "text_len": (int, True)},
     "calib": {
@@ -62,6 +67,9 @@ class Recipe:
     mmdim: dict
     calib: dict
     distill: dict
+    variant: str | None = None  # pyramidflow: "miniflux" | "sd3"
+    resolution: str | None = None  # pyramidflow: "384p" | "768p"
+    allow_double_stream: bool = False  # pyramidflow: may --layers name double-stream blocks
 
     def stage1(self) -> dict:
         return dict(self.distill.get("stage1", {}))
@@ -89,7 +97,7 @@ def _check_section(data: dict, section: str, where: str) -> None:
                 raise RecipeError(f"{where}: missing required field '{label}{key}'")
             continue
         value = data[key]
-        if isinstance(value, bool) or not isinstance(value, typ):
+        if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
             raise RecipeError(f"{where}: field '{label}{key}' must be {_type_name(typ)}, got {type(value).__name__} "
                               f"({value!r})")
         if isinstance(value, (int, float)) and value < 0:
@@ -118,6 +126,19 @@ def _check_mmdim(mmdim: dict, where: str) -> None:
         MMDiM(MMDiMConfig(d_model=8, nheads=2, headdim=4, **mmdim), device="meta")
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: invalid mmdim settings: {e}") from None
+
+
+def _check_backbone_fields(data: dict, where: str) -> None:
+    pyramid_only = [k for k in ("variant", "resolution", "allow_double_stream") if k in data]
+    if data["backbone"] != "pyramidflow":
+        if pyramid_only:
+            raise RecipeError(f"{where}: field '{pyramid_only[0]}' is only used by backbone 'pyramidflow'")
+        return
+    for key, allowed in (("variant", PYRAMIDFLOW_VARIANTS), ("resolution", PYRAMIDFLOW_RESOLUTIONS)):
+        if key not in data:
+            raise RecipeError(f"{where}: backbone 'pyramidflow' needs field '{key}' (one of {list(allowed)})")
+        if data[key] not in allowed:
+            raise RecipeError(f"{where}: field '{key}' must be one of {list(allowed)}, got {data[key]!r}")
 
 
 def _check_distill(distill: dict, where: str) -> None:
@@ -169,6 +190,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     _check_distill(data.get("distill", {}), where)
     if data["backbone"] not in BACKBONES:
         raise RecipeError(f"{where}: field 'backbone' must be one of {list(BACKBONES)}, got {data['backbone']!r}")
+    _check_backbone_fields(data, where)
     mmdim = data.get("mmdim", {}) or {}
     _check_mmdim(mmdim, where)
     published = {}
@@ -181,6 +203,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         name=data["name"], description=data["description"], backbone=data["backbone"],
         default_layers=str(data["default_layers"]), path=path.resolve(), published=published,
         video=data.get("video", {}), mmdim=mmdim, calib=data.get("calib", {}), distill=data.get("distill", {}),
+        variant=data.get("variant"), resolution=data.get("resolution"),
+        allow_double_stream=bool(data.get("allow_double_stream", False)),
     )
 
 
