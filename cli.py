@@ -93,6 +93,29 @@ def wan21(
                            mixed_precision=mixed_precision, deterministic=deterministic))
 
 
+@app.command("pyramidflow")
+@user_errors
+def pyramidflow(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="PyramidFlow release folder (holding "
+                                    "diffusion_transformer_768p/ or _384p/) or one such folder"),
+    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
+    recipe: str = typer.Option("pyramidflow-miniflux-768p", "--recipe", help="recipe name or YAML file"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="global layer numbers, e.g. '8-23' (the "
+                                         "single-stream blocks at full size; default: recipe)"),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (float16 is refused)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Convert a PyramidFlow checkpoint: single-stream attention -> MM-DiM, distill, save, report FLOPs."""
+    from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
+
+    convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
+                                           distill_steps=distill_steps, device=device, dtype=dtype,
+                                           overwrite=overwrite, seed=seed))
+
+
 def _parse_size(size: str) -> tuple[int, int]:
     from m4v_convert.errors import M4VError
 
@@ -109,37 +132,70 @@ def _parse_size(size: str) -> tuple[int, int]:
 @user_errors
 def flops(
     recipe: str = typer.Argument(..., help="recipe name or YAML file"),
-    model: str = typer.Option(..., "--model", help="published config of the recipe, e.g. 1.3b or 14b"),
-    size: str = typer.Option("480x832", "--size", help="HEIGHTxWIDTH in pixels"),
-    frames: int = typer.Option(81, "--frames", help="number of video frames (pixels)"),
+    model: Optional[str] = typer.Option(None, "--model", help="published config of the recipe, e.g. 1.3b or 14b "
+                                        "(needed when the recipe ships several)"),
+    size: Optional[str] = typer.Option(None, "--size", help="HEIGHTxWIDTH in pixels (default: 480x832 for Wan, "
+                                       "the recipe's resolution for PyramidFlow)"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="number of video frames (pixels; default: 81 for "
+                                         "Wan, the release maximum for PyramidFlow)"),
     layers: Optional[str] = typer.Option(None, "--layers", help="layers to convert (default: recipe)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
     crosscheck: bool = typer.Option(True, "--crosscheck/--no-crosscheck",
                                     help="cross-check with FlopCounterMode on the meta device"),
 ):
     """FLOPs report for a published full-size config (meta device, no weights needed)."""
-    from rich.console import Console
-
     from m4v_convert.convert import parse_layers
     from m4v_convert.errors import M4VError
-    from m4v_convert.flops.report import build_wan_flops_report, markdown_report
     from m4v_convert.recipes import load_recipe
 
     rec = load_recipe(recipe)
+    if model is None:
+        if len(rec.published) != 1:
+            raise M4VError(f"--model: recipe {rec.name!r} ships configs {sorted(rec.published)}; pick one")
+        model = next(iter(rec.published))
     if model not in rec.published:
         raise M4VError(f"--model: recipe {rec.name!r} ships configs {sorted(rec.published)}, not {model!r}")
-    if frames < 1:
+    if frames is not None and frames < 1:
         raise M4VError(f"--frames: expected >= 1, got {frames}")
     cfg = json.loads(rec.published[model].read_text())
-    height, width = _parse_size(size)
-    chosen = parse_layers(layers or rec.default_layers, cfg["num_layers"])
-    report = build_wan_flops_report(cfg, frames, height, width, text_len=int(rec.video.get("text_len", 512)),
-                                    converted_layers=chosen, mmdim_config=rec.mmdim, crosscheck=crosscheck,
-                                    name=f"{rec.name} {model}")
-    typer.echo(markdown_report(report))
+    if rec.backbone == "pyramidflow":
+        report = _pyramidflow_flops(rec, cfg, size, frames, layers, crosscheck)
+    else:
+        from m4v_convert.flops.report import build_wan_flops_report, markdown_report
+
+        height, width = _parse_size(size or "480x832")
+        chosen = parse_layers(layers or rec.default_layers, cfg["num_layers"])
+        report = build_wan_flops_report(cfg, frames or 81, height, width, text_len=int(rec.video.get("text_len", 512)),
+                                        converted_layers=chosen, mmdim_config=rec.mmdim, crosscheck=crosscheck,
+                                        name=f"{rec.name} {model}")
+        typer.echo(markdown_report(report))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))
+
+
+def _pyramidflow_flops(rec, cfg: dict, size: Optional[str], frames: Optional[int], layers: Optional[str],
+                       crosscheck: bool) -> dict:
+    from m4v_convert.backbones.pyramidflow.pipeline import check_layer_selection
+    from m4v_convert.convert import parse_layers
+    from m4v_convert.errors import M4VError
+    from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
+
+    height, width, max_frames = RESOLUTIONS[rec.resolution]
+    if size is not None:
+        height, width = _parse_size(size)
+    n_double = int(cfg.get("num_layers", 8))
+    n_single = 0 if rec.variant == "sd3" else int(cfg.get("num_single_layers", 16))
+    chosen = parse_layers(layers or rec.default_layers, n_double + n_single)
+    check_layer_selection(chosen, n_double, rec.variant, rec.allow_double_stream, n_single)
+    try:
+        report = pyramidflow_flops_report(cfg, frames or max_frames, height, width,
+                                          text_len=int(rec.video.get("text_len", 128)), converted_layers=chosen,
+                                          mmdim=rec.mmdim, name=rec.name, crosscheck=crosscheck)
+    except ValueError as e:
+        raise M4VError(str(e)) from None
+    typer.echo(markdown_report(report))
+    return report
 
 
 @app.command("recipes")

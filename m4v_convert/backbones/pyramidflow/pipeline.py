@@ -1,0 +1,253 @@
+"""The PyramidFlow conversion job: load → select → swap → distill → save → report.
+
+Same shape as the Wan job (:mod:`m4v_convert.pipeline`, whose helpers it reuses); what differs is
+the teacher (the release folder layout, variant and resolution from the recipe), the layer
+selection (only single-stream blocks), the pyramid-shaped calibration batches and the output
+layout: the converted transformer is written where the release keeps its own,
+``<out>/diffusion_transformer_<resolution>/{config.json, diffusion_pytorch_model.safetensors}``,
+next to ``conversion.json``, ``README.md`` and ``flops.{json,md}``. ``load_converted(<out>)``
+reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import m4v_convert
+from m4v_convert.errors import M4VError
+
+DEFAULT_RECIPE = "pyramidflow-miniflux-768p"
+
+
+@dataclass
+class PyramidFlowOptions:
+    checkpoint: Path
+    out: Path
+    recipe: str = DEFAULT_RECIPE
+    layers: str | None = None
+    distill_steps: int | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+    seed: int = 0
+
+
+def check_layer_selection(layers: list[int], num_double: int, variant: str, allow_double_stream: bool,
+                          num_single: int | None = None) -> None:
+    """Refuse double-stream layers with the reason, and say "not implemented" when a recipe asks."""
+    double = [i for i in layers if i < num_double]
+    if not double:
+        return
+    where = ("SD3 has only joint (double-stream) blocks, transformer_blocks.0-"
+             f"{num_double - 1}" if variant == "sd3" else
+             f"layers {_ranges(double)} are double-stream blocks (transformer_blocks.0-{num_double - 1})")
+    if not allow_double_stream:
+        last = f"{num_double + num_single - 1}" if num_single else "..."
+        hint = "" if variant == "sd3" else f"; convert the single-stream blocks instead (--layers {num_double}-{last})"
+        raise M4VError(
+            f"--layers: {where}. M4V converts single-stream attention only: a double-stream block has separate "
+            "text and video weights, which one MM-DiM shared by text and video cannot take over without "
+            f"discarding half of them, so the paper keeps these blocks{hint}. (A recipe may set "
+            "allow_double_stream: true to ask for them anyway.)"
+        )
+    raise M4VError(f"--layers: {where}; the recipe allows double-stream blocks, but converting them is not "
+                   "implemented in this version of m4v-convert")
+
+
+def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
+    """Run the whole PyramidFlow conversion; returns the summary written to ``conversion.json``."""
+    from m4v_convert.convert import parse_layers
+    from m4v_convert.distill.stage1 import Stage1Settings
+    from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
+    from m4v_convert.io.converted import save_converted
+    from m4v_convert.io.output import atomic_output_dir, check_output_dir
+    from m4v_convert.pipeline import _console, _print_errors, _ranges as ranges, _run_stage1_with_progress
+    from m4v_convert.pipeline import resolve_device, resolve_dtype
+    from m4v_convert.recipes import load_recipe
+
+    from .calibration import NUM_STAGES, PyramidCalibSpec, pyramid_batch, synthetic_pyramid_samples
+    from .converted import M4VPyramidFluxTransformer, Stage1Target, calibrate_output_norms, record_teacher_layers
+    from .layout import LATENT_PATCH
+    from .loader import load_pyramidflow, transformer_folder_name
+
+    con = _console(console)
+    t_start = time.time()
+    recipe = load_recipe(opts.recipe)  # validated before any weight is read
+    if recipe.backbone != "pyramidflow":
+        raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}; this command converts "
+                       "PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)")
+    if recipe.mmdim.get("registers", True) and int(recipe.mmdim.get("num_registers", 1)) < NUM_STAGES:
+        raise M4VError(f"recipe {recipe.name!r}: mmdim.num_registers must be >= {NUM_STAGES} (one register per "
+                       "pyramid stage; a frame's register is its pyramid level)")
+    check_output_dir(opts.out, opts.overwrite)
+    device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
+    if dtype == torch.float16:
+        raise M4VError("--dtype float16: PyramidFlow's activations overflow float16; use bfloat16 or float32")
+    if opts.distill_steps is not None and opts.distill_steps < 0:
+        raise M4VError(f"--distill-steps: expected >= 0, got {opts.distill_steps}")
+
+    con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
+              f"checkpoint {opts.checkpoint}")
+    _check_layers_before_loading(opts, recipe)
+    teacher = load_pyramidflow(opts.checkpoint, variant=recipe.variant, resolution=recipe.resolution,
+                               dtype=dtype, device=device)
+    teacher.requires_grad_(False)
+    cfg = dict(teacher.config)
+    n_double, n_single = _block_counts(cfg, recipe.variant)
+    layers = parse_layers(opts.layers or recipe.default_layers, n_double + n_single)
+    check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single)
+    con.print(f"loaded PyramidFlow {recipe.variant} {recipe.resolution}: {n_double} double-stream + {n_single} "
+              f"single-stream blocks, {cfg['num_attention_heads']} heads × {cfg['attention_head_dim']}, "
+              f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; converting layers {ranges(layers)}")
+
+    height, width, max_frames = RESOLUTIONS[recipe.resolution]
+    spatial = int(recipe.video.get("spatial_compression", 8))
+    full_grid = [height // spatial // LATENT_PATCH, width // spatial // LATENT_PATCH]
+    student = M4VPyramidFluxTransformer.from_teacher(teacher)
+    try:
+        student.convert_(layers, recipe.mmdim, meta={"full_grid": full_grid, "resolution": recipe.resolution,
+                                                     "variant": recipe.variant})
+    except ValueError as e:
+        raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
+    student.requires_grad_(False)
+    targets = {i: Stage1Target(student.single_transformer_blocks[i - n_double].attn) for i in layers}
+    for t in targets.values():
+        t.requires_grad_(True)
+
+    # calibration data (synthetic, pyramid-shaped)
+    c = recipe.calib
+    spec = PyramidCalibSpec(latent_channels=cfg["in_channels"] // (LATENT_PATCH * LATENT_PATCH),
+                            text_dim=cfg["joint_attention_dim"], pooled_dim=cfg["pooled_projection_dim"],
+                            latent_frames=c["latent_frames"], latent_height=c["latent_height"],
+                            latent_width=c["latent_width"], text_len=c["text_len"],
+                            flow_shift=float(c.get("flow_shift", 1.0)))
+    samples = synthetic_pyramid_samples(spec, int(c.get("num_samples", 16)), seed=opts.seed)
+    con.print("[yellow]calibration: SYNTHETIC pyramid batches (random latents, T5-like text with padding); "
+              "they carry no video content[/]")
+    bs, n_eval = int(c.get("batch_size", 1)), int(c.get("eval_batches", 1))
+    if len(samples) < bs * (n_eval + 1):
+        raise M4VError(f"calibration: {len(samples)} samples, need at least {bs * (n_eval + 1)} "
+                       f"(batch_size {bs} × ({n_eval} eval + 1 train) batches)")
+    gen = torch.Generator().manual_seed(opts.seed)
+    eval_batches = [pyramid_batch(samples[i * bs:(i + 1) * bs], spec, gen, device, dtype) for i in range(n_eval)]
+    train_pool = samples[n_eval * bs:]
+
+    def train_batch(step: int) -> dict:
+        idx = torch.randint(len(train_pool), (bs,), generator=gen).tolist()
+        return pyramid_batch([train_pool[i] for i in idx], spec, gen, device, dtype)
+
+    def record(batch: dict) -> dict:
+        return record_teacher_layers(teacher, batch, layers)
+
+    calibrate_output_norms(targets, record(eval_batches[0]))  # over all stages of the call
+    s1 = recipe.stage1()
+    settings = Stage1Settings(steps=opts.distill_steps if opts.distill_steps is not None else int(s1.get("steps", 100)),
+                              lr=float(s1.get("lr", 1e-3)), weight_decay=float(s1.get("weight_decay", 0.0)),
+                              grad_clip=float(s1.get("grad_clip", 1.0)), calibrate_norm=False)
+    result = _run_stage1_with_progress(con, targets, record, train_batch, eval_batches, settings)
+    _print_errors(con, result)
+
+    # report + save
+    flops = pyramidflow_flops_report(cfg, max_frames, height, width, text_len=int(recipe.video.get("text_len", 128)),
+                                     converted_layers=layers, mmdim=recipe.mmdim,
+                                     name=f"{recipe.name} ({Path(opts.checkpoint).name})")
+    meta = {
+        "toolkit": "m4v-convert", "version": m4v_convert.__version__, "source": str(Path(opts.checkpoint).resolve()),
+        "recipe": recipe.name, "layers": layers, "calibration": "synthetic",
+        "distill": {"stage1_steps": settings.steps, "lr": settings.lr},
+    }
+    record_meta = {k: v for k, v in meta.items() if k != "layers"}
+    student.register_to_config(m4v={**student.config["m4v"], **record_meta, "converted_layers": layers})
+    folder = transformer_folder_name(recipe.resolution)
+    summary = {
+        **meta,
+        "transformer_folder": folder,
+        "error_before": {str(k): v for k, v in result.error_before.items()},
+        "error_after": {str(k): v for k, v in result.error_after.items()},
+        "original_total_flops": flops["original_total_flops"],
+        "converted_total_flops": flops["converted_total_flops"],
+        "seconds": None,
+    }
+    with atomic_output_dir(opts.out, opts.overwrite) as tmp:
+        save_converted(student, tmp / folder, metadata={
+            "m4v_version": m4v_convert.__version__, "source": meta["source"], "recipe": recipe.name,
+            "layers": ",".join(map(str, layers)), "calibration": "synthetic",
+        })
+        (tmp / "flops.json").write_text(json.dumps(flops, indent=2))
+        (tmp / "flops.md").write_text(markdown_report(flops))
+        summary["seconds"] = round(time.time() - t_start, 1)
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "README.md").write_text(_model_card(summary, flops, recipe, cfg, n_double, n_single))
+    con.print(f"[green]wrote[/] {Path(opts.out).resolve()}  ({summary['seconds']} s)")
+    con.print(f"single-stream FLOPs at {max_frames}×{height}×{width}, last unit: original "
+              f"{flops['original_total_flops'] / 1e12:.3f} TFLOPs → converted "
+              f"{flops['converted_total_flops'] / 1e12:.3f} TFLOPs")
+    return summary
+
+
+def _block_counts(config: dict, variant: str) -> tuple[int, int]:
+    return int(config.get("num_layers", 0)), (0 if variant == "sd3" else int(config.get("num_single_layers", 0)))
+
+
+def _check_layers_before_loading(opts: PyramidFlowOptions, recipe) -> None:
+    """Refuse a bad ``--layers`` from the checkpoint's config.json, before reading any weight.
+
+    Anything unexpected about the folder is left to the loader, which says what is wrong.
+    """
+    from m4v_convert.convert import parse_layers
+
+    from .loader import CLASS_NAMES, _read_config, _resolve_folder
+
+    try:
+        config = _read_config(_resolve_folder(Path(opts.checkpoint), recipe.resolution))
+    except M4VError:
+        return
+    if CLASS_NAMES.get(config.get("_class_name")) != recipe.variant:
+        return
+    n_double, n_single = _block_counts(config, recipe.variant)
+    layers = parse_layers(opts.layers or recipe.default_layers, n_double + n_single)
+    check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single)
+
+
+def _ranges(layers: list[int]) -> str:
+    from m4v_convert.pipeline import _ranges as ranges
+
+    return ranges(layers)
+
+
+def _model_card(summary: dict, flops: dict, recipe, cfg: dict, n_double: int, n_single: int) -> str:
+    before, after = summary["error_before"], summary["error_after"]
+    rows = "\n".join(f"| {i} | {before[i]:.4f} | {after[i]:.4f} |" for i in before)
+    folder = summary["transformer_folder"]
+    return f"""# Converted with m4v-convert {summary['version']}
+
+- source: `{summary['source']}`
+- recipe: `{recipe.name}` ({recipe.description})
+- model: PyramidFlow {recipe.variant} {recipe.resolution}, {n_double} double-stream + {n_single} single-stream blocks,
+  {cfg['num_attention_heads']} heads × {cfg['attention_head_dim']}
+- converted layers (MM-DiM in place of single-stream attention): {_ranges(summary['layers'])}
+- distillation: stage 1 (teacher-forced attention transfer), {summary['distill']['stage1_steps']} steps,
+  lr {summary['distill']['lr']}
+- calibration data: **synthetic** — random latents and text embeddings, not real videos: this model is NOT ready
+  for generation quality; distill it further on real latents
+
+The transformer is in `{folder}/` (the release's folder layout). Load it with
+`m4v_convert.load_converted(path)`; it takes exactly the inputs of `PyramidFluxTransformer`.
+
+## Per-layer relative error (held-out calibration batch, all pyramid stages)
+
+| layer | before distillation | after |
+|---:|---:|---:|
+{rows}
+
+## FLOPs
+
+See `flops.md` / `flops.json`: single-stream blocks at the last unit of a {flops['video']['frames']}-frame
+{flops['video']['height']}×{flops['video']['width']} video: original {flops['original_total_flops'] / 1e12:.3f} TFLOPs,
+converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs.
+"""
