@@ -86,18 +86,31 @@ class GatedRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
 
 
+def rotary_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Repeat-interleaved cos/sin (L, n) or (b, L, n) → complex64 (1|b, L, 1, n/2), e^{iθ} per pair."""
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    return torch.complex(cos[..., 0::2].float(), sin[..., 1::2].float()).unsqueeze(2)
+
+
+def apply_rotary_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (b, L, g, n) by ``rotary_table`` output.
+
+    One complex multiply in float32 (x1·cos − x2·sin, x1·sin + x2·cos), returned in x's dtype.
+    """
+    xf = x.float()
+    if not xf.is_contiguous() or xf.storage_offset() % 2:
+        xf = xf.clone(memory_format=torch.contiguous_format)
+    out = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table
+    return torch.view_as_real(out).flatten(-2).to(x.dtype)
+
+
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]); cos/sin are repeat-interleaved (..., n).
 
     x: (b, L, g, n); cos, sin: (L, n) or (b, L, n).
     """
-    if cos.dim() == 2:
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    cos = cos[..., 0::2].unsqueeze(2).to(torch.float32)
-    sin = sin[..., 1::2].unsqueeze(2).to(torch.float32)
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    return apply_rotary_table(x, rotary_table(cos, sin))
 
 
 def causal_depthwise_conv(
@@ -192,16 +205,17 @@ class Mamba2Mixer(nn.Module):
         B = B.unflatten(-1, (c.ngroups, c.d_state))
         C = C.unflatten(-1, (c.ngroups, c.d_state))
         if rotary is not None:
-            B = apply_rotary_interleaved(B, *rotary)
-            C = apply_rotary_interleaved(C, *rotary)
+            table = rotary_table(*rotary)  # once for B and C
+            B = apply_rotary_table(B, table)
+            C = apply_rotary_table(C, table)
         A = -torch.exp(self.A_log.float())
         xh = x.unflatten(-1, (c.nheads, c.headdim))
         y = ssd_scan(
             xh,
             dt,
             A,
-            B,
-            C,
+            B.to(xh.dtype),  # no-op unless autocast gave the norms another dtype (one dtype for the kernel)
+            C.to(xh.dtype),
             chunk_size=self.scan_chunk_size(xh),
             D=self.D,
             z=None if c.out_norm else z.unflatten(-1, (c.nheads, c.headdim)),
