@@ -135,19 +135,31 @@ def _video_indices_cpu(layout: VideoLayout, path: int | None, registers: bool) -
     return gather, inverse
 
 
-_DEVICE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_DEVICE_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def video_indices(layout: VideoLayout, path: int, registers: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _device_indices(layout: VideoLayout, path: int, registers: bool, device) -> tuple[torch.Tensor, ...]:
+    """(gather, inverse, register_slots, register_ids) on ``device``, cached.
+
+    ``register_slots`` are the positions of the registers in the re-composed video part and
+    ``register_ids`` which register sits there (both empty without registers).
+    """
     key = (layout, path, registers, str(device))
     hit = _DEVICE_CACHE.get(key)
     if hit is None:
         if len(_DEVICE_CACHE) > 256:
             _DEVICE_CACHE.clear()
         gather, inverse = _video_indices_cpu(layout, path, registers)
-        hit = (gather.to(device), inverse.to(device))
+        is_register = gather >= layout.num_tokens
+        slots = torch.nonzero(is_register).squeeze(1)
+        ids = gather[is_register] - layout.num_tokens
+        hit = tuple(t.to(device) for t in (gather, inverse, slots, ids))
         _DEVICE_CACHE[key] = hit
     return hit
+
+
+def video_indices(layout: VideoLayout, path: int, registers: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _device_indices(layout, path, registers, device)[:2]
 
 
 def text_sandwich_indices(text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,21 +206,29 @@ class Recomposer:
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """video: (b, N, d); register_tokens: (R, d); text: (b, Lz, d); text_mask: (b, Lz) bool."""
+        """video: (b, N, d); register_tokens: (R, d); text: (b, Lz, d); text_mask: (b, Lz) bool.
+
+        Every slot of the output is written exactly once, straight from its source: video tokens
+        by one ``index_copy_`` (one pass over the video, no concatenated staging copy), registers
+        and the two text copies into their slots.
+        """
         b, n, d = video.shape
-        gather, _ = video_indices(self.layout, self.path, self.use_registers, video.device)
+        gather, inverse, reg_slots, reg_ids = _device_indices(self.layout, self.path, self.use_registers,
+                                                              video.device)
+        lz = self.num_text_tokens(text)
+        n_video = gather.numel()
+        seq = video.new_empty(b, n_video + 2 * lz, d)
+        seq.index_copy_(1, inverse + lz if lz else inverse, video)
         if self.use_registers:
-            src = torch.cat([video, register_tokens.to(video.dtype).unsqueeze(0).expand(b, -1, -1)], dim=1)
-        else:
-            src = video
-        seq = src[:, gather]
-        if self.num_text_tokens(text) == 0:
+            regs = register_tokens.to(video.dtype).index_select(0, reg_ids)
+            seq.index_copy_(1, reg_slots + lz if lz else reg_slots, regs.unsqueeze(0).expand(b, -1, -1))
+        if lz == 0:
             return seq
         left, right = self._text_indices(text, text_mask)
-        text_ext = torch.cat([text, text.new_zeros(b, 1, d)], dim=1)
-        z_left = text_ext.gather(1, left.unsqueeze(-1).expand(-1, -1, d))
-        z_right = text_ext.gather(1, right.unsqueeze(-1).expand(-1, -1, d))
-        return torch.cat([z_left, seq, z_right], dim=1)
+        text_ext = torch.cat([text.to(video.dtype), text.new_zeros(b, 1, d, dtype=video.dtype)], dim=1)
+        seq[:, :lz] = text_ext.gather(1, left.unsqueeze(-1).expand(-1, -1, d))
+        seq[:, lz + n_video:] = text_ext.gather(1, right.unsqueeze(-1).expand(-1, -1, d))
+        return seq
 
     def _text_indices(self, text, text_mask):
         if text_mask is None:
@@ -222,7 +242,7 @@ class Recomposer:
         b, _, d = seq.shape
         _, inverse = video_indices(self.layout, self.path, self.use_registers, seq.device)
         lz = self.num_text_tokens(text)
-        video = seq[:, lz + inverse] if lz else seq[:, inverse]
+        video = seq.index_select(1, lz + inverse if lz else inverse)  # index_select: one gather pass
         if lz == 0:
             return video, None
         left, right = self._text_indices(text, text_mask)

@@ -84,9 +84,10 @@ class TemporalBranch(nn.Module):
         frame = 0
         for blk, region in zip(layout.blocks, regions):
             o = out[:, frame : frame + blk.num_frames]  # (b, Tb, g², d)
-            updates.append(o[:, :, region].reshape(b, blk.num_tokens, -1))
+            # index_select: one gather pass (advanced indexing is several times slower on CPU)
+            updates.append(o.index_select(2, region).reshape(b, blk.num_tokens, -1))
             frame += blk.num_frames
-        return torch.cat(updates, dim=1)
+        return updates[0] if len(updates) == 1 else torch.cat(updates, dim=1)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, dim={self.dim}, heads={self.heads}, causal={self.causal}"
