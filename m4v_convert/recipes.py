@@ -1,7 +1,11 @@
 """Recipes: one YAML per backbone family under ``recipes/`` (see recipes/wan2.1.yaml).
 
-A recipe is checked field by field on load, before any weight is read: unknown keys, wrong
-types and impossible values each raise a :class:`RecipeError` naming the file and the field.
+A recipe is validated on load, before any weight is read, against the pydantic models of
+:mod:`m4v_convert.recipe_schema`: unknown keys, wrong types and impossible values each become one
+line of a :class:`RecipeError` naming the file, the line, the field path and what was expected.
+``backbone: generic`` recipes describe a diffusers video DiT the toolkit has no code for (see
+``docs/recipes.md``); what needs the model's module tree is checked by
+``m4v_convert.backbones.generic.check_recipe``.
 """
 
 from __future__ import annotations
@@ -12,46 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from m4v_convert.errors import RecipeError
 from m4v_convert.layers.mmdim import MMDiMConfig
+from m4v_convert.recipe_schema import (BACKBONES, PYRAMIDFLOW_RESOLUTIONS, PYRAMIDFLOW_VARIANTS,  # noqa: F401
+                                       FieldError, RecipeFile)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-BACKBONES = ("wan", "pyramidflow")
-# pyramidflow only: which release variant and transformer folder (diffusion_transformer_<resolution>)
-PYRAMIDFLOW_VARIANTS = ("miniflux", "sd3")
-PYRAMIDFLOW_RESOLUTIONS = ("384p", "768p")
-
-# section → {field: (type(s), required)}
-_SCHEMA: dict[str, dict[str, tuple]] = {
-    "": {
-        "name": (str, True), "description": (str, True), "backbone": (str, True),
-        "default_layers": ((str, int), True), "published": (dict, False), "video": (dict, False),
-        "mmdim": (dict, False), "calib": (dict, False), "distill": (dict, False),
-        # pyramidflow only
-        "variant": (str, False), "resolution": (str, False), "allow_double_stream": (bool, False),
-    },
-    "video": {"temporal_compression": (int, True), "spatial_compression": (int, True), "text_len": (int, True)},
-    "calib": {
-        "latent_frames": (int, True), "latent_height": (int, True), "latent_width": (int, True),
-        "text_len": (int, True), "flow_shift": ((int, float), False), "num_samples": (int, False),
-        "batch_size": (int, False), "eval_batches": (int, False), "seed": (int, False),
-        "teacher_steps": (int, False),  # --teacher-calib: Euler steps per teacher sample
-    },
-    "distill": {"stage1": (dict, False), "stage2": (dict, False), "stage3": (dict, False),
-                "stages": ((str, int, list), False), "train": (str, False), "lora_rank": (int, False),
-                "lora_alpha": ((int, float), False)},
-    "distill.stage1": {"steps": (int, False), "lr": ((int, float), False), "weight_decay": ((int, float), False),
-                       "grad_clip": ((int, float), False), "batch_size": (int, False),
-                       "checkpoint_every": (int, False)},
-    "distill.stage2": {"steps": (int, False), "lr": ((int, float), False), "weight_decay": ((int, float), False),
-                       "grad_clip": ((int, float), False), "batch_size": (int, False),
-                       "checkpoint_every": (int, False), "feature_weight": ((int, float), False),
-                       "output_weight": ((int, float), False)},
-    "distill.stage3": {"steps": (int, False), "lr": ((int, float), False), "weight_decay": ((int, float), False),
-                       "grad_clip": ((int, float), False), "batch_size": (int, False),
-                       "checkpoint_every": (int, False)},
-}
 _MMDIM_FIXED = {"d_model", "nheads", "headdim", "d_state", "ngroups", "layer_index", "extra"}
 
 
@@ -70,97 +42,178 @@ class Recipe:
     variant: str | None = None  # pyramidflow: "miniflux" | "sd3"
     resolution: str | None = None  # pyramidflow: "384p" | "768p"
     allow_double_stream: bool = False  # pyramidflow: may --layers name double-stream blocks
+    spec: RecipeFile | None = None  # the validated file (generic backbones read their sections here)
+    raw: dict | None = None  # the YAML as loaded (recorded in converted configs)
 
     def stage1(self) -> dict:
         return dict(self.distill.get("stage1", {}))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("spec", "raw")}
         d["path"] = str(self.path)
         d["published"] = {k: str(v) for k, v in self.published.items()}
         return d
 
 
-def _type_name(t) -> str:
-    return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
+# ---------------------------------------------------------------------------------------------- errors
 
 
-def _check_section(data: dict, section: str, where: str) -> None:
-    schema = _SCHEMA[section]
-    label = f"{section}." if section else ""
-    for key in data:
-        if key not in schema:
-            raise RecipeError(f"{where}: unknown field '{label}{key}' (expected one of: {', '.join(sorted(schema))})")
-    for key, (typ, required) in schema.items():
-        if key not in data:
-            if required:
-                raise RecipeError(f"{where}: missing required field '{label}{key}'")
-            continue
-        value = data[key]
-        if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
-            raise RecipeError(f"{where}: field '{label}{key}' must be {_type_name(typ)}, got {type(value).__name__} "
-                              f"({value!r})")
-        if isinstance(value, (int, float)) and value < 0:
-            raise RecipeError(f"{where}: field '{label}{key}' must be >= 0, got {value}")
+def _line_index(text: str) -> dict[tuple, int]:
+    """Field path (tuple of keys / list indices) → 1-based line of its value (or key) in ``text``."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                p = path + (key.value,)
+                lines[p] = key.start_mark.line + 1
+                walk(value, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                lines[path + (i,)] = value.start_mark.line + 1
+                walk(value, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if root is not None:
+        walk(root, ())
+    return lines
 
 
-def _check_mmdim(mmdim: dict, where: str) -> None:
+def _where(path: Path, lines: dict, loc: tuple) -> str:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return f"{path}: line {lines[loc[:n]]}"
+    return str(path)
+
+
+def _dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _type_name(expected: str) -> str:
+    return {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "true or false",
+            "dict_type": "a mapping", "list_type": "a list", "tuple_type": "a list",
+            "model_type": "a mapping", "model_attributes_type": "a mapping"}.get(expected, expected)
+
+
+def _real_loc(loc: tuple, data, keep_last: bool) -> tuple:
+    """pydantic's error location without its union / validator tags: the keys that exist in the
+    YAML (plus, for a missing field, the missing key itself)."""
+    out, node = [], data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        elif keep_last and i == len(loc) - 1:
+            out.append(part)
+    return tuple(out)
+
+
+def _messages(errors: list[dict], data: dict, model_fields: dict) -> list[tuple[tuple, str]]:
+    """pydantic errors → [(field path, human message)], one per mistake (union branches merged)."""
+    grouped: dict[tuple, list[dict]] = {}
+    for err in errors:
+        kind = err["type"]
+        ctx = err.get("ctx") or {}
+        loc = _real_loc(tuple(err["loc"]), data, keep_last=kind in ("missing", "extra_forbidden"))
+        if kind == "value_error" and isinstance(ctx.get("error"), FieldError):
+            loc = loc + tuple(ctx["error"].field.split("."))
+        grouped.setdefault(loc, []).append(err)
+    out = []
+    for loc, errs in grouped.items():
+        field = _dotted(loc)
+        custom = [e for e in errs if isinstance((e.get("ctx") or {}).get("error"), FieldError)]
+        types = [e for e in errs if e["type"].endswith("_type") or e["type"].endswith("_parsing")]
+        err = errs[0]
+        kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+        if custom:
+            out.append((loc, f"field '{field}' {custom[0]['ctx']['error'].message}"))
+        elif kind == "extra_forbidden":
+            parent = model_fields.get(tuple(p for p in loc[:-1] if not isinstance(p, int)))
+            known = f" (expected one of: {', '.join(sorted(parent))})" if parent else ""
+            out.append((loc, f"unknown field '{field}'{known}"))
+        elif kind == "missing":
+            out.append((loc, f"missing required field '{field}'"))
+        elif kind == "literal_error":
+            out.append((loc, f"field '{field}' must be one of {ctx.get('expected')}, got {value!r}"))
+        elif kind in ("greater_than_equal", "greater_than"):
+            op = ">=" if kind == "greater_than_equal" else ">"
+            out.append((loc, f"field '{field}' must be {op} {ctx.get('ge', ctx.get('gt'))}, got {value!r}"))
+        elif types and len(types) == len(errs):
+            names = list(dict.fromkeys(_type_name(e["type"]) for e in types))
+            out.append((loc, f"field '{field}' must be {' or '.join(names)}, got {type(value).__name__} "
+                             f"({value!r})"))
+        else:
+            out.append((loc, f"field '{field}': {err['msg']}"))
+    return out
+
+
+def _known_fields() -> dict[tuple, list[str]]:
+    """Field names of every section, by path, for "expected one of" hints (aliases as written)."""
+    from pydantic import BaseModel
+
+    out: dict[tuple, list[str]] = {}
+
+    def model_of(annotation):
+        import typing
+
+        args = typing.get_args(annotation) or (annotation,)
+        for a in args:
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                return a
+            inner = model_of(a) if typing.get_args(a) else None
+            if inner is not None:
+                return inner
+        return None
+
+    def walk(model, path, depth=0):
+        out[path] = [f.alias or n for n, f in model.model_fields.items()]
+        if depth > 3:
+            return
+        for n, f in model.model_fields.items():
+            sub = model_of(f.annotation)
+            if sub is not None and sub is not model:
+                walk(sub, path + (f.alias or n,), depth + 1)
+
+    walk(RecipeFile, ())
+    return out
+
+
+def _check_mmdim(mmdim: dict, where) -> None:
     fields = {f.name: f for f in dataclasses.fields(MMDiMConfig)}
     for key, value in mmdim.items():
+        here = where(("mmdim", key))
         if key in _MMDIM_FIXED:
-            raise RecipeError(f"{where}: field 'mmdim.{key}' is derived from the checkpoint and cannot be set")
+            raise RecipeError(f"{here}: field 'mmdim.{key}' is derived from the checkpoint and cannot be set")
         if key not in fields:
-            raise RecipeError(f"{where}: unknown field 'mmdim.{key}' (MMDiMConfig has: "
+            raise RecipeError(f"{here}: unknown field 'mmdim.{key}' (MMDiMConfig has: "
                               f"{', '.join(sorted(set(fields) - _MMDIM_FIXED))})")
         default = fields[key].default
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise RecipeError(f"{where}: field 'mmdim.{key}' must be true or false, got {value!r}")
+            raise RecipeError(f"{here}: field 'mmdim.{key}' must be true or false, got {value!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise RecipeError(f"{where}: field 'mmdim.{key}' must be a number, got {value!r}")
+                raise RecipeError(f"{here}: field 'mmdim.{key}' must be a number, got {value!r}")
         if isinstance(default, str) and not isinstance(value, str):
-            raise RecipeError(f"{where}: field 'mmdim.{key}' must be a string, got {value!r}")
+            raise RecipeError(f"{here}: field 'mmdim.{key}' must be a string, got {value!r}")
     try:  # let the block validate choices (e.g. bc_norm, conv_activation)
         from m4v_convert.layers.mmdim import MMDiM
 
         MMDiM(MMDiMConfig(d_model=8, nheads=2, headdim=4, **mmdim), device="meta")
     except (ValueError, TypeError) as e:
-        raise RecipeError(f"{where}: invalid mmdim settings: {e}") from None
+        raise RecipeError(f"{where(('mmdim',))}: invalid mmdim settings: {e}") from None
 
 
-def _check_backbone_fields(data: dict, where: str) -> None:
-    pyramid_only = [k for k in ("variant", "resolution", "allow_double_stream") if k in data]
-    if data["backbone"] != "pyramidflow":
-        if pyramid_only:
-            raise RecipeError(f"{where}: field '{pyramid_only[0]}' is only used by backbone 'pyramidflow'")
-        return
-    for key, allowed in (("variant", PYRAMIDFLOW_VARIANTS), ("resolution", PYRAMIDFLOW_RESOLUTIONS)):
-        if key not in data:
-            raise RecipeError(f"{where}: backbone 'pyramidflow' needs field '{key}' (one of {list(allowed)})")
-        if data[key] not in allowed:
-            raise RecipeError(f"{where}: field '{key}' must be one of {list(allowed)}, got {data[key]!r}")
-
-
-def _check_distill(distill: dict, where: str) -> None:
-    """Values the type check cannot judge: stage list, train mode, strictly positive sizes."""
-    from m4v_convert.distill.params import TRAIN_MODES
-
-    if "stages" in distill:
-        raw = distill["stages"]
-        items = raw if isinstance(raw, list) else str(raw).replace(" ", "").split(",")
-        if not items or any(str(s) not in ("1", "2", "3") for s in items):
-            raise RecipeError(f"{where}: field 'distill.stages' must list stages among 1, 2, 3 (e.g. '1,2,3'), "
-                              f"got {raw!r}")
-    if distill.get("train", "mmdim") not in TRAIN_MODES:
-        raise RecipeError(f"{where}: field 'distill.train' must be one of {list(TRAIN_MODES)}, "
-                          f"got {distill['train']!r}")
-    if distill.get("lora_rank", 1) < 1:
-        raise RecipeError(f"{where}: field 'distill.lora_rank' must be >= 1, got {distill['lora_rank']}")
-    for stage in ("stage1", "stage2", "stage3"):
-        section = distill.get(stage, {})
-        for key in ("lr", "batch_size"):
-            if key in section and section[key] <= 0:
-                raise RecipeError(f"{where}: field 'distill.{stage}.{key}' must be > 0, got {section[key]}")
+# ---------------------------------------------------------------------------------------------- loading
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -171,40 +224,40 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not path.is_file():
         known = ", ".join(available_recipes()) or "none"
         raise RecipeError(f"unknown recipe {str(name_or_path)!r}: no file {path} (shipped recipes: {known})")
-    where = str(path)
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{where}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise RecipeError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping of fields at the top level, got {type(data).__name__}")
-    _check_section(data, "", where)
-    for section in ("video", "calib", "distill"):
-        if section in data:
-            _check_section(data[section], section, where)
-    for stage in ("stage1", "stage2", "stage3"):
-        if stage in data.get("distill", {}):
-            _check_section(data["distill"][stage], f"distill.{stage}", where)
-    _check_distill(data.get("distill", {}), where)
-    if data["backbone"] not in BACKBONES:
-        raise RecipeError(f"{where}: field 'backbone' must be one of {list(BACKBONES)}, got {data['backbone']!r}")
-    _check_backbone_fields(data, where)
-    mmdim = data.get("mmdim", {}) or {}
+        raise RecipeError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    lines = _line_index(text)
+
+    def where(loc: tuple) -> str:
+        return _where(path, lines, loc)
+
+    try:
+        spec = RecipeFile.model_validate(data)
+    except ValidationError as e:
+        msgs = [f"{where(loc)}: {msg}" for loc, msg in _messages(e.errors(), data, _known_fields())]
+        raise RecipeError("\n".join(msgs)) from None
+    mmdim = data.get("mmdim") or {}
     _check_mmdim(mmdim, where)
     published = {}
     for key, rel in (data.get("published") or {}).items():
         p = (path.parent / rel).resolve()
         if not p.is_file():
-            raise RecipeError(f"{where}: field 'published.{key}' points to {p}, which does not exist")
+            raise RecipeError(f"{where(('published', key))}: field 'published.{key}' points to {p}, "
+                              "which does not exist")
         published[str(key)] = p
     return Recipe(
         name=data["name"], description=data["description"], backbone=data["backbone"],
         default_layers=str(data["default_layers"]), path=path.resolve(), published=published,
-        video=data.get("video", {}), mmdim=mmdim, calib=data.get("calib", {}), distill=data.get("distill", {}),
-        variant=data.get("variant"), resolution=data.get("resolution"),
-        allow_double_stream=bool(data.get("allow_double_stream", False)),
+        video=data.get("video") or {}, mmdim=mmdim, calib=data.get("calib") or {},
+        distill=data.get("distill") or {}, variant=data.get("variant"), resolution=data.get("resolution"),
+        allow_double_stream=bool(data.get("allow_double_stream", False)), spec=spec, raw=data,
     )
 
 
