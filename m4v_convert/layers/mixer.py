@@ -86,11 +86,16 @@ class GatedRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
 
 
-def rotary_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Repeat-interleaved cos/sin (L, n) or (b, L, n) → complex64 (1|b, L, 1, n/2), e^{iθ} per pair."""
+def rotary_table(cos: torch.Tensor, sin: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Repeat-interleaved cos/sin (L, n) or (b, L, n) → complex64 (1|b, L, 1, n/2), e^{iθ} per pair.
+
+    groups > 1: cos/sin span all groups, (..., L, groups·n) (a RoPE over heads·head_dim, as in
+    LTX-Video) → (1|b, L, groups, n/2), one table per group.
+    """
     if cos.dim() == 2:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    return torch.complex(cos[..., 0::2].float(), sin[..., 1::2].float()).unsqueeze(2)
+    table = torch.complex(cos[..., 0::2].float(), sin[..., 1::2].float())
+    return table.unflatten(-1, (groups, -1)) if groups > 1 else table.unsqueeze(2)
 
 
 def apply_rotary_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -189,7 +194,8 @@ class Mamba2Mixer(nn.Module):
         """u: (b, L, d_model) → (b, L, d_model).
 
         seq_idx: (b, L) int32, packed independent segments. rotary: (cos, sin), each (L, d_state)
-        or (b, L, d_state), repeat-interleaved, applied to B and C in sequence order.
+        or (b, L, d_state), repeat-interleaved, applied to B and C in sequence order; or
+        (..., L, ngroups·d_state): one table per group.
         """
         c = self.config
         b, L, _ = u.shape
@@ -205,7 +211,7 @@ class Mamba2Mixer(nn.Module):
         B = B.unflatten(-1, (c.ngroups, c.d_state))
         C = C.unflatten(-1, (c.ngroups, c.d_state))
         if rotary is not None:
-            table = rotary_table(*rotary)  # once for B and C
+            table = rotary_table(*rotary, groups=rotary[0].shape[-1] // c.d_state)  # once for B and C
             B = apply_rotary_table(B, table)
             C = apply_rotary_table(C, table)
         A = -torch.exp(self.A_log.float())

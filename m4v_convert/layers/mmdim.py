@@ -122,8 +122,9 @@ class MMDiM(nn.Module):
         """
         video: (b, N, d_model) tokens of ``layout`` (raster order per frame).
         text: (b, Lz, d_model) or None; text_mask: (b, Lz) bool, True = valid (default: all valid).
-        rotary: (cos, sin) each (N, d_state) or (b, N, d_state) for the video tokens, raster order;
-            used only when ``config.rotary``. Text and registers get no rotation.
+        rotary: (cos, sin) each (N, d_state) or (b, N, d_state) for the video tokens, raster order
+            (last dim ngroups·d_state: one table per group/head); used only when ``config.rotary``.
+            Text and registers get no rotation.
         temporal_sources: (T,) or (b, T) bool, frames the temporal branch may read.
         Returns (video_out (b, N, d_model), text_out (b, Lz, d_model) or None).
         """
@@ -137,7 +138,7 @@ class MMDiM(nn.Module):
         mixer_rotary = None
         if self.config.rotary and rotary is not None:
             lz = rc.num_text_tokens(text)
-            n = self.config.d_state
+            n = rotary[0].shape[-1]  # d_state, or ngroups·d_state for one table per group
             one = torch.ones(n, device=video.device)
             zero = torch.zeros(n, device=video.device)
             mixer_rotary = (rc.permute_rows(rotary[0], one, lz), rc.permute_rows(rotary[1], zero, lz))
@@ -169,10 +170,12 @@ class MMDiM(nn.Module):
         elif text_mask is not None:
             raise ValueError("text_mask: given without text")
         if rotary is not None and self.config.rotary:
+            c = self.config
             for name, t in zip(("rotary[0]", "rotary[1]"), rotary):
-                if t.shape[-2:] != (layout.num_tokens, self.config.d_state):
+                if t.shape[-2:] not in ((layout.num_tokens, c.d_state), (layout.num_tokens, c.ngroups * c.d_state)):
                     raise ValueError(
-                        f"{name}: expected shape (..., {layout.num_tokens}, {self.config.d_state}), got {tuple(t.shape)}"
+                        f"{name}: expected shape (..., {layout.num_tokens}, {c.d_state}) or (..., "
+                        f"{layout.num_tokens}, {c.ngroups * c.d_state}) (one table per group), got {tuple(t.shape)}"
                     )
 
     def extra_repr(self) -> str:
