@@ -110,6 +110,10 @@ def make_plan(recipe, opts, device: torch.device) -> DistillPlan:
     mp = opts.mixed_precision
     if mp not in ("auto", "bf16", "no"):
         raise M4VError(f"--mixed-precision: expected auto, bf16 or no, got {mp!r}")
+    if train == "lora" and any(k in stages for k in (2, 3)):
+        from m4v_convert.distill.params import _peft
+
+        _peft()  # a missing peft fails here, before any weight is read
     if opts.data is not None and 3 not in stages:
         raise M4VError(f"--data is the fine-tune data of stage 3, which --stages {','.join(map(str, stages))} "
                        "leaves out")

@@ -24,7 +24,6 @@ def check_train_mode(mode: str) -> str:
 
 def _peft():
     try:
-        import peft  # noqa: F401
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
     except ImportError as e:
