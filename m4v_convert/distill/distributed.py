@@ -88,6 +88,13 @@ def init_distributed(device_type: str) -> DistContext:
     """The process group of this run (a no-op context outside a multi-process launch)."""
     if not in_distributed_env():
         return DistContext()
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() in ("1", "true"):
+            from m4v_convert.errors import M4VError
+
+            raise M4VError(f"accelerate launch with {what}: not supported by m4v-convert's trainer, which runs "
+                           "replicated data parallel (every process holds teacher and student); launch without "
+                           f"{what} (see docs/distillation.md)")
     from accelerate import PartialState
 
     state = PartialState(cpu=device_type == "cpu")  # cpu=True: gloo even when the launcher said multi-GPU
