@@ -92,7 +92,10 @@ def cached_teacher_samples(cache: Path, key: dict, spec: CalibSpec, make: Callab
     cache = Path(cache).expanduser().resolve()
     manifest = cache / MANIFEST
     is_main = dist is None or dist.is_main
-    if manifest.is_file():
+    exists = manifest.is_file()
+    if dist is not None:
+        dist.barrier()  # every process has looked before rank 0 may write
+    if exists:
         try:
             saved = json.loads(manifest.read_text())
         except json.JSONDecodeError:
