@@ -116,6 +116,54 @@ def pyramidflow(
                                            overwrite=overwrite, seed=seed))
 
 
+@app.command("convert")
+@user_errors
+def convert_cmd(
+    recipe: str = typer.Argument(..., help="recipe name or YAML file (any backbone: wan, pyramidflow, generic)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="the model to convert (a diffusers folder for "
+                                    "generic recipes; see the backbone's own command otherwise)"),
+    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="'all', '0-9', '0,2,4' or mixes (default: recipe)"),
+    model: Optional[str] = typer.Option(None, "--model", help="published config of the recipe for a single-file "
+                                        "--checkpoint"),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)"),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages, e.g. 1,2 (default: recipe)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors "
+                                         "(latents + text_embeds); default: synthetic"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    seed: int = typer.Option(0, "--seed"),
+    size: Optional[str] = typer.Option(None, "--size", help="video size HxW for the FLOPs report (default: recipe)"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="video frames for the FLOPs report (default: recipe)"),
+):
+    """Convert any backbone a recipe describes: load, swap attention for MM-DiM, distill, save, report FLOPs."""
+    from m4v_convert.recipes import load_recipe
+
+    rec = load_recipe(recipe)
+    if rec.backbone == "wan":
+        from m4v_convert.pipeline import ConvertOptions, convert
+
+        convert(ConvertOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers,
+                               distill_steps=distill_steps, calib=calib, device=device, dtype=dtype,
+                               overwrite=overwrite, seed=seed, report_size=_parse_size(size or "480x832"),
+                               report_frames=frames or 81, stages=stages, stage2_steps=stage2_steps))
+    elif rec.backbone == "pyramidflow":
+        from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
+
+        convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
+                                               distill_steps=distill_steps, device=device, dtype=dtype,
+                                               overwrite=overwrite, seed=seed))
+    else:
+        from m4v_convert.backbones.generic_pipeline import GenericOptions, convert_generic
+
+        convert_generic(GenericOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, model=model,
+                                       distill_steps=distill_steps, stage2_steps=stage2_steps, stages=stages,
+                                       calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
+                                       report_size=_parse_size(size) if size else None, report_frames=frames))
+
+
 def _parse_size(size: str) -> tuple[int, int]:
     from m4v_convert.errors import M4VError
 
@@ -200,12 +248,31 @@ def _pyramidflow_flops(rec, cfg: dict, size: Optional[str], frames: Optional[int
 
 @app.command("recipes")
 @user_errors
-def recipes():
-    """List the shipped recipes."""
-    from m4v_convert.recipes import describe_recipes
+def recipes(
+    check: Optional[str] = typer.Option(None, "--check", help="validate this recipe (name or YAML file) against "
+                                        "--checkpoint or a published config, without converting anything"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="with --check: the model folder"),
+    model: Optional[str] = typer.Option(None, "--model", help="with --check: a published config of the recipe "
+                                        "(built on the meta device)"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="with --check: layers to convert (default: recipe)"),
+):
+    """List the shipped recipes; with --check FILE, show what a recipe would replace in a model."""
+    from m4v_convert.recipes import describe_recipes, load_recipe
 
-    for name, description in describe_recipes():
-        typer.echo(f"{name:<28} {description}")
+    if check is None:
+        if checkpoint is not None or model is not None or layers is not None:
+            from m4v_convert.errors import M4VError
+
+            raise M4VError("--checkpoint / --model / --layers go with --check RECIPE")
+        for name, description in describe_recipes():
+            typer.echo(f"{name:<28} {description}")
+        return
+    from m4v_convert.backbones.generic_pipeline import check_recipe
+
+    report = check_recipe(load_recipe(check), checkpoint, model, layers)
+    for line in report.lines():
+        typer.echo(line)
+    typer.echo("ok: nothing was converted")
 
 
 @app.command("eval")

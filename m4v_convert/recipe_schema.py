@@ -24,6 +24,7 @@ NonNegInt = Annotated[StrictInt, Field(ge=0)]
 PosInt = Annotated[StrictInt, Field(ge=1)]
 NonNegNumber = Annotated[Number, Field(ge=0)]
 PosNumber = Annotated[Number, Field(gt=0)]
+Bounds = Annotated[list[Union[StrictInt, StrictStr]], Field(min_length=2, max_length=2)]  # [start, end)
 
 BACKBONES = ("wan", "pyramidflow", "generic")
 PYRAMIDFLOW_VARIANTS = ("miniflux", "sd3")
@@ -48,6 +49,10 @@ class Video(Strict):
     temporal_compression: PosInt  # VAE: latent frames = (frames - 1) / temporal_compression + 1
     spatial_compression: PosInt  # VAE: latent pixels per side
     text_len: PosInt  # text tokens at full size (FLOPs report)
+    # generic backbones: the video size of the FLOPs report written next to a conversion
+    report_frames: PosInt | None = None
+    report_height: PosInt | None = None
+    report_width: PosInt | None = None
 
 
 class Calib(Strict):
@@ -116,8 +121,8 @@ class Projection(Strict):
     """A linear layer of the attention; ``rows`` / ``columns`` slice a fused one."""
 
     path: StrictStr
-    rows: tuple[StrictInt | StrictStr, StrictInt | StrictStr] | None = None  # fused QKV: output features [a, b)
-    columns: tuple[StrictInt | StrictStr, StrictInt | StrictStr] | None = None  # fused output: input features [a, b)
+    rows: Bounds | None = None  # fused QKV: output features [a, b)
+    columns: Bounds | None = None  # fused output: input features [a, b)
 
     @model_validator(mode="before")
     @classmethod
@@ -222,7 +227,6 @@ class Tokens(Strict):
 
     layout: Literal["video_only", "joint", "streams"]
     text_order: Literal["first", "last"] | None = None  # joint: text before or after the video
-    joint_input: Literal["separate", "concatenated"] = "separate"  # joint: text as its own argument or inside
     text: Source = Field(default_factory=lambda: Source(source="none"))
     text_mask: Source = Field(default_factory=lambda: Source(source="none"))
     streams: list[Stream] | None = None  # layout streams: per-stream projections (not convertible yet)
@@ -238,9 +242,12 @@ class Tokens(Strict):
                                               "or module_output")
         if self.text_mask.source in ("call_arg", "module_output"):
             raise _field_error("text_mask.source", "a text mask comes from none, zero_rows or forward_arg")
-        if self.layout == "joint" and self.joint_input == "separate" and self.text.source != "call_arg":
-            raise _field_error("text.source", "joint attention with separate text reads it from the attention "
-                                              "call (source: call_arg)")
+        if self.layout == "joint" and self.text.source != "call_arg":
+            raise _field_error("text.source", "joint attention reads the text from the attention call "
+                                              "(source: call_arg, name: encoder_hidden_states)")
+        if self.layout == "video_only" and self.text.source == "call_arg":
+            raise _field_error("text.source", "video_only attention is not given the text; take it from a "
+                                              "module_output (e.g. the text projection) or a forward_arg")
         if self.layout == "streams" and not self.streams:
             raise _field_error("streams", "layout 'streams' needs the list of streams and their projections")
         return self

@@ -33,6 +33,17 @@ def _converted_classes() -> dict:
     return classes
 
 
+def _converted_class(cfg: dict):
+    """The class that rebuilds a saved conversion: a seed backbone's, or a generic recipe's
+    ``M4V<DiffusersClass>`` (built on the fly from the config's ``m4v`` record)."""
+    cls = _converted_classes().get(cfg.get("_class_name"))
+    if cls is None and "m4v" in cfg:
+        from m4v_convert.backbones.generic import converted_class_for_config
+
+        cls = converted_class_for_config(cfg)
+    return cls
+
+
 def save_converted(model, folder: Path, metadata: dict[str, str],
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write ``model`` (a converted diffusers ModelMixin) into ``folder``; returns the file names."""
@@ -86,7 +97,7 @@ def read_converted_config(folder: Path) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    if "m4v" not in cfg or cfg.get("_class_name") not in _converted_classes():
+    if "m4v" not in cfg or _converted_class(cfg) is None:
         raise CheckpointError(
             f"{folder}: not a converted model (config.json has no 'm4v' entry / class "
             f"{cfg.get('_class_name')!r}); convert it first with m4v-convert"
@@ -103,7 +114,7 @@ def load_converted(folder, *, dtype: torch.dtype | None = None, device: str | to
     """
     folder = resolve_converted_folder(folder)
     cfg = read_converted_config(folder)
-    cls = _converted_classes()[cfg["_class_name"]]
+    cls = _converted_class(cfg)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)

@@ -1,0 +1,494 @@
+"""The conversion job for ``backbone: generic`` recipes, and ``m4v-convert recipes --check``.
+
+One way through: read the checkpoint's config → build the model on the meta device and check the
+recipe against it (:func:`check_recipe`; nothing loaded yet) → load the weights → swap the
+selected attention layers → distill (stage 1 attention transfer, stage 2 end-to-end) → save in
+the diffusers layout with ``conversion.json``, ``README.md`` and ``flops.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import m4v_convert
+from m4v_convert.backbones import generic as G
+from m4v_convert.errors import CheckpointError, M4VError, RecipeError
+
+
+@dataclass
+class GenericOptions:
+    recipe: str
+    checkpoint: Path
+    out: Path
+    layers: str | None = None
+    model: str | None = None  # published config for a single-file checkpoint
+    distill_steps: int | None = None
+    stage2_steps: int | None = None
+    stages: str | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    calib: Path | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+    seed: int = 0
+    report_size: tuple[int, int] | None = None
+    report_frames: int | None = None
+
+
+# ============================================================================ checkpoint → config
+
+
+@dataclass
+class Source:
+    """Where the model comes from: a config (always) and, for a conversion, its weights."""
+
+    config: dict
+    label: str
+    folder: Path | None = None
+    subfolder: str | None = None
+    single_file: Path | None = None
+
+
+def published_config(recipe, name: str | None) -> tuple[dict, str]:
+    if not recipe.published:
+        raise M4VError(f"--model: recipe {recipe.name!r} ships no published config")
+    if name is None:
+        if len(recipe.published) != 1:
+            raise M4VError(f"--model: recipe {recipe.name!r} ships configs {sorted(recipe.published)}; pick one")
+        name = next(iter(recipe.published))
+    if name not in recipe.published:
+        raise M4VError(f"--model: recipe {recipe.name!r} ships configs {sorted(recipe.published)}, not {name!r}")
+    path = recipe.published[name]
+    return json.loads(path.read_text()), f"published config {name!r} ({path.name})"
+
+
+def read_source(recipe, checkpoint: Path | None, model: str | None = None) -> Source:
+    """The config of ``checkpoint`` (folder, pipeline folder or single file) or of a published one."""
+    spec = recipe.spec
+    if checkpoint is None:
+        cfg, label = published_config(recipe, model)
+        src = Source(cfg, label)
+    else:
+        ckpt = Path(checkpoint).expanduser()
+        if not ckpt.exists():
+            raise CheckpointError(f"--checkpoint {ckpt} does not exist")
+        if ckpt.is_file():
+            if not spec.model.single_file:
+                raise CheckpointError(f"--checkpoint {ckpt} is a file; recipe {recipe.name!r} loads a diffusers "
+                                      "folder (set model.single_file: true to load single files)")
+            cfg, label = published_config(recipe, model)
+            src = Source(cfg, f"{ckpt.name} with {label}", single_file=ckpt)
+        else:
+            sub = spec.model.subfolder
+            if sub is None:
+                sub = "" if (ckpt / "config.json").is_file() else "transformer"
+            cfg_path = ckpt / sub / "config.json"
+            if not cfg_path.is_file():
+                raise CheckpointError(f"--checkpoint {ckpt}: no config.json there or in transformer/ (expected a "
+                                      f"diffusers {spec.model.class_name} folder)")
+            try:
+                cfg = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+            src = Source(cfg, str(cfg_path.parent), folder=ckpt, subfolder=sub or None)
+    found = src.config.get("_class_name")
+    if found is not None and found != spec.model.class_name:
+        raise CheckpointError(f"{src.label}: the checkpoint holds a {found}, recipe {recipe.name!r} converts "
+                              f"{spec.model.class_name} (field 'model.class')")
+    return src
+
+
+def meta_model(recipe, config: dict) -> torch.nn.Module:
+    """The recipe's diffusers class built from ``config`` on the meta device (no memory, no weights)."""
+    cls = G.diffusers_class(recipe.spec.model.class_name)
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            return cls.from_config(cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot build {cls.__name__} from this config: {e}") from None
+
+
+# ============================================================================ recipes --check
+
+
+@dataclass
+class CheckReport:
+    recipe: str
+    model_class: str
+    source: str
+    layers: list[G.LayerInfo]
+    selected: list[int]
+    mmdim: dict
+    config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"recipe {self.recipe}: {self.model_class} from {self.source}",
+               f"{len(self.layers)} attention layers match; --layers default selects {len(self.selected)}"]
+        out.append(f"{'layer':>5}  {'module':<40} {'class':<22} {'heads×dim':>10}  {'Q/K/V':<14} {'O':<22} action")
+        sel = set(self.selected)
+        for info in self.layers:
+            q = "x".join(map(str, info.shapes.get("q", ())))
+            o = "x".join(map(str, info.shapes.get("out", ())))
+            if info.fused_out:
+                o += f" cols[{info.out[1][0]}:{info.out[1][1]}]"
+            action = ("-> MM-DiM" + (f" (d={info.d_model}, {info.heads} SSM heads x {info.head_dim})"))\
+                if info.index in sel else "kept"
+            out.append(f"{info.index:>5}  {info.fqn:<40} {type(info.module).__name__:<22} "
+                       f"{f'{info.heads}×{info.head_dim}':>10}  {q:<14} {o:<22} {action}")
+        out.extend(f"note: {n}" for n in self.notes)
+        return out
+
+
+def check_recipe(recipe, checkpoint: Path | None = None, model: str | None = None,
+                 layers: str | None = None) -> CheckReport:
+    """Validate ``recipe`` against a checkpoint's config (or a published one) on the meta device."""
+    from m4v_convert.convert import parse_layers
+
+    if recipe.backbone != "generic":
+        raise M4VError(f"recipes --check: recipe {recipe.name!r} is for backbone {recipe.backbone!r}, which has its "
+                       f"own command (m4v-convert {'wan2.1' if recipe.backbone == 'wan' else 'pyramidflow'}); "
+                       "--check validates backbone: generic recipes")
+    spec = recipe.spec
+    if spec.tokens.layout == "streams":
+        raise RecipeError(f"{recipe.path}: field 'tokens.layout' 'streams' (separate text and video weights) is "
+                          "described but its conversion is not implemented: one MM-DiM shared by text and video "
+                          "cannot take over two weight sets")
+    src = read_source(recipe, checkpoint, model)
+    net = meta_model(recipe, src.config)
+    where = str(recipe.path)
+    infos = G.find_layers(net, spec, where)
+    for info in infos:
+        G.layer_geometry(net, info, spec, src.config, recipe.mmdim, where)
+    chosen = parse_layers(layers or recipe.default_layers, max(i.index for i in infos) + 1)
+    known = {i.index for i in infos}
+    missing = [i for i in chosen if i not in known]
+    if missing:
+        raise M4VError(f"--layers: {missing} are not attention layers of this recipe (layers: {sorted(known)})")
+    _check_sources(net, spec, where)
+    notes = []
+    for part in ("q_norm", "k_norm"):
+        n = getattr(spec.attention, part)
+        if n is not None and n.kind == "layer_norm" and recipe.mmdim.get("bc_norm", "none") != "none":
+            notes.append(f"attention.{part} is a LayerNorm: only its weight is carried onto the RMSNorm of "
+                         "B/C (its mean subtraction and bias are not)")
+    if spec.rope is None or spec.rope.source == "none":
+        if recipe.mmdim.get("rotary"):
+            notes.append("mmdim.rotary is on but the recipe names no RoPE source: B/C get no rotation")
+    return CheckReport(recipe=recipe.name, model_class=spec.model.class_name, source=src.label, layers=infos,
+                       selected=chosen, mmdim=recipe.mmdim, config=src.config, notes=notes)
+
+
+def _check_sources(net, spec, where: str) -> None:
+    import inspect
+
+    t, r = spec.tokens, spec.rope
+    for what, src in (("tokens.text", t.text), ("rope", r)):
+        if src is not None and src.source == "module_output" and G.get_module(net, src.module) is None:
+            raise RecipeError(f"{where}: field '{what}.module' {src.module!r}: the model has no such submodule")
+    params = inspect.signature(type(net).forward).parameters
+    names = [("grid.input", spec.grid.input)]
+    if spec.grid.args is not None:
+        names += [(f"grid.args.{k}", getattr(spec.grid.args, k)) for k in ("frames", "height", "width")]
+    for what, src in (("tokens.text.name", t.text), ("tokens.text_mask.name", t.text_mask)):
+        if src.source in ("forward_arg", "zero_rows"):
+            names.append((what, src.name))
+    if spec.inputs is not None:
+        names += [("inputs.timestep", spec.inputs.timestep), ("inputs.text", spec.inputs.text)]
+        if spec.inputs.text_mask:
+            names.append(("inputs.text_mask", spec.inputs.text_mask))
+        names += [(f"inputs.extra.{k}", k) for k in spec.inputs.extra]
+    for what, name in names:
+        if name not in params:
+            raise RecipeError(f"{where}: field '{what}' {name!r} is not an argument of "
+                              f"{type(net).__name__}.forward (it takes {', '.join(p for p in params if p != 'self')})")
+
+
+# ============================================================================ conversion
+
+
+def load_teacher(recipe, src: Source, dtype: torch.dtype, device: torch.device):
+    cls = G.diffusers_class(recipe.spec.model.class_name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if src.single_file is not None:
+            import tempfile
+
+            if not hasattr(cls, "from_single_file"):
+                raise CheckpointError(f"{cls.__name__} cannot load single files (diffusers has no from_single_file "
+                                      "for it); convert the checkpoint to the diffusers layout first")
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "config.json").write_text(json.dumps(src.config))
+                model = cls.from_single_file(str(src.single_file), config=tmp, torch_dtype=dtype,
+                                             local_files_only=True)
+        else:
+            kwargs = {"subfolder": src.subfolder} if src.subfolder else {}
+            model = cls.from_pretrained(str(src.folder), torch_dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{src.label}: cannot load the {cls.__name__} weights: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return model.to(device).eval()
+
+
+def as_converted(model: torch.nn.Module, recipe) -> torch.nn.Module:
+    """Give ``model`` (a plain diffusers model) the converted class in place, no layer converted:
+    its forward now records the per-call context (the teacher for stage 1)."""
+    cls = G.converted_class(recipe.spec.model.class_name)
+    model.__class__ = cls
+    model._init_m4v(recipe.spec)
+    return model
+
+
+def convert_generic(opts: GenericOptions, console=None) -> dict:
+    from m4v_convert.convert import parse_layers
+    from m4v_convert.io.converted import save_converted
+    from m4v_convert.io.output import atomic_output_dir, check_output_dir
+    from m4v_convert.pipeline import _console, _ranges, resolve_device, resolve_dtype
+    from m4v_convert.recipes import load_recipe
+
+    con = _console(console)
+    t_start = time.time()
+    recipe = load_recipe(opts.recipe)
+    if recipe.backbone != "generic":
+        raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}")
+    device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
+    check_output_dir(opts.out, opts.overwrite)
+    for flag, v in (("--distill-steps", opts.distill_steps), ("--stage2-steps", opts.stage2_steps)):
+        if v is not None and v < 0:
+            raise M4VError(f"{flag}: expected >= 0, got {v}")
+    stages = _stages(opts.stages if opts.stages is not None else str(recipe.distill.get("stages", "1,2")))
+
+    # ---- check everything on the meta device, then load
+    report = check_recipe(recipe, opts.checkpoint, opts.model, opts.layers)
+    src = read_source(recipe, opts.checkpoint, opts.model)
+    layers = report.selected
+    con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  checkpoint "
+              f"{opts.checkpoint}")
+    for note in report.notes:
+        con.print(f"[yellow]note:[/] {note}")
+    teacher = load_teacher(recipe, src, dtype, device)
+    teacher.requires_grad_(False)
+    cfg = dict(teacher.config)
+    con.print(f"loaded {type(teacher).__name__}: {len(report.layers)} attention layers, "
+              f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; converting layers {_ranges(layers)}")
+    torch.manual_seed(opts.seed)
+    cls = G.converted_class(recipe.spec.model.class_name)
+    student = cls.from_teacher(teacher, recipe.spec, recipe.raw)
+    as_converted(teacher, recipe)
+    infos_student = G.selected_infos(student, recipe.spec, cfg, recipe.mmdim, layers, str(recipe.path))
+    try:
+        student.convert_(infos_student, recipe.mmdim)
+    except ValueError as e:
+        raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
+    student.requires_grad_(False)
+    infos = G.selected_infos(teacher, recipe.spec, cfg, recipe.mmdim, layers, str(recipe.path))
+
+    distill = _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, con)
+    flops = generic_flops(recipe, report, opts.report_frames, opts.report_size)
+    meta = {"toolkit": "m4v-convert", "version": m4v_convert.__version__,
+            "source": str(Path(opts.checkpoint).resolve()), "recipe": recipe.name, "converted_layers": layers,
+            "calibration": distill["calibration"]}
+    student.register_to_config(m4v={**student.config["m4v"], **meta})
+    summary = {**meta, "model_class": type(teacher).__name__.removeprefix(G.CONVERTED_PREFIX), "distill": distill,
+               "flops": flops, "seconds": None}
+    with atomic_output_dir(opts.out, opts.overwrite) as tmp:
+        save_converted(student, tmp, metadata={"m4v_version": m4v_convert.__version__, "source": meta["source"],
+                                               "recipe": recipe.name, "layers": ",".join(map(str, layers)),
+                                               "calibration": distill["calibration"]})
+        (tmp / "flops.json").write_text(json.dumps(flops, indent=2))
+        (tmp / "flops.md").write_text(_flops_markdown(flops))
+        summary["seconds"] = round(time.time() - t_start, 1)
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "README.md").write_text(_model_card(summary, recipe, report))
+    con.print(f"[green]wrote[/] {Path(opts.out).resolve()}  ({summary['seconds']} s)")
+    return summary
+
+
+def _stages(text: str) -> list[int]:
+    from m4v_convert.distill.job import parse_stages
+
+    return parse_stages(text)
+
+
+def _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, con) -> dict:
+    """Stage 1 (teacher-forced attention transfer) and stage 2 (end-to-end) on calibration batches."""
+    from m4v_convert.distill.calibration import CalibSpec, check_uniform, folder_samples, noised_batch, synthetic_samples
+    from m4v_convert.distill.stage1 import Stage1Settings, run_stage1
+    from m4v_convert.distill.stage2 import Stage2Task, end_to_end_error
+    from m4v_convert.distill.trainer import StageSchedule, Trainer
+
+    spec = recipe.spec
+    if spec.inputs is None:
+        if any(s in stages for s in (1, 2)) and (opts.distill_steps or 0) + (opts.stage2_steps or 0) > 0:
+            raise RecipeError(f"{recipe.path}: distillation needs the 'inputs' section (how calibration batches "
+                              "map onto the forward's arguments)")
+        return {"calibration": "none", "stages": [], "error_before": {}, "error_after": {}}
+    c = recipe.calib
+    if not c:
+        raise RecipeError(f"{recipe.path}: distillation needs the 'calib' section")
+    cspec = CalibSpec(in_channels=G.latent_channels(spec, cfg),
+                      text_dim=G.resolve_size(spec.inputs.text_dim, cfg, what="inputs.text_dim"),
+                      latent_frames=c["latent_frames"], latent_height=c["latent_height"],
+                      latent_width=c["latent_width"], text_len=c["text_len"],
+                      flow_shift=float(c.get("flow_shift", 1.0)))
+    if opts.calib is not None:
+        samples, label = folder_samples(opts.calib, cspec), f"folder:{opts.calib}"
+    else:
+        samples, label = synthetic_samples(cspec, int(c.get("num_samples", 8)), seed=opts.seed), "synthetic"
+        con.print("[yellow]calibration: SYNTHETIC batches (random latents and text embeddings)[/]")
+    check_uniform(samples, "calibration", G.patch_sizes(spec, cfg))
+    bs = int(opts.batch_size or c.get("batch_size", 1))
+    n_eval = max(1, int(c.get("eval_batches", 1)))
+    if len(samples) < bs * (n_eval + 1):
+        raise M4VError(f"calibration: {len(samples)} samples, need at least {bs * (n_eval + 1)}")
+
+    def batch_of(items, g):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in G.model_inputs(noised_batch(items, cspec, g, device, dtype), spec, cfg).items()}
+
+    g_eval = torch.Generator().manual_seed(opts.seed)
+    eval_batches = [batch_of(samples[i * bs:(i + 1) * bs], g_eval) for i in range(n_eval)]
+    pool = samples[n_eval * bs:]
+    g_train = torch.Generator().manual_seed(opts.seed + 1)
+
+    def train_batch(step):
+        idx = torch.randint(len(pool), (bs,), generator=g_train).tolist()
+        return batch_of([pool[i] for i in idx], g_train)
+
+    blocks = {info.index: student.get_submodule(info.fqn).mmdim for info in infos}
+    d = recipe.distill
+    out = {"calibration": label, "stages": [], "error_before": {}, "error_after": {}}
+    s1 = dict(d.get("stage1", {}))
+    if 1 in stages:
+        settings = Stage1Settings(steps=int(opts.distill_steps if opts.distill_steps is not None
+                                            else s1.get("steps", 100)),
+                                  lr=float(opts.lr or s1.get("lr", 1e-3)),
+                                  weight_decay=float(s1.get("weight_decay", 0.0)),
+                                  grad_clip=float(s1.get("grad_clip", 1.0)), batch_size=bs)
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for blk in blocks.values():
+            blk.requires_grad_(True)
+        result = run_stage1(blocks, lambda b: G.record_teacher_layers(teacher, b, infos), train_batch,
+                            eval_batches, settings)
+        out["stages"].append({"stage": 1, "steps": settings.steps})
+        out["error_before"] = {str(k): v for k, v in result.error_before.items()}
+        out["error_after"] = {str(k): v for k, v in result.error_after.items()}
+        for k in result.error_before:
+            con.print(f"layer {k}: relative error {result.error_before[k]:.4f} -> {result.error_after[k]:.4f}")
+    s2 = dict(d.get("stage2", {}))
+    steps2 = int(opts.stage2_steps if opts.stage2_steps is not None else s2.get("steps", 0))
+    if 2 in stages and steps2 > 0:
+        by_index = {info.index: info for info in infos}
+
+        def feature_modules(model):  # fused layers: compare the fused projection's output (same width)
+            return {i: model.get_submodule(info.out[0] if info.fused_out else info.fqn) for i, info in by_index.items()}
+
+        before = end_to_end_error(student, teacher, eval_batches)
+        params = {n: p for n, p in student.named_parameters()
+                  if any(n.startswith(info.fqn + ".mmdim.") for info in infos)}
+        student.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        sched = StageSchedule(steps=steps2, lr=float(opts.lr or s2.get("lr", 1e-4)),
+                              weight_decay=float(s2.get("weight_decay", 0.0)),
+                              grad_clip=float(s2.get("grad_clip", 1.0)), batch_size=bs)
+        task = Stage2Task(teacher, student, feature_modules, train_batch, generator=g_train,
+                          feature_weight=float(s2.get("feature_weight", 0.5)),
+                          output_weight=float(s2.get("output_weight", 1.0)))
+        student.train()
+        Trainer(student, device=device, show_progress=False).fit(task, sched, params)
+        student.eval()
+        after = end_to_end_error(student, teacher, eval_batches)
+        out["stages"].append({"stage": 2, "steps": steps2, "end_to_end_before": before, "end_to_end_after": after})
+        con.print(f"end-to-end relative error: {before:.4f} -> {after:.4f}")
+    if 3 in stages and opts.calib is None:
+        out["stages"].append({"stage": 3, "skipped": "generic backbones: the fine-tune objective depends on the "
+                                                     "backbone's prediction type; not implemented"})
+    student.requires_grad_(False)
+    student.eval()
+    return out
+
+
+# ============================================================================ FLOPs (attention sub-layers)
+
+
+def generic_flops(recipe, report: CheckReport, frames: int | None, size: tuple[int, int] | None) -> dict:
+    """Attention vs MM-DiM FLOPs of the converted layers at a video size (analytic, batch 1)."""
+    from m4v_convert.flops.analytic import attention_flops, mmdim_flops
+    from m4v_convert.layers.mmdim import MMDiMConfig
+    from m4v_convert.layers.recompose import VideoLayout
+
+    v = recipe.video or {}
+    frames = frames or v.get("report_frames")
+    if size is None and v.get("report_height") and v.get("report_width"):
+        size = (v["report_height"], v["report_width"])
+    if not v or frames is None or size is None:
+        return {"note": "no video size (pass --size and --frames; the recipe's video section gives the VAE "
+                        "compression)"}
+    h, w = size
+    tc, sc = int(v.get("temporal_compression", 4)), int(v.get("spatial_compression", 8))
+    lz = int(v.get("text_len", 0))
+    spec = recipe.spec
+    pt, ph, pw = G.patch_sizes(spec, report.config)
+    lf = (frames - 1) // tc + 1
+    layout = VideoLayout.single(max(1, lf // pt), max(1, h // sc // ph), max(1, w // sc // pw))
+    n = layout.num_tokens
+    joint = spec.tokens.layout == "joint"
+    rows, orig, conv = [], 0, 0
+    for info in report.layers:
+        att = attention_flops(n + (lz if joint else 0), info.d_model, info.heads, info.head_dim)["total"]
+        orig += att
+        if info.index in report.selected:
+            cfgm = MMDiMConfig(d_model=info.d_model, nheads=info.heads, headdim=info.head_dim,
+                               layer_index=info.index, **recipe.mmdim)
+            m = mmdim_flops(cfgm, layout, lz if cfgm.text_sandwich else 0)["total"]
+            conv += m
+            rows.append({"layer": info.index, "attention": att, "mmdim": m})
+        else:
+            conv += att
+    return {"frames": frames, "height": h, "width": w, "tokens": n, "text_len": lz, "joint": joint,
+            "attention_layers_flops": orig, "converted_layers_flops": conv, "layers": rows,
+            "scope": "attention sub-layers only (projections + scores / MM-DiM as implemented)"}
+
+
+def _flops_markdown(f: dict) -> str:
+    if "note" in f:
+        return f"# FLOPs\n\n{f['note']}\n"
+    rows = "\n".join(f"| {r['layer']} | {r['attention'] / 1e9:.3f} | {r['mmdim'] / 1e9:.3f} |" for r in f["layers"])
+    return (f"# FLOPs at {f['frames']}x{f['height']}x{f['width']} ({f['tokens']} video tokens, text {f['text_len']})\n\n"
+            f"Scope: {f['scope']}.\n\n| layer | attention GFLOPs | MM-DiM GFLOPs |\n|---:|---:|---:|\n{rows}\n\n"
+            f"All attention layers: {f['attention_layers_flops'] / 1e12:.4f} TFLOPs → "
+            f"{f['converted_layers_flops'] / 1e12:.4f} TFLOPs after conversion.\n")
+
+
+def _model_card(summary: dict, recipe, report: CheckReport) -> str:
+    from m4v_convert.pipeline import _ranges
+
+    d = summary["distill"]
+    errs = "\n".join(f"| {k} | {d['error_before'][k]:.4f} | {d['error_after'][k]:.4f} |" for k in d["error_before"])
+    return f"""# Converted with m4v-convert {summary['version']} (generic recipe)
+
+- source: `{summary['source']}`
+- recipe: `{recipe.name}` ({recipe.description})
+- model: {summary['model_class']}, {len(report.layers)} attention layers ({recipe.spec.attention.pattern})
+- converted layers (MM-DiM): {_ranges(summary['converted_layers'])}
+- calibration data: **{d['calibration']}**
+
+Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of the original
+`{summary['model_class']}`.
+
+## Per-layer relative error (held-out calibration batch)
+
+| layer | before distillation | after |
+|---:|---:|---:|
+{errs}
+"""
