@@ -180,14 +180,26 @@ def mmdim_component_rows(analytic: dict, counts: dict[str, dict[str, int]], pref
     return rows
 
 
+def as_run_config(config):
+    """``config`` with the chunk the PyTorch scan actually runs at off-GPU (meta and CPU).
+
+    Reports count the Triton kernel's ``chunk_size``; FlopCounterMode on meta sees the PyTorch
+    path, so the cross-check compares against the analytic count at that path's chunk.
+    """
+    from m4v_convert.layers.mixer import torch_scan_chunk  # noqa: PLC0415
+
+    return dataclasses.replace(config, chunk_size=torch_scan_chunk(config.chunk_size))
+
+
 def crosscheck_mmdim(config, layout: VideoLayout, text_len: int, label: str = "mmdim") -> dict:
-    """A standalone MMDiM built on meta, measured and compared with :func:`mmdim_flops`."""
+    """A standalone MMDiM built on meta, measured and compared with :func:`mmdim_flops` (at the
+    PyTorch scan's chunk, see :func:`as_run_config`)."""
     with torch.device("meta"):
         block = MMDiM(config)
     video = torch.empty(1, layout.num_tokens, config.d_model, device="meta")
     text = torch.empty(1, text_len, config.d_model, device="meta") if text_len else None
     counts = measure_flop_counts(block, video, layout, text)
-    analytic = mmdim_flops(config, layout, text_len)
+    analytic = mmdim_flops(as_run_config(config), layout, text_len)
     return {"analytic": analytic, "counts": counts, "rows": mmdim_component_rows(analytic, counts, "", label)}
 
 
@@ -265,7 +277,9 @@ def crosscheck_wan(config: dict, frames: int, height: int, width: int, text_len:
             converted_status = f"skipped: {type(exc).__name__}: {exc}"
         else:
             converted_status = "checked"
-            by_index = {lay["index"]: lay for lay in layers}
+            run_fn = lambda i: as_run_config(fn(i))  # noqa: E731
+            analytic_run = wan_model_flops(cfg, frames, height, width, text_len, conv, run_fn)
+            by_index = {lay["index"]: lay for lay in analytic_run["layers"]}
             lz = text_len + analytic["image_len"]
             layout = VideoLayout.single(*(analytic["token_grid"][k] for k in ("frames", "height", "width")))
             mm_a = mm_m = 0
@@ -276,11 +290,12 @@ def crosscheck_wan(config: dict, frames: int, height: int, width: int, text_len:
                 layer_rows[i]["mmdim_measured"] = _ops_sum(ccounts, f"blocks.{i}.attn1")
             rows.append(compare("converted.mmdim_layers", mm_a, mm_m, note=f"matmul parts, layers {conv}"))
             first = conv[0]
-            rows += mmdim_component_rows(mmdim_flops(fn(first), layout, lz), ccounts,
+            rows += mmdim_component_rows(mmdim_flops(run_fn(first), layout, lz), ccounts,
                                          f"blocks.{first}.attn1.mmdim", f"converted.blocks.{first}.mmdim")
-            rows.append(compare("converted_total", analytic["converted_total_matmul_flops"], _ops_sum(ccounts, ""),
-                                note="analytic total without the non-matmul multiply-adds "
-                                     f"(with them: {analytic['converted_total_flops']})"))
+            rows.append(compare("converted_total", analytic_run["converted_total_matmul_flops"],
+                                _ops_sum(ccounts, ""),
+                                note="analytic total at the PyTorch scan's chunk, without the non-matmul "
+                                     f"multiply-adds (with them: {analytic_run['converted_total_flops']})"))
 
     # standalone layer (always; the fallback when the converted model cannot be built)
     index = conv[0] if conv else 0

@@ -314,11 +314,11 @@ def crosscheck_single_block(config: dict, layout: VideoLayout, text_len: int, mm
     # What runs off-GPU is the PyTorch scan at its own chunk (the report counts the Triton kernel's
     # chunk). The depthwise conv is counted apart: FlopCounterMode sees it only when the mixer runs
     # it as a library convolution (then over the padded sequence, 2·(L'+k−1)·C·k).
-    from m4v_convert.flops.measured import _ops_sum  # noqa: PLC0415
-    from m4v_convert.layers import mixer as mixer_module  # noqa: PLC0415
+    from m4v_convert.flops.measured import _ops_sum, as_run_config  # noqa: PLC0415
 
-    chunk = min(mc.chunk_size, getattr(mixer_module, "TORCH_CHUNK", mc.chunk_size))
-    run = mmdim_flops(dataclasses.replace(mc, chunk_size=chunk), layout, text_len)
+    run_config = as_run_config(mc)
+    chunk = run_config.chunk_size
+    run = mmdim_flops(run_config, layout, text_len)
     mix = mc.mixer_config()
     conv_measured = _ops_sum(counts, "", "conv")
     conv_analytic = MAC * (run["shape"]["sequence_length"] + mix.d_conv - 1) * mix.conv_dim * mix.d_conv

@@ -26,6 +26,11 @@ from m4v_convert.ops.gated_rmsnorm import gated_rmsnorm
 TORCH_CHUNK = 64
 
 
+def torch_scan_chunk(chunk_size: int) -> int:
+    """The chunk the PyTorch scan runs at for a configured (Triton) ``chunk_size``."""
+    return min(chunk_size, TORCH_CHUNK)
+
+
 @dataclass
 class MixerConfig:
     d_model: int
@@ -242,7 +247,7 @@ class Mamba2Mixer(nn.Module):
         """
         if select_ssd_backend(x, self.config.chunk_size) == "triton":
             return self.config.chunk_size
-        return min(self.config.chunk_size, TORCH_CHUNK)
+        return torch_scan_chunk(self.config.chunk_size)
 
     def extra_repr(self) -> str:
         c = self.config
