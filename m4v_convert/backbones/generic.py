@@ -203,8 +203,9 @@ def layer_geometry(model: nn.Module, info: LayerInfo, spec: RecipeFile, config: 
     cols = _slice(a.out.columns, out.in_features, inner, d_model, info, "out", where, what="columns")
     width = (cols[1] - cols[0]) if cols else out.in_features
     if width != inner:
+        field = "attention.out.columns" if cols else "attention.out"
         raise RecipeError(f"{where}: layer {info.fqn}: the output projection reads {width} features, expected "
-                          f"heads × head_dim = {inner} (field 'attention.out')")
+                          f"heads × head_dim = {inner} (field '{field}')")
     if out.out_features != d_model:
         raise RecipeError(f"{where}: layer {info.fqn}: the output projection writes {out.out_features} features, "
                           f"expected the model width {d_model}")
@@ -227,9 +228,9 @@ def layer_geometry(model: nn.Module, info: LayerInfo, spec: RecipeFile, config: 
         if weight is not None and bc_norm != "none":
             expected = head_dim if bc_norm == "per_group" else inner
             if weight.numel() != expected:
-                raise RecipeError(f"{where}: layer {info.fqn}: {part} has {weight.numel()} weights but "
-                                  f"mmdim.bc_norm {bc_norm!r} needs {expected} (per_group: head_dim, "
-                                  "across_groups: heads × head_dim)")
+                raise RecipeError(f"{where}: layer {info.fqn}: {norm_spec.path} (field 'attention.{part}') has "
+                                  f"{weight.numel()} weights but field 'mmdim.bc_norm' {bc_norm!r} needs {expected} "
+                                  "(per_group: head_dim, across_groups: heads × head_dim)")
         setattr(info, part, target)
         info.shapes[part] = tuple(weight.shape) if weight is not None else ()
     info.heads, info.head_dim, info.d_model = heads, head_dim, d_model

@@ -1,0 +1,364 @@
+"""Recipes for new backbones (issue #8): the schema, the generic adapter, three diffusers backbones
+converted with YAML only, ``recipes --check``, and every bad input refused before weights load."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+from m4v_convert import load_converted
+from m4v_convert.backbones import generic as G
+from m4v_convert.backbones.generic_pipeline import as_converted, check_recipe
+from m4v_convert.errors import M4VError, RecipeError
+from m4v_convert.recipes import RECIPES_DIR, available_recipes, load_recipe
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------------------ tiny models
+
+
+def tiny_cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        max_text_seq_length=8, use_rotary_positional_embeddings=True).eval()
+
+
+def tiny_ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+                                      cross_attention_dim=24, num_layers=2, caption_channels=10).eval()
+
+
+def tiny_hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=12,
+        pooled_projection_dim=6, rope_axes_dim=(4, 6, 6), guidance_embeds=True).eval()
+
+
+def cog_inputs(b=2):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    g = torch.Generator().manual_seed(1)
+    cos, sin = get_3d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), 3)
+    return {"hidden_states": torch.randn(b, 3, 4, 8, 8, generator=g), "encoder_hidden_states":
+            torch.randn(b, 5, 12, generator=g), "timestep": torch.tensor([100.0, 700.0][:b]),
+            "image_rotary_emb": (cos, sin)}
+
+
+def ltx_inputs(b=2):
+    g = torch.Generator().manual_seed(1)
+    return {"hidden_states": torch.randn(b, 3 * 4 * 4, 4, generator=g), "encoder_hidden_states":
+            torch.randn(b, 5, 10, generator=g), "timestep": torch.tensor([10.0, 900.0][:b]),
+            "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]][:b]),
+            "num_frames": 3, "height": 4, "width": 4}
+
+
+def hunyuan_inputs(b=2):
+    g = torch.Generator().manual_seed(1)
+    return {"hidden_states": torch.randn(b, 4, 3, 8, 8, generator=g), "encoder_hidden_states":
+            torch.randn(b, 5, 12, generator=g), "timestep": torch.tensor([10.0, 900.0][:b]),
+            "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]][:b]),
+            "pooled_projections": torch.randn(b, 6, generator=g), "guidance": torch.full((b,), 6000.0)}
+
+
+BACKBONES = {
+    "cogvideox": (tiny_cogvideox, cog_inputs, (2, 3, 4, 8, 8)),
+    "ltx-video": (tiny_ltx, ltx_inputs, (2, 48, 4)),
+    "hunyuanvideo": (tiny_hunyuan, hunyuan_inputs, (2, 4, 3, 8, 8)),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for name, (make, _, _) in BACKBONES.items():
+        make().save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _recipe_file(tmp_path: Path, base: str, edit) -> Path:
+    data = yaml.safe_load((RECIPES_DIR / f"{base}.yaml").read_text())
+    data["published"] = {k: str(RECIPES_DIR / v) for k, v in (data.get("published") or {}).items()}
+    edit(data)
+    path = tmp_path / f"{base}-edited.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ every recipe
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_shipped_recipe_loads_and_builds(name):
+    r = load_recipe(name)
+    assert r.name == name and r.description and r.to_dict()["name"] == name
+    assert r.published and all(p.is_file() for p in r.published.values())
+    if r.backbone != "generic":
+        return
+    for model in r.published:  # full-size published configs, on the meta device
+        report = check_recipe(r, model=model)
+        assert report.layers and set(report.selected) == {i.index for i in report.layers}
+        cfg = json.loads(r.published[model].read_text())
+        assert all(i.heads * i.head_dim == i.d_model for i in report.layers)
+        assert report.layers[0].heads == cfg["num_attention_heads"]
+
+
+def test_published_layer_counts():
+    counts = {("cogvideox", "5b"): 42, ("cogvideox", "2b"): 30, ("ltx-video", "2b"): 28,
+              ("hunyuanvideo", "13b"): 40, ("wan2.2-ti2v", "5b"): 30}
+    for (name, model), n in counts.items():
+        assert len(check_recipe(load_recipe(name), model=model).layers) == n
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _bad(tmp_path, base, edit, *expect):
+    path = _recipe_file(tmp_path, base, edit)
+    with pytest.raises(M4VError) as e:
+        check_recipe(load_recipe(path), model=next(iter(load_recipe(base).published)))
+    text = str(e.value)
+    assert str(path) in text
+    for part in expect:
+        assert part in text, text
+    return text
+
+
+def test_schema_errors_name_file_line_and_field(tmp_path):
+    text = _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(qq="to_q"),
+                "unknown field 'attention.qq'", "expected one of")
+    assert ": line " in text
+    _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(heads=[2]), "field 'attention.heads'", "int or str")
+    _bad(tmp_path, "cogvideox", lambda d: d["tokens"].update(layout="interleaved"), "field 'tokens.layout'",
+         "video_only")
+    _bad(tmp_path, "cogvideox", lambda d: d["tokens"].pop("text_order"), "tokens.text_order", "first or last")
+    _bad(tmp_path, "ltx-video", lambda d: d["grid"].pop("args"), "grid.args")
+    _bad(tmp_path, "ltx-video", lambda d: d["rope"].update(span="some_heads"), "field 'rope.span'")
+    _bad(tmp_path, "cogvideox", lambda d: d.pop("attention"), "field 'attention'", "backbone 'generic'")
+    _bad(tmp_path, "wan2.2-ti2v", lambda d: d["attention"].update(pattern="blocks.(\\d+.attn1"),
+         "attention.pattern", "regular expression")
+    # several mistakes: one line each
+    text = _bad(tmp_path, "cogvideox", lambda d: (d["grid"].update(layout="CFHW"), d["model"].update(klass=1)),
+                "grid.layout", "model.klass")
+    assert len(text.splitlines()) == 2
+
+
+def test_model_level_errors_are_refused_on_the_meta_model(tmp_path):
+    _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(pattern=r"transformer_blocks\.(\d+)\.attn9"),
+         "'attention.pattern'", "matches no module", "transformer_blocks.0.attn1")
+    _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(pattern=r"transformer_blocks\.(\d+)\.ff", **{"class": None}),
+         "transformer_blocks.0.ff", "not an attention layer", "attention.q.path")
+    _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(pattern=r"transformer_blocks\.(\d+)\.norm1"),
+         "CogVideoXLayerNormZero", "not an attention module of class ['Attention']")
+    _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(heads=7, head_dim=None),
+         "disagrees with the declared heads", "attention.heads")
+    _bad(tmp_path, "hunyuanvideo", lambda d: d["attention"]["out"].update(columns=[0, "6*inner"]),
+         "attention.out.columns", "out of range")
+    _bad(tmp_path, "ltx-video", lambda d: d["rope"].update(module="rotary"), "rope.module", "no such submodule")
+    _bad(tmp_path, "ltx-video", lambda d: d["grid"]["args"].update(frames="frames"), "grid.args.frames",
+         "not an argument")
+    _bad(tmp_path, "ltx-video", lambda d: d["mmdim"].update(bc_norm="per_group"), "attention.q_norm", "mmdim.bc_norm")
+
+
+def test_bad_recipes_are_refused_before_weights_load(checkpoints, tmp_path):
+    # the checkpoint has a config and NO weights: each error must come from the recipe check
+    ckpt = tmp_path / "config-only"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((checkpoints["hunyuanvideo"] / "config.json").read_text())
+    cases = [
+        (lambda d: d["attention"].update(heads=3, head_dim=None), "declared heads"),
+        (lambda d: d["attention"]["out"].update(columns=[16, "6*inner"]), "out of range"),
+        (lambda d: d["attention"].update(pattern=r"single_transformer_blocks\.(\d+)\.norm"), "not an attention"),
+        (lambda d: d["attention"].update(bogus=1), "unknown field 'attention.bogus'"),
+    ]
+    for i, (edit, expect) in enumerate(cases):
+        path = _recipe_file(tmp_path, "hunyuanvideo", edit)
+        out = tmp_path / f"out{i}"
+        res = runner.invoke(app, ["convert", str(path), "--checkpoint", str(ckpt), "--out", str(out),
+                                  "--device", "cpu"])
+        text = " ".join(res.output.split())
+        assert res.exit_code != 0 and "Traceback" not in res.output and expect in text, text
+        assert not out.exists()
+    # the recipe is fine: now it is the missing weights that stop it
+    res = runner.invoke(app, ["convert", "hunyuanvideo", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+                              "--device", "cpu"])
+    assert res.exit_code != 0 and "cannot load" in " ".join(res.output.split())
+
+
+def test_checkpoint_of_another_class_is_refused(checkpoints, tmp_path):
+    res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(checkpoints["ltx-video"]),
+                              "--out", str(tmp_path / "o")])
+    text = " ".join(res.output.split())
+    assert res.exit_code != 0 and "LTXVideoTransformer3DModel" in text and "model.class" in text
+
+
+# ------------------------------------------------------------------------------------------ recipes --check
+
+
+def test_recipes_check_lists_the_right_layers(checkpoints):
+    res = runner.invoke(app, ["recipes", "--check", "hunyuanvideo", "--checkpoint", str(checkpoints["hunyuanvideo"]),
+                              "--layers", "1"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    rows = [ln for ln in lines if "single_transformer_blocks." in ln]
+    assert len(rows) == 2 and not [ln for ln in lines if ln.split()[1:2] == ["transformer_blocks.0.attn"]]
+    assert "kept" in rows[0] and "-> MM-DiM" in rows[1] and "cols[0:32]" in rows[1]
+    assert "2 attention layers match" in res.output and "nothing was converted" in res.output
+    full = runner.invoke(app, ["recipes", "--check", "cogvideox", "--model", "5b"])
+    assert full.exit_code == 0 and "transformer_blocks.41.attn1" in full.output and "48×64" in full.output
+    listing = runner.invoke(app, ["recipes"])
+    assert listing.exit_code == 0 and "cogvideox" in listing.output and "wan2.1" in listing.output
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_backbone_converts_through_the_cli(name, checkpoints, tmp_path):
+    _, inputs, shape = BACKBONES[name]
+    out = tmp_path / "out"
+    extra = ["--stage2-steps", "1"] if name == "cogvideox" else ["--stage2-steps", "0"]
+    res = runner.invoke(app, ["convert", name, "--checkpoint", str(checkpoints[name]), "--out", str(out),
+                              "--distill-steps", "1", "--device", "cpu", *extra])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "conversion.json").read_text())
+    assert summary["converted_layers"] == [0, 1] and summary["recipe"] == name
+    assert set(summary["distill"]["error_after"]) == {"0", "1"}
+    assert summary["flops"]["converted_layers_flops"] < summary["flops"]["attention_layers_flops"]
+    model = load_converted(out)
+    assert type(model).__name__.startswith("M4V") and model.converted_layers == [0, 1]
+    saved = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    state = model.state_dict()
+    assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+    assert any(".mmdim.mixer.in_proj.weight" in k for k in saved)
+    with torch.no_grad():
+        y = model(**inputs(), return_dict=False)[0]
+        y2 = load_converted(out)(**inputs(), return_dict=False)[0]
+    assert tuple(y.shape) == shape and torch.isfinite(y).all() and torch.equal(y, y2)
+
+
+def test_converted_model_keeps_forward_signature_and_return_structure(checkpoints):
+    import inspect
+
+    from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel
+
+    cls = G.converted_class("CogVideoXTransformer3DModel")
+    assert list(inspect.signature(cls.forward).parameters) == \
+        list(inspect.signature(CogVideoXTransformer3DModel.forward).parameters)
+    r = load_recipe("hunyuanvideo")
+    teacher = HunyuanVideoTransformer3DModel.from_pretrained(str(checkpoints["hunyuanvideo"])).eval()
+    student = G.converted_class("HunyuanVideoTransformer3DModel").from_teacher(teacher, r.spec, r.raw)
+    infos = G.selected_infos(student, r.spec, dict(student.config), r.mmdim, [0])
+    student.convert_(infos, r.mmdim)
+    seen = {}
+    attn = student.single_transformer_blocks[0].attn
+    attn.register_forward_hook(lambda m, a, o: seen.update(out=o))
+    with torch.no_grad():
+        student(**hunyuan_inputs(), return_dict=False)
+    video, text = seen["out"]  # (video, text), as the original attention returns
+    assert video.shape == (2, 48, 32) and text.shape == (2, 5, 32)
+    assert isinstance(student.single_transformer_blocks[0].proj_out, G.FusedOutputRemainder)
+    assert isinstance(student.single_transformer_blocks[1].proj_out, torch.nn.Linear)  # not converted
+
+
+# ------------------------------------------------------------------------------------------ adapter details
+
+
+def test_generic_recipe_converts_wan_exactly_like_the_wan_adapter():
+    """wan2.2-ti2v.yaml (generic path) on a WanTransformer3DModel == the dedicated Wan adapter."""
+    from m4v_convert.backbones.wan import M4VWanTransformer3DModel, record_teacher_layers
+    from m4v_convert.testing import make_tiny_wan, tiny_wan_inputs
+
+    teacher = make_tiny_wan()
+    r, wan = load_recipe("wan2.2-ti2v"), load_recipe("wan2.1")
+    assert r.mmdim == wan.mmdim
+    torch.manual_seed(0)
+    a = M4VWanTransformer3DModel.from_teacher(teacher)
+    a.convert_([0, 1], wan.mmdim)
+    torch.manual_seed(0)
+    b = G.converted_class("WanTransformer3DModel").from_teacher(teacher, r.spec, r.raw)
+    b.convert_(G.selected_infos(b, r.spec, dict(b.config), r.mmdim, [0, 1]), r.mmdim)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    batch = tiny_wan_inputs(teacher, batch=2)
+    batch["encoder_hidden_states"][0, 3:] = 0  # padding rows
+    with torch.no_grad():
+        assert torch.equal(a(**batch, return_dict=False)[0], b(**batch, return_dict=False)[0])
+    ref = record_teacher_layers(teacher, batch, [0, 1])
+    gen_teacher = as_converted(copy.deepcopy(teacher), r)
+    got = G.record_teacher_layers(gen_teacher, batch, G.selected_infos(gen_teacher, r.spec, dict(teacher.config),
+                                                                        r.mmdim, [0, 1]))
+    for i in (0, 1):
+        assert torch.equal(ref[i].hidden_states, got[i].hidden_states) and torch.equal(ref[i].output, got[i].output)
+        assert torch.equal(ref[i].pre_out, got[i].pre_out)
+        for key in ("text", "text_mask"):
+            assert torch.equal(ref[i].context[key], got[i].context[key])
+        assert ref[i].context["layout"] == got[i].context["layout"]
+        assert all(torch.equal(x, y) for x, y in zip(ref[i].context["rotary"], got[i].context["rotary"]))
+
+
+def test_fused_qkv_slices_give_the_unfused_init(tmp_path):
+    model = tiny_cogvideox()
+    r = load_recipe("cogvideox")
+    fused_path = _recipe_file(tmp_path, "cogvideox", lambda d: d["attention"].update(
+        q={"path": "to_qkv", "rows": [0, "inner"]}, k={"path": "to_qkv", "rows": ["inner", "2*inner"]},
+        v={"path": "to_qkv", "rows": ["2*inner", "3*inner"]}))
+    rf = load_recipe(fused_path)
+    fused = copy.deepcopy(model)
+    fused.fuse_qkv_projections()
+    cls = G.converted_class("CogVideoXTransformer3DModel")
+    torch.manual_seed(0)
+    a = cls.from_teacher(model, r.spec, r.raw)
+    a.convert_(G.selected_infos(a, r.spec, dict(a.config), r.mmdim, [0]), r.mmdim)
+    torch.manual_seed(0)
+    b = cls.from_teacher(fused, rf.spec, rf.raw)
+    b.convert_(G.selected_infos(b, rf.spec, dict(b.config), rf.mmdim, [0]), rf.mmdim)
+    ma, mb = a.transformer_blocks[0].attn1.mmdim.state_dict(), b.transformer_blocks[0].attn1.mmdim.state_dict()
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    bad = _recipe_file(tmp_path, "cogvideox", lambda d: d["attention"].update(
+        q={"path": "to_qkv", "rows": [0, "inner"]}, k={"path": "to_qkv", "rows": ["inner", "2*inner"]},
+        v={"path": "to_qkv", "rows": ["3*inner", "4*inner"]}))
+    rb = load_recipe(bad)
+    with pytest.raises(RecipeError, match=r"attention\.v\.rows.*out of range"):
+        G.selected_infos(fused, rb.spec, dict(fused.config), rb.mmdim, [0])
+
+
+def test_rope_tables_per_head_match_rotating_each_head():
+    from m4v_convert.layers.mixer import apply_rotary_interleaved, apply_rotary_table, rotary_table
+
+    g = torch.Generator().manual_seed(0)
+    n_tok, heads, n = 6, 3, 8
+    theta = torch.rand(n_tok, heads * n // 2, generator=g) * 6
+    cos, sin = theta.cos().repeat_interleave(2, -1), theta.sin().repeat_interleave(2, -1)
+    x = torch.randn(2, n_tok, heads, n, generator=g)
+    got = apply_rotary_table(x, rotary_table(cos, sin, groups=heads))
+    for h in range(heads):
+        sl = slice(h * n, (h + 1) * n)
+        ref = apply_rotary_interleaved(x[:, :, h:h + 1], cos[:, sl], sin[:, sl])
+        assert torch.allclose(got[:, :, h:h + 1], ref, atol=1e-6)
+    # shapes a model may hand over: (N, w), (b, N, w), Wan's (1, N, 1, w)
+    t = torch.randn(n_tok, n)
+    for shaped in (t, t[None].expand(2, -1, -1), t[None, :, None]):
+        c, _ = G.rope_tables((shaped, shaped), "head", heads, n, n_tok)
+        assert c.shape[-2:] == (n_tok, n)
+    with pytest.raises(M4VError, match="width"):
+        G.rope_tables((t, t), "all_heads", heads, n, n_tok)
