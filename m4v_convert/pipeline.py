@@ -308,7 +308,7 @@ Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of 
 
 ## Per-layer relative error (held-out calibration batch)
 
-| layer | before distillation | after |
+| layer | before distillation | after stage 1 |
 |---:|---:|---:|
 {rows}
 
