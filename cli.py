@@ -206,7 +206,13 @@ def flops(
     if frames is not None and frames < 1:
         raise M4VError(f"--frames: expected >= 1, got {frames}")
     cfg = json.loads(rec.published[model].read_text())
-    if rec.backbone == "pyramidflow":
+    if rec.backbone == "generic":
+        from m4v_convert.backbones.generic_pipeline import _flops_markdown, check_recipe, generic_flops
+
+        report = generic_flops(rec, check_recipe(rec, model=model, layers=layers), frames,
+                               _parse_size(size) if size else None)
+        typer.echo(_flops_markdown(report))
+    elif rec.backbone == "pyramidflow":
         report = _pyramidflow_flops(rec, cfg, size, frames, layers, crosscheck)
     else:
         from m4v_convert.flops.report import build_wan_flops_report, markdown_report

@@ -362,3 +362,31 @@ def test_rope_tables_per_head_match_rotating_each_head():
         assert c.shape[-2:] == (n_tok, n)
     with pytest.raises(M4VError, match="width"):
         G.rope_tables((t, t), "all_heads", heads, n, n_tok)
+
+
+def test_single_file_checkpoint_with_a_published_config(tmp_path):
+    """model.single_file: an original-layout .safetensors (LTX key names) + the recipe's config."""
+    from safetensors.torch import save_file
+
+    model = tiny_ltx()
+    rename = (("proj_in", "patchify_proj"), ("time_embed", "adaln_single"), ("norm_q", "q_norm"), ("norm_k", "k_norm"))
+    original = {}
+    for k, v in model.state_dict().items():
+        for a, b in rename:
+            k = k.replace(a, b)
+        original["model.diffusion_model." + k] = v.contiguous()
+    save_file(original, str(tmp_path / "ltx.safetensors"))
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+    (tmp_path / "tiny.json").write_text(json.dumps({"_class_name": "LTXVideoTransformer3DModel", **cfg}))
+    path = _recipe_file(tmp_path, "ltx-video", lambda d: d.update(published={"tiny": str(tmp_path / "tiny.json")}))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["convert", str(path), "--checkpoint", str(tmp_path / "ltx.safetensors"), "--out",
+                              str(out), "--distill-steps", "0", "--stage2-steps", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    state, teacher = load_converted(out).state_dict(), model.state_dict()
+    kept = [k for k in teacher if ".attn1." not in k]
+    assert kept and all(torch.equal(state[k], teacher[k]) for k in kept)
+    # a file without single_file: true is refused with the field named
+    res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(tmp_path / "ltx.safetensors"), "--out",
+                              str(tmp_path / "o2")])
+    assert res.exit_code != 0 and "single_file" in res.output

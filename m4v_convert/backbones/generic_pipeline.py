@@ -164,6 +164,7 @@ def check_recipe(recipe, checkpoint: Path | None = None, model: str | None = Non
                           "cannot take over two weight sets")
     src = read_source(recipe, checkpoint, model)
     net = meta_model(recipe, src.config)
+    src.config = dict(net.config)  # with the class defaults of keys the file leaves out
     where = str(recipe.path)
     infos = G.find_layers(net, spec, where)
     for info in infos:
