@@ -390,3 +390,15 @@ def test_single_file_checkpoint_with_a_published_config(tmp_path):
     res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(tmp_path / "ltx.safetensors"), "--out",
                               str(tmp_path / "o2")])
     assert res.exit_code != 0 and "single_file" in res.output
+
+
+def test_docs_worked_example_is_a_valid_recipe(tmp_path):
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    data = yaml.safe_load(block)
+    data["published"] = {"13b": str(RECIPES_DIR / "configs" / "hunyuanvideo-13b.json")}
+    (tmp_path / "doc.yaml").write_text(yaml.safe_dump(data))
+    report = check_recipe(load_recipe(tmp_path / "doc.yaml"), model="13b")
+    assert len(report.layers) == 40 and report.layers[0].fused_out
