@@ -165,7 +165,8 @@ def test_schema_errors_name_file_line_and_field(tmp_path):
 def test_model_level_errors_are_refused_on_the_meta_model(tmp_path):
     _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(pattern=r"transformer_blocks\.(\d+)\.attn9"),
          "'attention.pattern'", "matches no module", "transformer_blocks.0.attn1")
-    _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(pattern=r"transformer_blocks\.(\d+)\.ff", **{"class": None}),
+    _bad(tmp_path, "cogvideox",
+         lambda d: d["attention"].update(pattern=r"transformer_blocks\.(\d+)\.ff", **{"class": None}),
          "transformer_blocks.0.ff", "not an attention layer", "attention.q.path")
     _bad(tmp_path, "cogvideox", lambda d: d["attention"].update(pattern=r"transformer_blocks\.(\d+)\.norm1"),
          "CogVideoXLayerNormZero", "not an attention module of class ['Attention']")

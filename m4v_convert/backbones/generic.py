@@ -176,11 +176,17 @@ def layer_geometry(model: nn.Module, info: LayerInfo, spec: RecipeFile, config: 
     heads = resolve_size(a.heads, config, info.module, "attention.heads")
     lin = {p: get_module(model, path_fqn(info.fqn, getattr(a, p).path)) for p in ("q", "k", "v", "out")}
     d_model = lin["q"].in_features
-    q_rows = _slice(getattr(a, "q").rows, lin["q"].out_features, None, d_model, info, "q", where)
-    q_width = (q_rows[1] - q_rows[0]) if q_rows else lin["q"].out_features
-    head_dim = (resolve_size(a.head_dim, config, info.module, "attention.head_dim") if a.head_dim is not None
-                else q_width // heads)
+    if a.head_dim is not None:
+        head_dim = resolve_size(a.head_dim, config, info.module, "attention.head_dim")
+    elif a.q.rows is not None and any(isinstance(b, str) and "inner" in b for b in a.q.rows):
+        raise RecipeError(f"{where}: field 'attention.q.rows' uses 'inner' (heads × head_dim): declare "
+                          "field 'attention.head_dim' too")
+    else:
+        width = (a.q.rows[1] - a.q.rows[0]) if a.q.rows is not None else lin["q"].out_features
+        head_dim = max(1, width // heads)
     inner = heads * head_dim
+    q_rows = _slice(a.q.rows, lin["q"].out_features, inner, d_model, info, "q", where)
+    q_width = (q_rows[1] - q_rows[0]) if q_rows else lin["q"].out_features
     if q_width != inner or q_width % heads:
         raise RecipeError(f"{where}: layer {info.fqn}: Q has {q_width} output features, which disagrees with "
                           f"the declared heads ({a.heads!r} = {heads}) × head_dim {head_dim} = {inner} "
@@ -240,9 +246,6 @@ def layer_geometry(model: nn.Module, info: LayerInfo, spec: RecipeFile, config: 
 def _slice(bounds, size, inner, d_model, info, part, where, what="rows"):
     if bounds is None:
         return None
-    if inner is None:  # Q itself: "inner" is what Q's slice says it is
-        if any(isinstance(b, str) and "inner" in b for b in bounds):
-            inner = size // 3 if size % 3 == 0 else size
     lo, hi = (resolve_bound(b, inner, d_model) for b in bounds)
     if not 0 <= lo < hi <= size:
         raise RecipeError(f"{where}: layer {info.fqn}: field 'attention.{part}.{what}' {list(bounds)} = [{lo}, {hi}) "
@@ -492,6 +495,7 @@ class GenericConvertedMixin:
     """Mixed in before a diffusers model class by :func:`converted_class` (see the module docstring)."""
 
     _m4v_spec: RecipeFile
+    _m4v_base: type  # the diffusers class
 
     # ---------------------------------------------------------------- setup
 
@@ -504,7 +508,7 @@ class GenericConvertedMixin:
             self._m4v_hooks.append(self._hook_output(t.text.module, t.text.index, "text", "tokens.text.module"))
         if r is not None and r.source == "module_output":
             self._m4v_hooks.append(self._hook_output(r.module, None, "rotary", "rope.module"))
-        self._m4v_forward_sig = inspect.signature(type(self).__mro__[2].forward)
+        self._m4v_forward_sig = inspect.signature(self._m4v_base.forward)
 
     def _hook_output(self, path: str, index, attr: str, what: str):
         module = get_module(self, path)
@@ -589,7 +593,7 @@ class GenericConvertedMixin:
         if spec.tokens.text.source == "forward_arg":
             ctx.text = call.get(spec.tokens.text.name)
         try:
-            return type(self).__mro__[2].forward(self, *args, **kwargs)
+            return self._m4v_base.forward(self, *args, **kwargs)
         finally:
             ctx.clear()
 
@@ -640,7 +644,7 @@ def converted_class(base_name: str) -> type:
     forward.__signature__ = inspect.signature(base_forward)
     forward.__doc__ = base_forward.__doc__
     name = CONVERTED_PREFIX + base_name
-    cls = type(name, (GenericConvertedMixin, base), {"__init__": __init__, "forward": forward,
+    cls = type(name, (GenericConvertedMixin, base), {"__init__": __init__, "forward": forward, "_m4v_base": base,
                                                      "__module__": __name__, "__doc__": f"{base_name} with "
                                                      "attention layers replaced by MM-DiM (m4v-convert generic)."})
     _CLASSES[base_name] = cls

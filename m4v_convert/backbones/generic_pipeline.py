@@ -321,7 +321,8 @@ def _stages(text: str) -> list[int]:
 
 def _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, con) -> dict:
     """Stage 1 (teacher-forced attention transfer) and stage 2 (end-to-end) on calibration batches."""
-    from m4v_convert.distill.calibration import CalibSpec, check_uniform, folder_samples, noised_batch, synthetic_samples
+    from m4v_convert.distill.calibration import (CalibSpec, check_uniform, folder_samples, noised_batch,
+                                                 synthetic_samples)
     from m4v_convert.distill.stage1 import Stage1Settings, run_stage1
     from m4v_convert.distill.stage2 import Stage2Task, end_to_end_error
     from m4v_convert.distill.trainer import StageSchedule, Trainer
@@ -465,7 +466,8 @@ def _flops_markdown(f: dict) -> str:
     if "note" in f:
         return f"# FLOPs\n\n{f['note']}\n"
     rows = "\n".join(f"| {r['layer']} | {r['attention'] / 1e9:.3f} | {r['mmdim'] / 1e9:.3f} |" for r in f["layers"])
-    return (f"# FLOPs at {f['frames']}x{f['height']}x{f['width']} ({f['tokens']} video tokens, text {f['text_len']})\n\n"
+    return (f"# FLOPs at {f['frames']}x{f['height']}x{f['width']} ({f['tokens']} video tokens, "
+            f"text {f['text_len']})\n\n"
             f"Scope: {f['scope']}.\n\n| layer | attention GFLOPs | MM-DiM GFLOPs |\n|---:|---:|---:|\n{rows}\n\n"
             f"All attention layers: {f['attention_layers_flops'] / 1e12:.4f} TFLOPs → "
             f"{f['converted_layers_flops'] / 1e12:.4f} TFLOPs after conversion.\n")
