@@ -328,10 +328,15 @@ def _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, 
     from m4v_convert.distill.trainer import StageSchedule, Trainer
 
     spec = recipe.spec
+    d = recipe.distill
+    s1, s2 = dict(d.get("stage1", {})), dict(d.get("stage2", {}))
+    steps1 = int(opts.distill_steps if opts.distill_steps is not None else s1.get("steps", 100)) if 1 in stages else 0
+    steps2 = int(opts.stage2_steps if opts.stage2_steps is not None else s2.get("steps", 0)) if 2 in stages else 0
     if spec.inputs is None:
-        if any(s in stages for s in (1, 2)) and (opts.distill_steps or 0) + (opts.stage2_steps or 0) > 0:
+        if steps1 + steps2 > 0:
             raise RecipeError(f"{recipe.path}: distillation needs the 'inputs' section (how calibration batches "
-                              "map onto the forward's arguments)")
+                              "map onto the forward's arguments); without it pass --distill-steps 0 "
+                              "--stage2-steps 0")
         return {"calibration": "none", "stages": [], "error_before": {}, "error_after": {}}
     c = recipe.calib
     if not c:
@@ -366,12 +371,9 @@ def _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, 
         return batch_of([pool[i] for i in idx], g_train)
 
     blocks = {info.index: student.get_submodule(info.fqn).mmdim for info in infos}
-    d = recipe.distill
     out = {"calibration": label, "stages": [], "error_before": {}, "error_after": {}}
-    s1 = dict(d.get("stage1", {}))
     if 1 in stages:
-        settings = Stage1Settings(steps=int(opts.distill_steps if opts.distill_steps is not None
-                                            else s1.get("steps", 100)),
+        settings = Stage1Settings(steps=steps1,
                                   lr=float(opts.lr or s1.get("lr", 1e-3)),
                                   weight_decay=float(s1.get("weight_decay", 0.0)),
                                   grad_clip=float(s1.get("grad_clip", 1.0)), batch_size=bs)
@@ -386,9 +388,7 @@ def _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, 
         out["error_after"] = {str(k): v for k, v in result.error_after.items()}
         for k in result.error_before:
             con.print(f"layer {k}: relative error {result.error_before[k]:.4f} -> {result.error_after[k]:.4f}")
-    s2 = dict(d.get("stage2", {}))
-    steps2 = int(opts.stage2_steps if opts.stage2_steps is not None else s2.get("steps", 0))
-    if 2 in stages and steps2 > 0:
+    if steps2 > 0:
         by_index = {info.index: info for info in infos}
 
         def feature_modules(model):  # fused layers: compare the fused projection's output (same width)
@@ -412,7 +412,7 @@ def _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, 
         after = end_to_end_error(student, teacher, eval_batches)
         out["stages"].append({"stage": 2, "steps": steps2, "end_to_end_before": before, "end_to_end_after": after})
         con.print(f"end-to-end relative error: {before:.4f} -> {after:.4f}")
-    if 3 in stages and opts.calib is None:
+    if 3 in stages:
         out["stages"].append({"stage": 3, "skipped": "generic backbones: the fine-tune objective depends on the "
                                                      "backbone's prediction type; not implemented"})
     student.requires_grad_(False)
