@@ -79,9 +79,13 @@ def wan21(
                                             "backward (long videos)"),
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no"),
     deterministic: bool = typer.Option(False, "--deterministic", help="deterministic algorithms only"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's "
+                                          "choice; 1 is fastest for small models, especially on busy cores)"),
 ):
     """Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, save, report FLOPs."""
     from m4v_convert.pipeline import ConvertOptions, convert
+
+    _set_threads(threads)
 
     convert(ConvertOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, distill_steps=distill_steps,
                            calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
@@ -162,6 +166,16 @@ def convert_cmd(
                                        distill_steps=distill_steps, stage2_steps=stage2_steps, stages=stages,
                                        calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
                                        report_size=_parse_size(size) if size else None, report_frames=frames))
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import os
+
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # processes launched for --num-processes
+        torch.set_num_threads(threads)
 
 
 def _parse_size(size: str) -> tuple[int, int]:
