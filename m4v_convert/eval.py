@@ -404,7 +404,7 @@ def run_eval(opts: EvalOptions, console=None) -> dict:
     return metrics
 
 
-COLUMNS = ("pred. rel. err ↓", "PSNR dB ↑", "SSIM ↑", "colour % ↑", "direction % ↑", "adherence ↑", "Δ adh.")
+COLUMNS = ("pred err↓", "PSNR dB↑", "SSIM↑", "colour%↑", "dir.%↑", "adher.↑", "Δadh")
 
 
 def _row(m: dict) -> list[str]:
@@ -422,19 +422,25 @@ def _teacher_row(m: dict) -> list[str]:
 def metrics_table(rows: list[tuple[str, dict]], title: str, teacher_row: bool = True):
     from rich.table import Table
 
-    table = Table(title=title)
-    table.add_column("variant")
+    table = Table(title=title, caption="pred err: mean ‖v_S − v_T‖/‖v_T‖ over timesteps; PSNR/SSIM: student vs "
+                  "teacher same-seed samples; colour/dir./adher.: prompt adherence of each model's samples; Δadh: "
+                  "student − teacher, points")
+    table.add_column("variant", no_wrap=True)
     for c in COLUMNS:
         table.add_column(c, justify="right")
     if teacher_row and rows:
-        table.add_row("teacher (attention)", *_teacher_row(rows[0][1]))
+        table.add_row("teacher", *_teacher_row(rows[0][1]))
     for name, m in rows:
         table.add_row(name, *_row(m))
     return table
 
 
+MD_COLUMNS = ("pred. rel. error ↓", "sample PSNR dB ↑", "sample SSIM ↑", "colour acc. % ↑", "direction acc. % ↑",
+              "adherence ↑", "Δ adherence (points)")
+
+
 def markdown_table(rows: list[tuple[str, dict]], teacher_row: bool = True) -> str:
-    lines = ["| variant | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    lines = ["| variant | " + " | ".join(MD_COLUMNS) + " |", "|---|" + "---:|" * len(MD_COLUMNS)]
     if teacher_row and rows:
         lines.append("| teacher (attention) | " + " | ".join(_teacher_row(rows[0][1])) + " |")
     for name, m in rows:

@@ -8,8 +8,11 @@ directly as latents of shape (C, F, H, W).
 **Videos.** Every sample is one constant background latent vector ``bg`` (drawn per sample,
 ``bg ~ N(0, background_std²)`` per channel) with one object pasted over it: a square (side
 ``size``) or a disc (diameter ``size``) whose pixels hold the colour's latent vector, moving
-``speed`` latent pixels per frame in the prompt's direction; the start position is random and the
-track always stays inside the frame. Colour vectors are fixed by the task seed: orthonormal
+``speed`` latent pixels per frame in the prompt's direction. Start positions are multiples of
+``align`` (on Wan's 2×2 patch grid by default), keep the whole track inside the frame, and lie
+within ``jitter`` pixels of the central admissible one (default 0: the layout is fixed per prompt
+and only the background varies between seeds — a teacher trained for minutes on 2 CPU cores learns
+that; with free positions it does not yet place one coherent object, see the teacher's card). Colour vectors are fixed by the task seed: orthonormal
 directions of channel space (QR of a seeded Gaussian matrix; random unit directions when there are
 fewer channels than colours) scaled to norm ``sqrt(C)·colour_scale``, i.e. per-channel RMS
 ``colour_scale``.
@@ -132,8 +135,12 @@ class TaskConfig:
     width: int = 16
     text_len: int = 8
     text_dim: int = 64
-    size: int = 5  # object side / diameter in latent pixels
+    size: int = 6  # object side / diameter in latent pixels
     speed: int = 2  # latent pixels per frame
+    align: int = 2  # start positions are multiples of this (2 = on Wan's 2x2 patch grid)
+    jitter: int = 0  # start positions within this many px of the central one (0: fixed layout per prompt)
+    cross_jitter: int = -1  # the same across the motion (-1: = jitter)
+    texture: float = 0.0  # std of a random per-video texture the object carries (moves with it)
     colour_scale: float = 1.0  # per-channel RMS of a colour vector
     background_std: float = 0.5
     seed: int = 0  # fixes colour vectors and the word table
@@ -171,6 +178,8 @@ class ShapesTask:
         if track > min(c.height, c.width):
             raise M4VError(f"task: an object of size {c.size} moving {c.speed} px/frame for {c.frames} frames "
                            f"leaves a {c.height}x{c.width} frame")
+        if c.align < 1 or not any(v % c.align == 0 for v in range(track - c.size, min(c.height, c.width) - c.size + 1)):
+            raise M4VError(f"task: no start position is a multiple of align={c.align}")
         if c.text_len < 5:
             raise M4VError(f"task: text_len must be >= 5 (words per prompt), got {c.text_len}")
         g = torch.Generator().manual_seed(c.seed)
@@ -225,15 +234,24 @@ class ShapesTask:
         def start(step: int, extent: int) -> int:
             lo = travel if step < 0 else 0
             hi = extent - c.size - (travel if step > 0 else 0)
-            return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+            jitter = c.jitter if step != 0 or c.cross_jitter < 0 else c.cross_jitter
+            choices = [v for v in range(lo, hi + 1) if v % c.align == 0]
+            centre = choices[len(choices) // 2]
+            choices = [v for v in choices if abs(v - centre) <= jitter]
+            return choices[int(torch.randint(len(choices), (1,), generator=generator))]
 
         y0, x0 = start(dy, c.height), start(dx, c.width)
         bg = torch.randn(c.channels, generator=generator) * c.background_std
         colour = self.colour_vectors[self.colour_names.index(labels.colour)]
+        patch = colour.view(-1, 1, 1).expand(-1, c.size, c.size)
+        if c.texture > 0:
+            patch = patch + c.texture * torch.randn(c.channels, c.size, c.size, generator=generator)
+        m = self.object_mask(labels.shape, 0, 0)[: c.size, : c.size]
         out = bg.view(-1, 1, 1, 1).repeat(1, c.frames, c.height, c.width)
         for f in range(c.frames):
-            m = self.object_mask(labels.shape, y0 + dy * c.speed * f, x0 + dx * c.speed * f)
-            out[:, f] = out[:, f] * (1 - m) + colour.view(-1, 1, 1) * m
+            y, x = y0 + dy * c.speed * f, x0 + dx * c.speed * f
+            region = out[:, f, y:y + c.size, x:x + c.size]
+            out[:, f, y:y + c.size, x:x + c.size] = region * (1 - m) + patch * m
         return out
 
     def batch(self, labels: list[Labels], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

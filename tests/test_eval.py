@@ -110,7 +110,7 @@ def _student(teacher, layers):
 
 SMALL = dict(seeds=1, steps=3)
 #: a small task for the tiny model (3 latent frames of 8x8) keeps these tests fast
-TINY_TASK = TaskConfig(channels=4, text_dim=32, frames=3, height=8, width=8, size=3, speed=2)
+TINY_TASK = TaskConfig(channels=4, text_dim=32, frames=3, height=8, width=8, size=3, speed=2, align=1)
 
 
 def test_eval_teacher_vs_itself_is_exact_and_vs_converted_is_not(teacher):
