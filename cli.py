@@ -309,10 +309,12 @@ def eval_cmd(
     task: Optional[Path] = typer.Option(None, "--task", help="synthetic task JSON (default: TEACHER/task.json)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads"),
 ):
     """Fidelity of STUDENT against TEACHER: prediction error per timestep, sample PSNR/SSIM, prompt adherence."""
     from m4v_convert.eval import EvalOptions, run_eval
 
+    _set_threads(threads)
     run_eval(EvalOptions(teacher=teacher, student=student, out=out, prompts=prompts, seeds=seeds, steps=steps,
                          shift=shift, task=task, device=device, overwrite=overwrite))
 
@@ -327,6 +329,8 @@ def ablate(
     layers: Optional[str] = typer.Option(None, "--layers", help="layers to convert (default: recipe)"),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps per variant "
                                                 "(default: recipe)"),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 steps per variant "
+                                               "(default: recipe)"),
     recipe: str = typer.Option("wan2.1", "--recipe", help="recipe name or YAML file"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration folder (default: TEACHER/calib, "
                                          "else generated from the synthetic task)"),
@@ -336,12 +340,15 @@ def ablate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads"),
 ):
     """Convert TEACHER once per MM-DiM variant (one component off) at an equal budget and tabulate eval metrics."""
     from m4v_convert.eval import AblateOptions, run_ablate
 
+    _set_threads(threads)
     run_ablate(AblateOptions(teacher=teacher, out=out, variants=[v.strip() for v in variants.split(",") if v.strip()],
-                             layers=layers, distill_steps=distill_steps, recipe=recipe, calib=calib, prompts=prompts,
+                             layers=layers, distill_steps=distill_steps, stage2_steps=stage2_steps, recipe=recipe,
+                             calib=calib, prompts=prompts,
                              seeds=seeds, steps=steps, device=device, seed=seed, overwrite=overwrite))
 
 

@@ -388,8 +388,8 @@ def run_eval(opts: EvalOptions, console=None) -> dict:
     task, task_source = load_task(opts.teacher, dict(teacher.config), opts.task)
     same = shared_weights_equal(teacher, student)
     if not same:
-        con.print("[yellow]warning: the student's unconverted weights differ from the teacher's; was it converted "
-                  "from another checkpoint?[/]")
+        con.print("[yellow]note: the student's unconverted weights differ from the teacher's (expected when its "
+                  "distillation trained them, --train all/lora; otherwise it was converted from another checkpoint)[/]")
     con.print(f"eval: {len(settings.labels)} prompts × {settings.seeds} seeds, {settings.steps} Euler steps "
               f"(task: {task_source})")
     metrics, xs_t, xs_s = evaluate(teacher, student, task, settings)
@@ -455,6 +455,7 @@ class AblateOptions:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     layers: str | None = None
     distill_steps: int | None = None
+    stage2_steps: int | None = None
     recipe: str = "wan2.1"
     calib: Path | None = None
     prompts: Path | None = None
@@ -528,7 +529,8 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
         else:
             calib_label = str(calib)
         con.print(f"ablate: {len(opts.variants)} variants, equal budget: layers {opts.layers or 'recipe default'}, "
-                  f"distill steps {opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, "
+                  f"stage-1 steps {opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, "
+                  f"stage-2 steps {opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, "
                   f"calibration {calib_label}, seed {opts.seed}")
         xs_t = adh_t = None
         rows, results = [], {}
@@ -538,7 +540,8 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             recipe_path = variant_recipe(opts.recipe, overrides, name, work)
             out = tmp / "variants" / name
             summary = convert(ConvertOptions(recipe=str(recipe_path), checkpoint=Path(opts.teacher), out=out,
-                                             layers=opts.layers, distill_steps=opts.distill_steps, calib=calib,
+                                             layers=opts.layers, distill_steps=opts.distill_steps,
+                                             stage2_steps=opts.stage2_steps, calib=calib,
                                              device=opts.device, seed=opts.seed,
                                              report_size=(8 * task.config.height, 8 * task.config.width),
                                              report_frames=4 * (task.config.frames - 1) + 1), console=con)
@@ -555,7 +558,8 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             rows.append((label, metrics))
         report = {
             "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
-            "layers": opts.layers, "distill_steps": opts.distill_steps, "calibration": calib_label, "seed": opts.seed,
+            "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,
+            "calibration": calib_label, "seed": opts.seed,
             "eval": {"prompts": [lab.prompt for lab in settings.labels], "seeds_per_prompt": settings.seeds,
                      "sampler_steps": settings.steps, "shift": settings.shift},
             "variants": results, "seconds": round(time.time() - t0, 1),
@@ -563,8 +567,9 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
         (tmp / "ablation.json").write_text(_json(report) + "\n")
         (tmp / "ablation.md").write_text(
             f"# MM-DiM component ablation\n\nteacher `{opts.teacher}`, equal distillation budget per variant "
-            f"(layers {opts.layers or 'recipe default'}, distill steps "
-            f"{opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, calibration "
+            f"(layers {opts.layers or 'recipe default'}, stage-1 steps "
+            f"{opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, stage-2 steps "
+            f"{opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, calibration "
             f"{calib_label}, seed {opts.seed}); eval on {len(settings.labels)} prompts × {settings.seeds} seeds, "
             f"{settings.steps} Euler steps.\n\n{markdown_table(rows)}\n")
     con.print(metrics_table(rows, title="MM-DiM component ablation (equal distillation budget)"))
