@@ -219,7 +219,8 @@ def tiny_recipe(tmp_path_factory):
 def test_cli_ablate_switches_each_component_off(folders, tiny_recipe, tmp_path):
     out = tmp_path / "abl"
     res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(out), "--recipe", str(tiny_recipe),
-                              "--distill-steps", "1", "--layers", "all", "--seeds", "1", "--steps", "2",
+                              "--distill-steps", "1", "--stage2-steps", "1", "--layers", "all", "--seeds", "1",
+                              "--steps", "2", "--threads", "1",
                               "--prompts", str(folders / "prompts.txt")])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "ablation.json").read_text())
@@ -233,7 +234,8 @@ def test_cli_ablate_switches_each_component_off(folders, tiny_recipe, tmp_path):
         for layer in layers.values():
             for f in ("text_sandwich", "registers", "zigzag", "temporal"):
                 assert layer[f] is (f != fld), (name, f)
-        assert report["variants"][name]["distill"]["stage1_steps"] == 1  # equal budget
+        distill = report["variants"][name]["distill"]  # equal budget
+        assert distill["stage1_steps"] == 1 and distill["schedules"]["stage2"]["steps"] == 1
     table = (out / "ablation.md").read_text()
     assert "w/o text sandwich" in table and "PSNR" in table and "teacher (attention)" in table
     assert "w/o temporal branch" in res.output
