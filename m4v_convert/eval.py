@@ -399,7 +399,8 @@ def run_eval(opts: EvalOptions, console=None) -> dict:
     with atomic_output_dir(opts.out, opts.overwrite) as tmp:
         write_eval_outputs(tmp, metrics, task, xs_t, xs_s)
     con.print(metrics_table([("student", metrics)], title=f"eval: {Path(opts.student).name} vs "
-                                                          f"{Path(opts.teacher).name}", teacher_row=True))
+                                                          f"{Path(opts.teacher).name}", teacher_row=True),
+              width=max(con.width, 100))
     con.print(f"[green]wrote[/] {Path(opts.out).resolve()} (metrics.json, samples.gif, frames.png)")
     return metrics
 
@@ -572,6 +573,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             f"{opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, calibration "
             f"{calib_label}, seed {opts.seed}); eval on {len(settings.labels)} prompts × {settings.seeds} seeds, "
             f"{settings.steps} Euler steps.\n\n{markdown_table(rows)}\n")
-    con.print(metrics_table(rows, title="MM-DiM component ablation (equal distillation budget)"))
+    con.print(metrics_table(rows, title="MM-DiM component ablation (equal distillation budget)"),
+              width=max(con.width, 120))  # a log file (80 columns by default) keeps the whole table
     con.print(f"[green]wrote[/] {Path(opts.out).resolve()} (ablation.json, ablation.md, variants/*)")
     return report
