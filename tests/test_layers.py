@@ -352,3 +352,14 @@ def test_causal_depthwise_conv_matches_conv1d_and_respects_segments():
     torch.testing.assert_close(packed[0, 4:], causal_depthwise_conv(x[:1, 4:], w, b)[0])
     torch.testing.assert_close(packed[1], ref[1])
     assert torch.autograd.gradcheck(lambda x, w, b: causal_depthwise_conv(x, w, b, seq), (x, w, b))
+
+
+@pytest.mark.parametrize("device,dtype", [("meta", torch.bfloat16), ("cpu", torch.float64)])
+def test_every_parameter_is_built_on_the_requested_device_and_dtype(device, dtype):
+    # A block built in place of a bf16 / CUDA attention layer must not keep a stray CPU fp32
+    # tensor (the gated RMSNorm weight once did): it would break --device cuda and mix dtypes on save.
+    cfg = MMDiMConfig(d_model=16, nheads=2, headdim=8, bc_norm="across_groups", temporal=True)
+    block = MMDiM(cfg, device=device, dtype=dtype)
+    wrong = [(name, p.device.type, p.dtype) for name, p in block.named_parameters()
+             if p.device.type != device or p.dtype != dtype]
+    assert not wrong

@@ -75,9 +75,10 @@ class MixerConfig:
 class GatedRMSNorm(nn.Module):
     """RMSNorm over groups of ``group_size`` channels with silu(z) gating (mamba-ssm RMSNormGated)."""
 
-    def __init__(self, hidden: int, group_size: int, eps: float = 1e-6, norm_before_gate: bool = False):
+    def __init__(self, hidden: int, group_size: int, eps: float = 1e-6, norm_before_gate: bool = False,
+                 device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden))
+        self.weight = nn.Parameter(torch.ones(hidden, device=device, dtype=dtype))
         self.group_size = group_size
         self.eps = eps
         self.norm_before_gate = norm_before_gate
@@ -166,7 +167,8 @@ class Mamba2Mixer(nn.Module):
             self.B_norm = nn.RMSNorm(size, eps=c.norm_eps, **fk)
             self.C_norm = nn.RMSNorm(size, eps=c.norm_eps, **fk)
         if c.out_norm:
-            self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups, eps=c.norm_eps, norm_before_gate=c.norm_before_gate)
+            self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups, eps=c.norm_eps,
+                                     norm_before_gate=c.norm_before_gate, **fk)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias, **fk)
         if self.dt_bias.device.type != "meta":
             self.reset_parameters()
