@@ -52,6 +52,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "no-registers": ({"registers": False}, "w/o per-frame registers"),
     "raster": ({"zigzag": False}, "raster scan instead of zigzag"),
     "no-temporal": ({"temporal": False}, "w/o temporal branch"),
+    "forward-only": ({"bidirectional": False}, "forward scan only (no reversed scan)"),
 }
 
 

@@ -245,6 +245,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise RecipeError("\n".join(msgs)) from None
     mmdim = data.get("mmdim") or {}
     _check_mmdim(mmdim, where)
+    if data.get("backbone") == "pyramidflow" and mmdim.get("bidirectional"):
+        raise RecipeError(f"{where(('mmdim', 'bidirectional'))}: field 'mmdim.bidirectional' must be false for "
+                          "PyramidFlow: its attention is causal over frames (autoregressive generation), and a "
+                          "reversed scan would let every frame read the frames after it")
     published = {}
     for key, rel in (data.get("published") or {}).items():
         p = (path.parent / rel).resolve()

@@ -225,14 +225,14 @@ def test_cli_ablate_switches_each_component_off(folders, tiny_recipe, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "ablation.json").read_text())
     switched = {"full": None, "no-text-sandwich": "text_sandwich", "no-registers": "registers", "raster": "zigzag",
-                "no-temporal": "temporal"}
+                "no-temporal": "temporal", "forward-only": "bidirectional"}
     assert list(report["variants"]) == list(switched)
     for name, fld in switched.items():
         cfg = json.loads((out / "variants" / name / "config.json").read_text())
         layers = cfg["m4v"]["layers"]
         assert set(layers) == {"0", "1"}
         for layer in layers.values():
-            for f in ("text_sandwich", "registers", "zigzag", "temporal"):
+            for f in ("text_sandwich", "registers", "zigzag", "temporal", "bidirectional"):
                 assert layer[f] is (f != fld), (name, f)
         distill = report["variants"][name]["distill"]  # equal budget
         assert distill["stage1_steps"] == 1 and distill["schedules"]["stage2"]["steps"] == 1

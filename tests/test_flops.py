@@ -110,6 +110,8 @@ MMDIM_VARIANTS = [
     dict(text_sandwich=False, registers=False, temporal=False),
     dict(ngroups=1, d_state=6, bc_norm="per_group", rotary=False),
     dict(temporal_causal=False, conv_activation="silu", out_norm=False, chunk_size=5),
+    dict(bidirectional=True, temporal_causal=False),
+    dict(bidirectional=True, out_norm=False, chunk_size=5, temporal=False),
 ]
 
 

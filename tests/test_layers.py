@@ -150,6 +150,85 @@ def test_init_reproduces_causal_linear_attention():
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-7)
 
 
+def _dense_linear_attention(u, w, cfg, heads, hd, mask, rotate=None):
+    """The init's oracle: (masked) linear attention with the teacher's q/k norms, written out densely."""
+    rms = lambda t, wt: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * wt  # noqa: E731
+    q = rms(u @ w.q_weight.T + w.q_bias, w.q_norm_weight).unflatten(-1, (heads, hd))
+    k = rms(u @ w.k_weight.T + w.k_bias, w.k_norm_weight).unflatten(-1, (heads, hd))
+    if rotate is not None:
+        q, k = rotate(q), rotate(k)
+    v = (u @ w.v_weight.T + w.v_bias).unflatten(-1, (heads, hd))
+    scores = torch.einsum("bthn,bshn->bhts", q, k) * mask
+    y = torch.einsum("bhts,bshp->bthp", scores, v).flatten(-2)
+    gate = F.silu(torch.tensor(1.0, dtype=torch.float64))
+    return (cfg.dt_init * gate * y) @ w.out_weight.T + w.out_bias
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_bidirectional_init_is_full_linear_attention_plus_the_diagonal(rotary):
+    """Forward scan + reversed scan = every token reads every token (the diagonal twice)."""
+    d, heads, hd, L = 12, 3, 4, 23
+    w = _attention_weights(d, heads, hd)
+    cfg = MMDiMConfig(d_model=d, nheads=heads, headdim=hd, bc_norm="across_groups", out_norm=False,
+                      A_init=1e-12, dt_init=0.25, chunk_size=8, temporal=False, registers=False,
+                      text_sandwich=False, bidirectional=True)
+    block = mmdim_from_attention(cfg, w, dtype=torch.float64)
+    u = torch.randn(2, L, d, dtype=torch.float64)
+    ang = torch.randn(2, L, hd // 2, dtype=torch.float64)
+    tables = (ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1))
+
+    def rotate(t):  # interleaved pairs, one angle per pair, per batch item and position
+        c, s_ = ang.cos()[:, :, None], ang.sin()[:, :, None]
+        x1, x2 = t[..., 0::2], t[..., 1::2]
+        return torch.stack([x1 * c - x2 * s_, x1 * s_ + x2 * c], -1).flatten(-2)
+
+    got = block.mixer(u, rotary=tables if rotary else None)
+    mask = torch.ones(L, L, dtype=torch.float64) + torch.eye(L, dtype=torch.float64)
+    expected = _dense_linear_attention(u, w, cfg, heads, hd, mask, rotate if rotary else None)
+    tol = 1e-5 if rotary else 1e-7  # the rotation runs in float32 (apply_rotary_table)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("out_norm", [True, False])
+def test_bidirectional_mixer_is_the_causal_mixer_both_ways(out_norm):
+    """Oracle: a unidirectional twin (same weights) run forwards and on the reversed input; the
+    pre-norm scan outputs sum (read off the twin with the norm and out_proj made identities)."""
+    d, heads, hd, L = 8, 2, 4, 19
+    cfg = MixerConfig(d_model=d, nheads=heads, headdim=hd, d_state=4, ngroups=1, chunk_size=4,
+                      conv_activation="silu", bias=True, out_norm=out_norm, bidirectional=True)
+    torch.manual_seed(1)
+    bi = Mamba2Mixer(cfg).double()
+    with torch.no_grad():
+        for p in bi.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    twin = Mamba2Mixer(MixerConfig(**{**cfg.__dict__, "bidirectional": False, "out_norm": False})).double()
+    twin.load_state_dict({k: v for k, v in bi.state_dict().items() if not k.startswith("norm.")})
+    inner = heads * hd
+    with torch.no_grad():  # z gate constant (silu(big) ≈ big → divide out), out_proj identity
+        twin.in_proj.weight[:inner] = 0
+        twin.in_proj.bias[:inner] = 30.0
+        twin.out_proj.weight.copy_(torch.eye(d, inner, dtype=torch.float64))
+        twin.out_proj.bias.zero_()
+    u = torch.randn(2, L, d, dtype=torch.float64)
+    scale = F.silu(torch.tensor(30.0, dtype=torch.float64))
+    y = (twin(u) + twin(u.flip(1)).flip(1)) / scale  # (b, L, inner) scan outputs, D skip included
+    z = u @ bi.in_proj.weight[:inner].T + bi.in_proj.bias[:inner]
+    if out_norm:
+        g = y * F.silu(z)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * bi.norm.weight
+    else:
+        g = y * F.silu(z)
+    expected = g @ bi.out_proj.weight.T + bi.out_proj.bias
+    tol = 1e-5 if out_norm else 1e-9  # the gated RMSNorm computes in float32
+    torch.testing.assert_close(bi(u), expected, rtol=tol, atol=tol)
+    # packed segments stay independent in both directions
+    a, b = u[:1, :11], u[1:, :8]
+    seq_idx = torch.tensor([[0] * 11 + [1] * 8], dtype=torch.int32)
+    packed = bi(torch.cat([a, b], 1), seq_idx=seq_idx)
+    torch.testing.assert_close(packed[:, :11], bi(a))
+    torch.testing.assert_close(packed[:, 11:], bi(b))
+
+
 def test_init_copies_weights_into_mamba2_layout():
     d, heads, hd = 8, 2, 4
     w = _attention_weights(d, heads, hd, dtype=torch.float32)

@@ -335,6 +335,13 @@ def test_recipes_validate_pyramidflow_fields(tmp_path):
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(wan))
     with pytest.raises(RecipeError, match="only used by backbone 'pyramidflow'"):
         load_recipe(tmp_path / "w.yaml")
+    # a reversed scan would break the block-causal (autoregressive) attention it replaces
+    pf = yaml.safe_load((RECIPES_DIR / "pyramidflow-miniflux-768p.yaml").read_text())
+    pf["published"] = {}
+    pf["mmdim"]["bidirectional"] = True
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pf))
+    with pytest.raises(RecipeError, match="mmdim.bidirectional.*causal over frames"):
+        load_recipe(tmp_path / "p.yaml")
 
 
 # ---------------------------------------------------------------- FLOPs

@@ -163,7 +163,7 @@ def mmdim_flops(config: MMDiMConfig, layout: VideoLayout, text_len: int) -> dict
     Parts: ``in_proj`` ``2·N'·d·(2·d_inner + 2·g·n + h)``; ``conv1d`` ``2·N'·conv_dim·d_conv``
     (done with elementwise shifted multiply-adds in the code); the chunked SSD scan (see
     :func:`ssd_chunked_flops`, prefixed ``ssd_``); ``out_proj`` ``2·N'·d_inner·d``; the temporal
-    branch (:func:`temporal_flops`). Elementwise estimates: D skip, gated RMSNorm, B/C RMSNorm,
+    branch (:func:`temporal_flops`). With ``bidirectional`` the conv and the scan count twice. Elementwise estimates: D skip, gated RMSNorm, B/C RMSNorm,
     rotary on B/C, the text inverse (scatter-add), the scan's decays and the temporal branch's
     pooling, softmax and residual add.
     """
@@ -174,20 +174,25 @@ def mmdim_flops(config: MMDiMConfig, layout: VideoLayout, text_len: int) -> dict
     lz = text_len if config.text_sandwich else 0
     seq = mmdim_sequence_length(config, layout, text_len)
     scan = ssd_chunked_flops(seq, h, p, g, n, mc.chunk_size)
+    # bidirectional: conv, B/C norm and rotary, and the scan run on both directions (a batch of 2);
+    # in_proj, the gate, the norm and out_proj once, on the summed output
+    dirs = 2 if mc.bidirectional else 1
 
     parts = {"in_proj": linear_flops(seq, d, 2 * mc.d_inner + 2 * mc.d_bc + h),
-             "conv1d": MAC * seq * mc.conv_dim * mc.d_conv}
-    parts.update({f"ssd_{k}": v for k, v in scan["parts"].items()})
+             "conv1d": dirs * MAC * seq * mc.conv_dim * mc.d_conv}
+    parts.update({f"ssd_{k}": dirs * v for k, v in scan["parts"].items()})
     parts["out_proj"] = linear_flops(seq, mc.d_inner, d)
-    elementwise = {f"ssd_{k}": v for k, v in scan["elementwise"].items()}
-    elementwise["conv_bias"] = seq * mc.conv_dim
+    elementwise = {f"ssd_{k}": dirs * v for k, v in scan["elementwise"].items()}
+    elementwise["conv_bias"] = dirs * seq * mc.conv_dim
     if mc.conv_activation == "silu":
-        elementwise["conv_silu"] = 4 * seq * mc.conv_dim
-    elementwise["d_skip"] = MAC * seq * mc.d_inner
+        elementwise["conv_silu"] = dirs * 4 * seq * mc.conv_dim
+    elementwise["d_skip"] = dirs * MAC * seq * mc.d_inner
+    if mc.bidirectional:
+        elementwise["direction_sum"] = seq * mc.d_inner
     if mc.bc_norm != "none":
-        elementwise["bc_norm"] = 2 * 4 * seq * mc.d_bc
+        elementwise["bc_norm"] = dirs * 2 * 4 * seq * mc.d_bc
     if config.rotary:
-        elementwise["bc_rotary"] = 2 * 3 * seq * mc.d_bc
+        elementwise["bc_rotary"] = dirs * 2 * 3 * seq * mc.d_bc
     if mc.out_norm:  # silu(z) gate (4), multiply, square, mean, rsqrt-scale, weight
         elementwise["gated_rmsnorm"] = 9 * seq * mc.d_inner
     else:
@@ -203,6 +208,7 @@ def mmdim_flops(config: MMDiMConfig, layout: VideoLayout, text_len: int) -> dict
     matmul = sum(v for k, v in parts.items() if k not in not_measured)
     shape = {"tokens": layout.num_tokens, "frames": layout.num_frames, "text_len": lz,
              "registers": layout.num_frames + 1 if config.registers else 0, "sequence_length": seq,
+             "directions": dirs,
              **scan["shape"]}
     return {
         "parts": parts,

@@ -47,6 +47,7 @@ class MixerConfig:
     out_norm: bool = True  # gated RMSNorm on the scan output (Mamba2 rmsnorm=True)
     norm_before_gate: bool = False
     chunk_size: int = 256
+    bidirectional: bool = False  # also scan the reversed sequence (shared weights) and sum both outputs
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     A_init_range: tuple[float, float] = (1.0, 16.0)
@@ -208,6 +209,13 @@ class Mamba2Mixer(nn.Module):
         b, L, _ = u.shape
         zxbcdt = self.in_proj(u)
         z, xbc, dt = torch.split(zxbcdt, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        if c.bidirectional:
+            # The reversed direction is the same causal mixer run on the flipped sequence, stacked on
+            # the batch so the conv and the scan run once over 2b sequences.
+            xbc = torch.cat([xbc, xbc.flip(1)])
+            dt = torch.cat([dt, dt.flip(1)])
+            if seq_idx is not None:
+                seq_idx = torch.cat([seq_idx, seq_idx.flip(1)])
         xbc = causal_depthwise_conv(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx)
         if c.conv_activation == "silu":
             xbc = F.silu(xbc)
@@ -219,6 +227,8 @@ class Mamba2Mixer(nn.Module):
         C = C.unflatten(-1, (c.ngroups, c.d_state))
         if rotary is not None:
             table = rotary_table(*rotary, groups=rotary[0].shape[-1] // c.d_state)  # once for B and C
+            if c.bidirectional:  # every token keeps its own rotation in the reversed copy
+                table = torch.cat([table.expand(b, -1, -1, -1), table.flip(1).expand(b, -1, -1, -1)])
             B = apply_rotary_table(B, table)
             C = apply_rotary_table(C, table)
         A = -torch.exp(self.A_log.float())
@@ -231,11 +241,15 @@ class Mamba2Mixer(nn.Module):
             C.to(xh.dtype),
             chunk_size=self.scan_chunk_size(xh),
             D=self.D,
-            z=None if c.out_norm else z.unflatten(-1, (c.nheads, c.headdim)),
+            z=None if (c.out_norm or c.bidirectional) else z.unflatten(-1, (c.nheads, c.headdim)),
             dt_bias=self.dt_bias,
             dt_softplus=True,
             seq_idx=seq_idx,
         )
+        if c.bidirectional:
+            y = y[:b] + y[b:].flip(1)
+            if not c.out_norm:  # the kernel's z gate applies to the sum
+                y = y * F.silu(z.unflatten(-1, (c.nheads, c.headdim)))
         y = y.flatten(-2)
         if c.out_norm:
             y = self.norm(y, z)

@@ -35,6 +35,9 @@ class MMDiMConfig:
     registers: bool = True
     num_registers: int = 1  # one per resolution stage
     zigzag: bool = True  # False: raster order inside each frame
+    # also scan the re-composed sequence backwards (shared weights, outputs summed): for backbones
+    # whose attention is bidirectional over frames; off for autoregressive ones (PyramidFlow)
+    bidirectional: bool = False
     # mixer
     d_conv: int = 4
     conv_activation: str = "identity"
@@ -70,6 +73,7 @@ class MMDiMConfig:
             d_model=self.d_model, nheads=self.nheads, headdim=self.headdim, d_state=self.d_state,
             ngroups=self.ngroups, d_conv=self.d_conv, conv_activation=self.conv_activation, bias=self.bias,
             bc_norm=self.bc_norm, norm_eps=self.norm_eps, out_norm=self.out_norm, chunk_size=self.chunk_size,
+            bidirectional=self.bidirectional,
         )
 
     def to_dict(self) -> dict:
@@ -181,4 +185,4 @@ class MMDiM(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"layer_index={c.layer_index}, path={c.path}, text_sandwich={c.text_sandwich}, "
-                f"registers={c.num_registers if c.registers else 0}, temporal={c.temporal}")
+                f"registers={c.num_registers if c.registers else 0}, bidirectional={c.bidirectional}, temporal={c.temporal}")
