@@ -111,10 +111,13 @@ def pyramidflow(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (float16 is refused)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
     seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's "
+                                          "choice)"),
 ):
     """Convert a PyramidFlow checkpoint: single-stream attention -> MM-DiM, distill, save, report FLOPs."""
     from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
 
+    _set_threads(threads)
     convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
                                            distill_steps=distill_steps, device=device, dtype=dtype,
                                            overwrite=overwrite, seed=seed))
@@ -244,7 +247,7 @@ def flops(
 
 def _pyramidflow_flops(rec, cfg: dict, size: Optional[str], frames: Optional[int], layers: Optional[str],
                        crosscheck: bool) -> dict:
-    from m4v_convert.backbones.pyramidflow.pipeline import check_layer_selection
+    from m4v_convert.backbones.pyramidflow.pipeline import _layer_source, check_layer_selection
     from m4v_convert.convert import parse_layers
     from m4v_convert.errors import M4VError
     from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
@@ -255,7 +258,8 @@ def _pyramidflow_flops(rec, cfg: dict, size: Optional[str], frames: Optional[int
     n_double = int(cfg.get("num_layers", 8))
     n_single = 0 if rec.variant == "sd3" else int(cfg.get("num_single_layers", 16))
     chosen = parse_layers(layers or rec.default_layers, n_double + n_single)
-    check_layer_selection(chosen, n_double, rec.variant, rec.allow_double_stream, n_single)
+    check_layer_selection(chosen, n_double, rec.variant, rec.allow_double_stream, n_single,
+                          _layer_source(layers, rec))
     try:
         report = pyramidflow_flops_report(cfg, frames or max_frames, height, width,
                                           text_len=int(rec.video.get("text_len", 128)), converted_layers=chosen,

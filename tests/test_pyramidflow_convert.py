@@ -245,7 +245,7 @@ def recipes(tmp_path_factory):
 
 def _convert(ckpt, out, recipe, *extra):
     return runner.invoke(app, ["pyramidflow", "--checkpoint", str(ckpt), "--out", str(out), "--recipe", str(recipe),
-                               "--device", "cpu", *extra])
+                               "--device", "cpu", "--threads", "1", *extra])
 
 
 def test_cli_converts_distills_and_writes_the_release_layout(roots, recipes, tmp_path):
@@ -284,8 +284,9 @@ def test_cli_bad_input_is_one_clear_message(case, roots, recipes, tmp_path):
     expect = {
         "sd3_recipe_on_miniflux": "not the sd3 one", "miniflux_recipe_on_sd3": "not the miniflux one",
         "384p_root": "no diffusion_transformer_768p", "384p_folder": "holds the 384p transformer",
-        "no_subfolder": "not a PyramidFlow model folder", "fp16": "float16", "double_stream": "allow_double_stream",
-        "allowed_double_stream": "not implemented", "sd3": "only joint (double-stream) blocks",
+        "no_subfolder": "not a PyramidFlow model folder", "fp16": "float16",
+        "double_stream": "--layers: layers 0 are double-stream blocks (transformer_blocks.0-0). M4V converts single-stream",
+        "allowed_double_stream": "not implemented", "sd3": "(default_layers: all): SD3 has only joint (double-stream) blocks",
         "wan_recipe": "this command converts PyramidFlow",
     }[case]
     if case == "sd3_recipe_on_miniflux":
@@ -316,6 +317,18 @@ def test_cli_bad_input_is_one_clear_message(case, roots, recipes, tmp_path):
     text = " ".join(res.output.split())
     assert "error:" in text and expect.lower() in text.lower(), text
     assert not out.exists()
+    if case == "double_stream":
+        assert "(--layers 1-2)" in text
+    if case == "sd3":
+        assert "no layer to convert" in text and "allow_double_stream" not in text
+
+
+def test_flops_of_sd3_says_there_is_nothing_to_convert():
+    res = runner.invoke(app, ["flops", "pyramidflow-sd3-768p"])
+    text = " ".join(res.output.split())
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "error: recipe pyramidflow-sd3-768p (default_layers: all): SD3 has only joint" in text, text
+    assert "no layer to convert" in text
 
 
 def test_recipes_validate_pyramidflow_fields(tmp_path):

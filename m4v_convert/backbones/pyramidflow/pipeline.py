@@ -38,25 +38,34 @@ class PyramidFlowOptions:
 
 
 def check_layer_selection(layers: list[int], num_double: int, variant: str, allow_double_stream: bool,
-                          num_single: int | None = None) -> None:
-    """Refuse double-stream layers with the reason, and say "not implemented" when a recipe asks."""
+                          num_single: int | None = None, source: str = "--layers") -> None:
+    """Refuse double-stream layers with the reason, and say "not implemented" when a recipe asks.
+
+    ``source`` names where the layer list came from (``--layers`` or the recipe's default).
+    """
     double = [i for i in layers if i < num_double]
     if not double:
         return
-    where = ("SD3 has only joint (double-stream) blocks, transformer_blocks.0-"
-             f"{num_double - 1}" if variant == "sd3" else
-             f"layers {_ranges(double)} are double-stream blocks (transformer_blocks.0-{num_double - 1})")
+    if variant == "sd3":
+        where = f"SD3 has only joint (double-stream) blocks, transformer_blocks.0-{num_double - 1}"
+    else:
+        where = f"layers {_ranges(double)} are double-stream blocks (transformer_blocks.0-{num_double - 1})"
     if not allow_double_stream:
         last = f"{num_double + num_single - 1}" if num_single else "..."
-        hint = "" if variant == "sd3" else f"; convert the single-stream blocks instead (--layers {num_double}-{last})"
+        tail = ("; the SD3 variant therefore has no layer to convert (its recipe loads and checks the checkpoint: "
+                "m4v-convert recipes --check)" if variant == "sd3" else
+                f"; convert the single-stream blocks instead (--layers {num_double}-{last})")
         raise M4VError(
-            f"--layers: {where}. M4V converts single-stream attention only: a double-stream block has separate "
+            f"{source}: {where}. M4V converts single-stream attention only: a double-stream block has separate "
             "text and video weights, which one MM-DiM shared by text and video cannot take over without "
-            f"discarding half of them, so the paper keeps these blocks{hint}. (A recipe may set "
-            "allow_double_stream: true to ask for them anyway.)"
+            f"discarding half of them, so the paper keeps these blocks{tail}"
         )
-    raise M4VError(f"--layers: {where}; the recipe allows double-stream blocks, but converting them is not "
+    raise M4VError(f"{source}: {where}; the recipe allows double-stream blocks, but converting them is not "
                    "implemented in this version of m4v-convert")
+
+
+def _layer_source(opts_layers, recipe) -> str:
+    return "--layers" if opts_layers else f"recipe {recipe.name} (default_layers: {recipe.default_layers})"
 
 
 def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
@@ -100,7 +109,8 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     cfg = dict(teacher.config)
     n_double, n_single = _block_counts(cfg, recipe.variant)
     layers = parse_layers(opts.layers or recipe.default_layers, n_double + n_single)
-    check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single)
+    check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single,
+                          _layer_source(opts.layers, recipe))
     con.print(f"loaded PyramidFlow {recipe.variant} {recipe.resolution}: {n_double} double-stream + {n_single} "
               f"single-stream blocks, {cfg['num_attention_heads']} heads × {cfg['attention_head_dim']}, "
               f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; converting layers {ranges(layers)}")
@@ -211,7 +221,8 @@ def _check_layers_before_loading(opts: PyramidFlowOptions, recipe) -> None:
         return
     n_double, n_single = _block_counts(config, recipe.variant)
     layers = parse_layers(opts.layers or recipe.default_layers, n_double + n_single)
-    check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single)
+    check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single,
+                          _layer_source(opts.layers, recipe))
 
 
 def _ranges(layers: list[int]) -> str:
