@@ -401,6 +401,27 @@ def test_flops_768p_241_frames_against_the_paper(tmp_path):
     assert g["units"] == 31 and g["model_calls"] == 3 * 20 + 30 * 3 * 10
     assert g["with_cfg"]["original"] == 2 * g["per_sample"]["original"] > 2 * g["per_sample"]["converted"]
     assert r["crosscheck"]["ok"]
+    # the Wan report's keys, same meanings; hand counts at N = 15,488, d = 1920, 16 blocks
+    wan_keys = {"attention_scores_total_flops", "converted_total_matmul_flops", "crossover_frames", "curve",
+                "ffn_flops", "latent", "self_attention", "speedup", "token_grid", "converted_layers", "layers",
+                "mmdim_config", "model", "name", "original_total_flops", "converted_total_flops", "tokens", "video",
+                "text_len", "crosscheck"}
+    assert wan_keys <= set(r)
+    n, d = 15488, 1920
+    assert r["attention_scores_total_flops"] == r["self_attention"]["scores"] == 16 * 4 * n * n * d
+    assert r["self_attention"]["projections"] == 16 * 8 * n * d * d  # q, k, v and W_O (proj_out's attention columns)
+    assert r["ffn_flops"] == 16 * 2 * 2 * n * d * 7680  # proj_mlp and proj_out's MLP columns
+    assert r["speedup"] == r["original_total_flops"] / r["converted_total_flops"]
+    assert r["latent"] == {"frames": 31, "height": 96, "width": 160}
+    assert r["token_grid"] == {"frames": 31, "height": 48, "width": 80}
+    c = r["curve"]
+    assert c["frames"][0] == 1 and c["frames"][-1] == 241 and all((f - 1) % 8 == 0 for f in c["frames"])
+    assert c["original"][-1] == r["original_total_flops"] and c["converted"][-1] == r["converted_total_flops"]
+    assert all(a < b for a, b in zip(c["original"], c["original"][1:]))
+    first = c["frames"].index(c["crossover_frames"])  # converted is cheaper from there on, dearer before
+    assert all(cv < o for o, cv in zip(c["original"][first:], c["converted"][first:]))
+    assert all(cv >= o for o, cv in zip(c["original"][:first], c["converted"][:first]))
+    assert r["converted_total_matmul_flops"] < r["converted_total_flops"]
     bad = runner.invoke(app, ["flops", "pyramidflow-miniflux-768p", "--frames", "240"])
     assert bad.exit_code != 0 and "8k+1" in bad.output
     wan = runner.invoke(app, ["flops", "wan2.1"])

@@ -207,6 +207,18 @@ def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int,
     ours = {"mixed_layer_original_tflops": tot["original"] / T, "mixed_layer_converted_tflops": tot["converted"] / T,
             "mixed_layer_pure_mamba_tflops": tot["pure_mamba"] / T}
     comparable = (frames, height, width) == (241, 768, 1280) and (dims["d_model"], nd, ns) == (1920, 8, 16)
+    # FLOPs vs frames at the last unit (Wan's "curve"): one analytic pass per 8k+1 frame count
+    curve_frames = sorted({1 + VAE_TEMPORAL * (u - 1) for u in range(1, units + 1, max(1, units // 16))} | {frames})
+    curve = {"frames": curve_frames, "original": [], "converted": []}
+    for f in curve_frames:
+        t = _mixed_layer(dims, stage_layout(top, latent_frames(f) - 1, grids), text_len, mmdim_for, converted)["totals"]
+        curve["original"].append(t["original"])
+        curve["converted"].append(t["converted"])
+    curve["crossover_frames"] = next((f for f, o, c in zip(curve_frames, curve["original"], curve["converted"])
+                                      if c < o), None)
+    curve.update(height=height, width=width, scope="single-stream blocks at the last unit")
+    rows = last["layers"]
+    top_grid = grids[top]
     return {
         "name": name or "PyramidFlow miniFLUX",
         "backbone": "pyramidflow",
@@ -241,6 +253,20 @@ def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int,
             f"this report is for {frames} frames at {height}x{width} with d={dims['d_model']}, {nd}+{ns} blocks, "
             "so they are listed for reference only."],
         "crosscheck": check,
+        # keys of the Wan report, same meanings (scope: the single-stream blocks at the last unit)
+        "speedup": tot["original"] / tot["converted"],
+        "latent": {"frames": units, "height": top_grid[0] * PATCH, "width": top_grid[1] * PATCH},
+        "token_grid": {"frames": units, "height": top_grid[0], "width": top_grid[1]},
+        "self_attention": {"projections": sum(r["attention_projections"] for r in rows),
+                           "scores": sum(r["attention_scores"] for r in rows),
+                           "total": tot["attention_original"]},
+        "ffn_flops": sum(r["mlp_flops"] for r in rows),
+        "attention_scores_total_flops": sum(r["attention_scores"] for r in rows),
+        "converted_total_matmul_flops": sum(
+            r["block_converted_flops"] - (r["mmdim_flops"] - r["mmdim_matmul_flops"]) if r["converted"]
+            else r["block_original_flops"] for r in rows),
+        "curve": curve,
+        "crossover_frames": curve["crossover_frames"],
     }
 
 
@@ -356,6 +382,11 @@ def markdown_report(report: dict) -> str:
     lines += ["", f"With the {report['model']['num_double_layers']} unchanged double-stream blocks "
                   f"({tf(report['double_stream_blocks_flops'])} TFLOPs): all blocks {tf(ab['original'])} → "
                   f"{tf(ab['converted'])} TFLOPs.", ""]
+    if "speedup" in report:
+        cross = report["crossover_frames"]
+        lines += [f"Mixed layers {report['speedup']:.2f}× cheaper at this size; at the last unit the converted blocks "
+                  + (f"cost less from {cross} frames on" if cross else "never cost less over the frame counts tried")
+                  + " (`curve` in the JSON).", ""]
     g = report["generation"]
     lines += ["## Whole generation (all units, stages and steps; TFLOPs of the single-stream blocks)", "",
               f"{g['units']} units, {g['model_calls']} model calls (first frame {g['schedule']['first_frame_steps']}, "
