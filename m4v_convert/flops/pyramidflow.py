@@ -385,7 +385,7 @@ def markdown_report(report: dict) -> str:
     if "speedup" in report:
         cross = report["crossover_frames"]
         lines += [f"Mixed layers {report['speedup']:.2f}× cheaper at this size; at the last unit the converted blocks "
-                  + (f"cost less from {cross} frames on" if cross else "never cost less over the frame counts tried")
+                  + (f"cost less from {cross} frame{'s' if cross != 1 else ''} on" if cross else "never cost less over the frame counts tried")
                   + " (`curve` in the JSON).", ""]
     g = report["generation"]
     lines += ["## Whole generation (all units, stages and steps; TFLOPs of the single-stream blocks)", "",
