@@ -331,6 +331,19 @@ def test_flops_of_sd3_says_there_is_nothing_to_convert():
     assert "no layer to convert" in text
 
 
+def test_a_folder_not_named_by_resolution_is_converted_with_a_note(roots, recipes, tmp_path):
+    import shutil
+
+    plain = tmp_path / "transformer"
+    shutil.copytree(roots / "miniflux" / "diffusion_transformer_768p", plain)
+    res = _convert(plain, tmp_path / "out", recipes["miniflux"], "--distill-steps", "1")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "is not named diffusion_transformer_768p/, so its resolution cannot be checked" in text
+    named = _convert(roots / "miniflux", tmp_path / "out2", recipes["miniflux"], "--distill-steps", "1")
+    assert named.exit_code == 0 and "cannot be checked" not in named.output
+
+
 def test_recipes_validate_pyramidflow_fields(tmp_path):
     r = load_recipe("pyramidflow-miniflux-768p")
     assert (r.backbone, r.variant, r.resolution, r.allow_double_stream, r.default_layers) == \

@@ -82,7 +82,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     from .calibration import NUM_STAGES, PyramidCalibSpec, pyramid_batch, synthetic_pyramid_samples
     from .converted import M4VPyramidFluxTransformer, Stage1Target, calibrate_output_norms, record_teacher_layers
     from .layout import LATENT_PATCH
-    from .loader import load_pyramidflow, transformer_folder_name
+    from .loader import _FOLDER_RE, _resolve_folder, load_pyramidflow, transformer_folder_name
 
     con = _console(console)
     t_start = time.time()
@@ -106,6 +106,11 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     teacher = load_pyramidflow(opts.checkpoint, variant=recipe.variant, resolution=recipe.resolution,
                                dtype=dtype, device=device)
     teacher.requires_grad_(False)
+    folder = _resolve_folder(Path(opts.checkpoint), recipe.resolution)
+    if not _FOLDER_RE.match(folder.name):
+        # the release's 384p and 768p configs are the same architecture: only the folder name tells them apart
+        con.print(f"note: {folder} is not named {transformer_folder_name(recipe.resolution)}/, so its resolution "
+                  f"cannot be checked; the recipe's {recipe.resolution} is assumed")
     cfg = dict(teacher.config)
     n_double, n_single = _block_counts(cfg, recipe.variant)
     layers = parse_layers(opts.layers or recipe.default_layers, n_double + n_single)
