@@ -141,12 +141,12 @@ LAYOUT = VideoLayout.single(3, 6, 10)  # 180 tokens; L' = 24 text + 180 + 4 regi
 MULTI = VideoLayout((FrameBlock(2, 3, 5, 0), FrameBlock(2, 6, 10, 1)))  # two resolution stages
 
 
-def _block(layout_registers: int = 1, seed: int = 0) -> MMDiM:
+def _block(layout_registers: int = 1, seed: int = 0, bidirectional: bool = False) -> MMDiM:
     """A Wan-recipe-like block (text sandwich, registers, zigzag, RoPE, B/C norms, temporal branch)
     whose every parameter is perturbed, so that no path is a no-op."""
     cfg = MMDiMConfig(d_model=128, nheads=2, headdim=64, layer_index=3, bc_norm="across_groups", rotary=True,
                       chunk_size=64, num_registers=layout_registers, temporal_causal=False, temporal_dim=16,
-                      temporal_heads=2)
+                      temporal_heads=2, bidirectional=bidirectional)
     block = MMDiM(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -206,8 +206,9 @@ def _compare(got: dict, want: dict, dtype, baseline: dict | None = None) -> None
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", [LAYOUT, MULTI], ids=["one-stage", "two-stage"])
-def test_mmdim_block_cuda_matches_cpu(dtype, layout, count_kernel_calls, monkeypatch):
-    block = _block(layout_registers=layout.max_register + 1)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+def test_mmdim_block_cuda_matches_cpu(dtype, layout, bidirectional, count_kernel_calls, monkeypatch):
+    block = _block(layout_registers=layout.max_register + 1, bidirectional=bidirectional)
     inp = _block_inputs(layout)
     probe = torch.empty(1, 1, 2, 64, device="cuda", dtype=dtype)
     assert ops.select_ssd_backend(probe, block.config.chunk_size) == "triton"
