@@ -8,7 +8,11 @@ dict of this module loads into ``mamba_ssm.modules.mamba2.Mamba2`` with ``strict
 Options added for the conversion (all off in the Mamba2-compatible setting):
 ``bc_norm`` carries the teacher's q/k RMSNorm onto C/B, ``rotary`` applies the teacher's RoPE to
 B/C, ``conv_activation`` may be ``identity`` so the init from attention is exact, ``seq_idx``
-packs independent segments (the conv and the scan both reset at segment boundaries).
+packs independent segments (the conv and the scan both reset at segment boundaries),
+``bidirectional`` also runs the conv and the scan over the reversed sequence with the same weights
+(one batched call) and sums both outputs before the gate: with the attention init this is
+non-causal linear attention, for backbones whose attention reads every frame (no new parameters,
+so the state dict keeps the ``Mamba2`` layout).
 """
 
 from __future__ import annotations
