@@ -105,12 +105,18 @@ def main(argv=None) -> None:
     cfg = MMDiMConfig(d_model=args.dim, nheads=args.heads, headdim=args.dim // args.heads, layer_index=1,
                       **mmdim_settings)
     block = mmdim_from_attention(cfg, attn.weights(), device=device, dtype=dtype).eval()
+    # the same block with the scan in one direction only (what a causal recipe uses): the reversed
+    # scan's cost, measured side by side
+    one_way = None
+    if cfg.bidirectional:
+        one_way = mmdim_from_attention(MMDiMConfig(**{**cfg.__dict__, "bidirectional": False}), attn.weights(),
+                                       device=device, dtype=dtype).eval()
     hd = args.dim // args.heads
 
     print(f"device {device} ({torch.get_num_threads()} threads)  dtype {args.dtype}  d={args.dim}  "
           f"heads={args.heads}x{hd}  text={args.text}  recipe {args.recipe}  torch {torch.__version__}")
     print(f"{'tokens':>8} {'grid':>12} {'attention s':>12} {'MM-DiM s':>10} {'attn/MM-DiM':>12} "
-          f"{'MM-DiM us/token':>16}")
+          f"{'MM-DiM us/token':>16}" + (f" {'forward-only s':>15} {'bidir/fwd':>10}" if one_way else ""))
     rows = []
     for n in args.tokens:
         t, h, w = grid_for(n, args.frames)
@@ -123,9 +129,10 @@ def main(argv=None) -> None:
         with torch.inference_mode():
             t_attn = timed(lambda: attn(x), args.repeats, device)
             t_mm = timed(lambda: block(x, layout, text, rotary=rot), args.repeats, device)
+            t_fwd = timed(lambda: one_way(x, layout, text, rotary=rot), args.repeats, device) if one_way else None
         rows.append((n_real, t_attn, t_mm))
         print(f"{n_real:>8} {f'{t}x{h}x{w}':>12} {t_attn:>12.4f} {t_mm:>10.4f} {t_attn / t_mm:>11.2f}x "
-              f"{1e6 * t_mm / n_real:>16.2f}")
+              f"{1e6 * t_mm / n_real:>16.2f}" + (f" {t_fwd:>15.4f} {t_mm / t_fwd:>9.2f}x" if one_way else ""))
     faster = [n for n, ta, tm in rows if tm < ta]
     print(f"crossover: MM-DiM faster than attention from {faster[0]} tokens" if faster
           else "crossover: MM-DiM never faster in this range")
