@@ -113,6 +113,8 @@ def pyramidflow(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's "
                                           "choice)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors at the top "
+                                         "pyramid level (latents, text_embeds, text_mask, pooled); default: synthetic"),
 ):
     """Convert a PyramidFlow checkpoint: single-stream attention -> MM-DiM, distill, save, report FLOPs."""
     from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
@@ -120,7 +122,7 @@ def pyramidflow(
     _set_threads(threads)
     convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
                                            distill_steps=distill_steps, device=device, dtype=dtype,
-                                           overwrite=overwrite, seed=seed))
+                                           overwrite=overwrite, seed=seed, calib=calib))
 
 
 @app.command("convert")
@@ -161,7 +163,7 @@ def convert_cmd(
 
         convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
                                                distill_steps=distill_steps, device=device, dtype=dtype,
-                                               overwrite=overwrite, seed=seed))
+                                               overwrite=overwrite, seed=seed, calib=calib))
     else:
         from m4v_convert.backbones.generic_pipeline import GenericOptions, convert_generic
 

@@ -331,6 +331,65 @@ def test_flops_of_sd3_says_there_is_nothing_to_convert():
     assert "no layer to convert" in text
 
 
+def _pyramid_calib(folder, n=6, channels=4, frames=4, hw=8, lz=6, text_dim=24, pooled_dim=20, seed=0, **replace):
+    """A --calib folder in the PyramidFlow format (two files: one batched, one single sample)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    mask = torch.zeros(n, lz, dtype=torch.long)
+    for i in range(n):
+        mask[i, : 1 + i % lz] = 1
+    t = {"latents": torch.randn(n, channels, frames, hw, hw, generator=g),
+         "text_embeds": torch.randn(n, lz, text_dim, generator=g), "text_mask": mask,
+         "pooled": torch.randn(n, pooled_dim, generator=g)}
+    t.update(replace)
+    save_file({k: v.contiguous() for k, v in t.items() if v is not None}, str(folder / "batch.safetensors"))
+    save_file({k: v[0].contiguous() for k, v in t.items() if v is not None and v.dim() > 1},
+              str(folder / "single.safetensors"))
+    return folder
+
+
+def test_cli_distils_on_a_calibration_folder(roots, recipes, tmp_path):
+    calib = _pyramid_calib(tmp_path / "calib")
+    out = tmp_path / "out"
+    res = _convert(roots / "miniflux", out, recipes["miniflux"], "--distill-steps", "8", "--calib", str(calib))
+    assert res.exit_code == 0, res.output
+    assert "7 samples from" in " ".join(res.output.split())  # 6 batched + 1 single
+    summary = json.loads((out / "conversion.json").read_text())
+    assert summary["calibration"] == f"folder:{calib}"
+    for i in ("1", "2"):
+        assert summary["error_after"][i] < summary["error_before"][i]
+    card = (out / "README.md").read_text()
+    assert "SYNTHETIC" not in card.upper() and str(calib) in card
+    assert load_converted(out).config["m4v"]["calibration"] == f"folder:{calib}"
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("no_pooled", "missing tensor 'pooled'"),
+    ("channels", "latents must be (C=4, F, H, W)"),
+    ("not_pyramid", "multiples of 8"),
+    ("mask_shape", "text_mask must have shape"),
+    ("text_dim", "text_embeds must be (Lz, 24)"),
+    ("empty_mask", "no valid text token"),
+    ("not_a_folder", "not a folder"),
+])
+def test_cli_refuses_bad_calibration_folders(case, expect, roots, recipes, tmp_path):
+    n = 6
+    replace = {"no_pooled": {"pooled": None}, "channels": {"latents": torch.randn(n, 5, 4, 8, 8)},
+               "not_pyramid": {"latents": torch.randn(n, 4, 4, 12, 8)},
+               "mask_shape": {"text_mask": torch.ones(n, 5, dtype=torch.long)},
+               "text_dim": {"text_embeds": torch.randn(n, 6, 23)},
+               "empty_mask": {"text_mask": torch.zeros(n, 6, dtype=torch.long)}, "not_a_folder": {}}[case]
+    calib = tmp_path / "nowhere" if case == "not_a_folder" else _pyramid_calib(tmp_path / "calib", **replace)
+    out = tmp_path / "out"
+    res = _convert(roots / "miniflux", out, recipes["miniflux"], "--distill-steps", "1", "--calib", str(calib))
+    text = " ".join(res.output.split())
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "error: --calib" in text and expect in text, text
+    assert not out.exists()
+
+
 def test_a_folder_not_named_by_resolution_is_converted_with_a_note(roots, recipes, tmp_path):
     import shutil
 

@@ -10,18 +10,32 @@ release's training packs them, so every stage's register is exercised. Per sampl
 * the noisy clip: the last frame at the stage's resolution, noised by rectified flow
   ``x_t = (1 − σ)·x_0 + σ·ε`` at a random σ (shifted by ``flow_shift``), ``timestep_ratio = 1000·σ``.
 
-Source: **synthetic** only — latents ~ N(0, 1), T5-like text embeddings ~ N(0, 1) with a random
-number of valid tokens (left-aligned, mask 1) and the padded rows holding other random vectors
-(T5 pad outputs are not zero, so the mask matters), random pooled CLIP projections. They carry
-no video content; a conversion distilled on them is labelled ``calibration: synthetic``.
+Sources:
+
+* **synthetic** (no ``--calib``): latents ~ N(0, 1), T5-like text embeddings ~ N(0, 1) with a
+  random number of valid tokens (left-aligned, mask 1) and the padded rows holding other random
+  vectors (T5 pad outputs are not zero, so the mask matters), random pooled CLIP projections. They
+  carry no video content; a conversion distilled on them is labelled ``calibration: synthetic``.
+* **folder** (``--calib DIR``): every ``*.safetensors`` file in DIR holds one or more samples of
+  real (VAE-encoded) videos at the top pyramid level:
+
+  - ``latents``: (C, F, H, W) or (n, C, F, H, W), F latent frames (the last one is the noisy
+    frame, the others its history); H and W multiples of ``2 · 2**(stages − 1)``;
+  - ``text_embeds``: (Lz, text_dim) or (n, Lz, text_dim) T5 outputs, pad rows as the encoder gave them;
+  - ``text_mask``: (Lz,) or (n, Lz), 1 = valid token (the release's T5 mask; required, since pad
+    rows are not zero);
+  - ``pooled``: (pooled_dim,) or (n, pooled_dim) pooled CLIP text projections.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from m4v_convert.errors import M4VError
 
@@ -70,6 +84,61 @@ def synthetic_pyramid_samples(spec: PyramidCalibSpec, n: int, seed: int) -> list
         mask = torch.zeros(spec.text_len, dtype=torch.long)
         mask[:valid] = 1
         out.append(PyramidSample(lat, text, mask, torch.randn(spec.pooled_dim, generator=g)))
+    return out
+
+
+def folder_pyramid_samples(folder: Path, spec: PyramidCalibSpec, flag: str = "--calib") -> list[PyramidSample]:
+    """Every sample of every ``*.safetensors`` file in ``folder`` (format in the module docstring),
+    checked against the model (channels, text and pooled widths) and the pyramid (H, W)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise M4VError(f"{flag} {folder}: not a folder")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise M4VError(f"{flag} {folder}: no *.safetensors files (expected 'latents', 'text_embeds', 'text_mask' "
+                       "and 'pooled' tensors)")
+    step = LATENT_PATCH * 2 ** (spec.num_stages - 1)
+    out, shapes = [], set()
+    for f in files:
+        try:
+            t = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise M4VError(f"{flag} {f}: cannot read safetensors ({e})") from None
+        missing = [k for k in ("latents", "text_embeds", "text_mask", "pooled") if k not in t]
+        if missing:
+            raise M4VError(f"{flag} {f}: missing tensor {missing[0]!r} (has {sorted(t)}; PyramidFlow calibration "
+                           "needs latents, text_embeds, text_mask and pooled)")
+        lat, txt, mask, pooled = (t[k] for k in ("latents", "text_embeds", "text_mask", "pooled"))
+        single = lat.dim() == 4
+        if single:
+            lat, txt, mask, pooled = lat[None], txt[None], mask[None], pooled[None]
+        n = lat.shape[0]
+        c = spec.latent_channels
+        if lat.dim() != 5 or lat.shape[1] != c or lat.shape[3] % step or lat.shape[4] % step or min(lat.shape[3:]) < step:
+            raise M4VError(f"{flag} {f}: latents must be (C={c}, F, H, W) or (n, C, F, H, W) with H and W positive "
+                           f"multiples of {step} (2x2 patches at {spec.num_stages} pyramid levels), got "
+                           f"{tuple(t['latents'].shape)}")
+        if txt.dim() != 3 or txt.shape[0] != n or txt.shape[2] != spec.text_dim:
+            raise M4VError(f"{flag} {f}: text_embeds must be (Lz, {spec.text_dim}) or (n={n}, Lz, {spec.text_dim}), "
+                           f"got {tuple(t['text_embeds'].shape)}")
+        if tuple(mask.shape) != tuple(txt.shape[:2]):
+            raise M4VError(f"{flag} {f}: text_mask must have shape {tuple(txt.shape[1 if single else 0:2])}, got "
+                           f"{tuple(t['text_mask'].shape)}")
+        if tuple(pooled.shape) != (n, spec.pooled_dim):
+            raise M4VError(f"{flag} {f}: pooled must be ({spec.pooled_dim},) or (n={n}, {spec.pooled_dim}), got "
+                           f"{tuple(t['pooled'].shape)}")
+        for i in range(n):
+            if not all(torch.isfinite(x[i].float()).all() for x in (lat, txt, pooled)):
+                raise M4VError(f"{flag} {f}: sample {i} has NaN or inf values")
+            if not mask[i].bool().any():
+                raise M4VError(f"{flag} {f}: sample {i} has no valid text token (text_mask all 0)")
+            out.append(PyramidSample(lat[i].float(), txt[i].float(), mask[i].long(), pooled[i].float()))
+        shapes.add(tuple(lat.shape[1:]))
+    if len(shapes) > 1:
+        raise M4VError(f"{flag} {folder}: latents of different shapes {sorted(shapes)[:4]}; every sample of a run "
+                       "must have one (C, F, H, W) shape (they are batched together)")
+    if len({s.text.shape[0] for s in out}) > 1:
+        raise M4VError(f"{flag} {folder}: text_embeds of different lengths; pad every sample to one Lz")
     return out
 
 

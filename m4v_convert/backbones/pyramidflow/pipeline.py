@@ -35,6 +35,7 @@ class PyramidFlowOptions:
     dtype: str = "float32"
     overwrite: bool = False
     seed: int = 0
+    calib: Path | None = None  # folder of real pyramid calibration samples (calibration.py); None: synthetic
 
 
 def check_layer_selection(layers: list[int], num_double: int, variant: str, allow_double_stream: bool,
@@ -64,6 +65,13 @@ def check_layer_selection(layers: list[int], num_double: int, variant: str, allo
                    "implemented in this version of m4v-convert")
 
 
+def _calibration_line(calibration: str) -> str:
+    if calibration == "synthetic":
+        return ("- calibration data: **synthetic** — random latents and text embeddings, not real videos: this model "
+                "is NOT ready\n  for generation quality; distill it further on real latents (`--calib DIR`)")
+    return f"- calibration data: `{calibration.removeprefix('folder:')}` (real latents, pyramid-shaped batches)"
+
+
 def _layer_source(opts_layers, recipe) -> str:
     return "--layers" if opts_layers else f"recipe {recipe.name} (default_layers: {recipe.default_layers})"
 
@@ -79,7 +87,8 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     from m4v_convert.pipeline import resolve_device, resolve_dtype
     from m4v_convert.recipes import load_recipe
 
-    from .calibration import NUM_STAGES, PyramidCalibSpec, pyramid_batch, synthetic_pyramid_samples
+    from .calibration import (NUM_STAGES, PyramidCalibSpec, folder_pyramid_samples, pyramid_batch,
+                              synthetic_pyramid_samples)
     from .converted import M4VPyramidFluxTransformer, Stage1Target, calibrate_output_norms, record_teacher_layers
     from .layout import LATENT_PATCH
     from .loader import _FOLDER_RE, _resolve_folder, load_pyramidflow, transformer_folder_name
@@ -103,6 +112,8 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
               f"checkpoint {opts.checkpoint}")
     _check_layers_before_loading(opts, recipe)
+    if opts.calib is not None and not Path(opts.calib).expanduser().is_dir():
+        raise M4VError(f"--calib {opts.calib}: not a folder")
     teacher = load_pyramidflow(opts.checkpoint, variant=recipe.variant, resolution=recipe.resolution,
                                dtype=dtype, device=device)
     teacher.requires_grad_(False)
@@ -134,16 +145,23 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     for t in targets.values():
         t.requires_grad_(True)
 
-    # calibration data (synthetic, pyramid-shaped)
+    # calibration data (pyramid-shaped): the --calib folder, else synthetic
     c = recipe.calib
     spec = PyramidCalibSpec(latent_channels=cfg["in_channels"] // (LATENT_PATCH * LATENT_PATCH),
                             text_dim=cfg["joint_attention_dim"], pooled_dim=cfg["pooled_projection_dim"],
                             latent_frames=c["latent_frames"], latent_height=c["latent_height"],
                             latent_width=c["latent_width"], text_len=c["text_len"],
                             flow_shift=float(c.get("flow_shift", 1.0)))
-    samples = synthetic_pyramid_samples(spec, int(c.get("num_samples", 16)), seed=opts.seed)
-    con.print("[yellow]calibration: SYNTHETIC pyramid batches (random latents, T5-like text with padding); "
-              "they carry no video content[/]")
+    if opts.calib is not None:
+        samples = folder_pyramid_samples(opts.calib, spec)
+        calibration = f"folder:{opts.calib}"
+        con.print(f"calibration: {len(samples)} samples from {opts.calib} (latents "
+                  f"{tuple(samples[0].latents.shape)}, all {spec.num_stages} pyramid stages per call)")
+    else:
+        samples = synthetic_pyramid_samples(spec, int(c.get("num_samples", 16)), seed=opts.seed)
+        calibration = "synthetic"
+        con.print("[yellow]calibration: SYNTHETIC pyramid batches (random latents, T5-like text with padding); "
+                  "they carry no video content[/]")
     bs, n_eval = int(c.get("batch_size", 1)), int(c.get("eval_batches", 1))
     if len(samples) < bs * (n_eval + 1):
         raise M4VError(f"calibration: {len(samples)} samples, need at least {bs * (n_eval + 1)} "
@@ -173,7 +191,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                                      name=f"{recipe.name} ({Path(opts.checkpoint).name})")
     meta = {
         "toolkit": "m4v-convert", "version": m4v_convert.__version__, "source": str(Path(opts.checkpoint).resolve()),
-        "recipe": recipe.name, "layers": layers, "calibration": "synthetic",
+        "recipe": recipe.name, "layers": layers, "calibration": calibration,
         "distill": {"stage1_steps": settings.steps, "lr": settings.lr},
     }
     record_meta = {k: v for k, v in meta.items() if k != "layers"}
@@ -191,7 +209,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     with atomic_output_dir(opts.out, opts.overwrite) as tmp:
         save_converted(student, tmp / folder, metadata={
             "m4v_version": m4v_convert.__version__, "source": meta["source"], "recipe": recipe.name,
-            "layers": ",".join(map(str, layers)), "calibration": "synthetic",
+            "layers": ",".join(map(str, layers)), "calibration": calibration,
         })
         (tmp / "flops.json").write_text(json.dumps(flops, indent=2))
         (tmp / "flops.md").write_text(markdown_report(flops))
@@ -249,8 +267,7 @@ def _model_card(summary: dict, flops: dict, recipe, cfg: dict, n_double: int, n_
 - converted layers (MM-DiM in place of single-stream attention): {_ranges(summary['layers'])}
 - distillation: stage 1 (teacher-forced attention transfer), {summary['distill']['stage1_steps']} steps,
   lr {summary['distill']['lr']}
-- calibration data: **synthetic** — random latents and text embeddings, not real videos: this model is NOT ready
-  for generation quality; distill it further on real latents
+{_calibration_line(summary['calibration'])}
 
 The transformer is in `{folder}/` (the release's folder layout). Load it with
 `m4v_convert.load_converted(path)`; it takes exactly the inputs of `PyramidFluxTransformer`.
