@@ -382,11 +382,11 @@ def markdown_report(report: dict) -> str:
     lines += ["", f"With the {report['model']['num_double_layers']} unchanged double-stream blocks "
                   f"({tf(report['double_stream_blocks_flops'])} TFLOPs): all blocks {tf(ab['original'])} → "
                   f"{tf(ab['converted'])} TFLOPs.", ""]
-    if "speedup" in report:
-        cross = report["crossover_frames"]
-        lines += [f"Mixed layers {report['speedup']:.2f}× cheaper at this size; at the last unit the converted blocks "
-                  + (f"cost less from {cross} frame{'s' if cross != 1 else ''} on" if cross else "never cost less over the frame counts tried")
-                  + " (`curve` in the JSON).", ""]
+    cross = report["crossover_frames"]
+    where = (f"cost less from {cross} frame{'s' if cross != 1 else ''} on" if cross
+             else "never cost less over the frame counts tried")
+    lines += [f"Mixed layers {report['speedup']:.2f}× cheaper at this size; at the last unit the converted blocks "
+              f"{where} (`curve` in the JSON).", ""]
     g = report["generation"]
     lines += ["## Whole generation (all units, stages and steps; TFLOPs of the single-stream blocks)", "",
               f"{g['units']} units, {g['model_calls']} model calls (first frame {g['schedule']['first_frame_steps']}, "
