@@ -117,10 +117,10 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     teacher = load_pyramidflow(opts.checkpoint, variant=recipe.variant, resolution=recipe.resolution,
                                dtype=dtype, device=device)
     teacher.requires_grad_(False)
-    folder = _resolve_folder(Path(opts.checkpoint), recipe.resolution)
-    if not _FOLDER_RE.match(folder.name):
+    source_folder = _resolve_folder(Path(opts.checkpoint), recipe.resolution)
+    if not _FOLDER_RE.match(source_folder.name):
         # the release's 384p and 768p configs are the same architecture: only the folder name tells them apart
-        con.print(f"note: {folder} is not named {transformer_folder_name(recipe.resolution)}/, so its resolution "
+        con.print(f"note: {source_folder} is not named {transformer_folder_name(recipe.resolution)}/, so its resolution "
                   f"cannot be checked; the recipe's {recipe.resolution} is assumed")
     cfg = dict(teacher.config)
     n_double, n_single = _block_counts(cfg, recipe.variant)
