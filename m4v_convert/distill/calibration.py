@@ -65,24 +65,32 @@ def synthetic_samples(spec: CalibSpec, n: int, seed: int) -> list[CleanSample]:
     return out
 
 
-def folder_samples(folder: Path, spec: CalibSpec, flag: str = "--calib") -> list[CleanSample]:
-    """Every sample of every ``*.safetensors`` file in ``folder`` (format in the module docstring);
-    ``flag`` names the option in error messages."""
+def read_tensor_files(folder: Path, required: tuple[str, ...], flag: str = "--calib"):
+    """(file, tensors) for every ``*.safetensors`` file in ``folder``, each holding ``required``;
+    one clear error for a missing folder, no files, an unreadable file or a missing tensor."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise M4VError(f"{flag} {folder}: not a folder")
     files = sorted(folder.glob("*.safetensors"))
+    names = ", ".join(repr(k) for k in required)
     if not files:
-        raise M4VError(f"{flag} {folder}: no *.safetensors files (expected 'latents' + 'text_embeds' tensors)")
-    out = []
+        raise M4VError(f"{flag} {folder}: no *.safetensors files (expected {names} tensors)")
     for f in files:
         try:
             t = load_file(str(f))
         except (SafetensorError, OSError) as e:
             raise M4VError(f"{flag} {f}: cannot read safetensors ({e})") from None
-        for key in ("latents", "text_embeds"):
-            if key not in t:
-                raise M4VError(f"{flag} {f}: missing tensor {key!r} (has {sorted(t)})")
+        missing = [k for k in required if k not in t]
+        if missing:
+            raise M4VError(f"{flag} {f}: missing tensor {missing[0]!r} (has {sorted(t)}; needs {names})")
+        yield f, t
+
+
+def folder_samples(folder: Path, spec: CalibSpec, flag: str = "--calib") -> list[CleanSample]:
+    """Every sample of every ``*.safetensors`` file in ``folder`` (format in the module docstring);
+    ``flag`` names the option in error messages."""
+    out = []
+    for f, t in read_tensor_files(folder, ("latents", "text_embeds"), flag):
         lat, txt = t["latents"].float(), t["text_embeds"].float()
         if lat.dim() == 4:
             lat = lat.unsqueeze(0)

@@ -34,9 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
+from m4v_convert.distill.calibration import read_tensor_files
 from m4v_convert.errors import M4VError
 
 from .layout import LATENT_PATCH, history_clips
@@ -90,24 +88,9 @@ def synthetic_pyramid_samples(spec: PyramidCalibSpec, n: int, seed: int) -> list
 def folder_pyramid_samples(folder: Path, spec: PyramidCalibSpec, flag: str = "--calib") -> list[PyramidSample]:
     """Every sample of every ``*.safetensors`` file in ``folder`` (format in the module docstring),
     checked against the model (channels, text and pooled widths) and the pyramid (H, W)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise M4VError(f"{flag} {folder}: not a folder")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise M4VError(f"{flag} {folder}: no *.safetensors files (expected 'latents', 'text_embeds', 'text_mask' "
-                       "and 'pooled' tensors)")
     step = LATENT_PATCH * 2 ** (spec.num_stages - 1)
     out, shapes = [], set()
-    for f in files:
-        try:
-            t = load_file(str(f))
-        except (SafetensorError, OSError) as e:
-            raise M4VError(f"{flag} {f}: cannot read safetensors ({e})") from None
-        missing = [k for k in ("latents", "text_embeds", "text_mask", "pooled") if k not in t]
-        if missing:
-            raise M4VError(f"{flag} {f}: missing tensor {missing[0]!r} (has {sorted(t)}; PyramidFlow calibration "
-                           "needs latents, text_embeds, text_mask and pooled)")
+    for f, t in read_tensor_files(folder, ("latents", "text_embeds", "text_mask", "pooled"), flag):
         lat, txt, mask, pooled = (t[k] for k in ("latents", "text_embeds", "text_mask", "pooled"))
         single = lat.dim() == 4
         if single:
