@@ -163,7 +163,8 @@ def mmdim_flops(config: MMDiMConfig, layout: VideoLayout, text_len: int) -> dict
     Parts: ``in_proj`` ``2·N'·d·(2·d_inner + 2·g·n + h)``; ``conv1d`` ``2·N'·conv_dim·d_conv``
     (done with elementwise shifted multiply-adds in the code); the chunked SSD scan (see
     :func:`ssd_chunked_flops`, prefixed ``ssd_``); ``out_proj`` ``2·N'·d_inner·d``; the temporal
-    branch (:func:`temporal_flops`). With ``bidirectional`` the conv and the scan count twice. Elementwise estimates: D skip, gated RMSNorm, B/C RMSNorm,
+    branch (:func:`temporal_flops`). With ``bidirectional`` the conv and the scan count twice.
+    Elementwise estimates: D skip, gated RMSNorm, B/C RMSNorm,
     rotary on B/C, the text inverse (scatter-add), the scan's decays and the temporal branch's
     pooling, softmax and residual add.
     """

@@ -211,13 +211,15 @@ def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int,
     curve_frames = sorted({1 + VAE_TEMPORAL * (u - 1) for u in range(1, units + 1, max(1, units // 16))} | {frames})
     curve = {"frames": curve_frames, "original": [], "converted": []}
     for f in curve_frames:
-        t = _mixed_layer(dims, stage_layout(top, latent_frames(f) - 1, grids), text_len, mmdim_for, converted)["totals"]
+        t = tot if f == frames else _mixed_layer(dims, stage_layout(top, latent_frames(f) - 1, grids), text_len,
+                                                  mmdim_for, converted)["totals"]
         curve["original"].append(t["original"])
         curve["converted"].append(t["converted"])
     curve["crossover_frames"] = next((f for f, o, c in zip(curve_frames, curve["original"], curve["converted"])
                                       if c < o), None)
     curve.update(height=height, width=width, scope="single-stream blocks at the last unit")
     rows = last["layers"]
+    scores = sum(r["attention_scores"] for r in rows)
     top_grid = grids[top]
     return {
         "name": name or "PyramidFlow miniFLUX",
@@ -258,10 +260,10 @@ def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int,
         "latent": {"frames": units, "height": top_grid[0] * PATCH, "width": top_grid[1] * PATCH},
         "token_grid": {"frames": units, "height": top_grid[0], "width": top_grid[1]},
         "self_attention": {"projections": sum(r["attention_projections"] for r in rows),
-                           "scores": sum(r["attention_scores"] for r in rows),
+                           "scores": scores,
                            "total": tot["attention_original"]},
         "ffn_flops": sum(r["mlp_flops"] for r in rows),
-        "attention_scores_total_flops": sum(r["attention_scores"] for r in rows),
+        "attention_scores_total_flops": scores,
         "converted_total_matmul_flops": sum(
             r["block_converted_flops"] - (r["mmdim_flops"] - r["mmdim_matmul_flops"]) if r["converted"]
             else r["block_original_flops"] for r in rows),

@@ -114,10 +114,10 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     _check_layers_before_loading(opts, recipe)
     if opts.calib is not None and not Path(opts.calib).expanduser().is_dir():
         raise M4VError(f"--calib {opts.calib}: not a folder")
-    teacher = load_pyramidflow(opts.checkpoint, variant=recipe.variant, resolution=recipe.resolution,
+    source_folder = _resolve_folder(Path(opts.checkpoint), recipe.resolution)  # resolved once, loaded from
+    teacher = load_pyramidflow(source_folder, variant=recipe.variant, resolution=recipe.resolution,
                                dtype=dtype, device=device)
     teacher.requires_grad_(False)
-    source_folder = _resolve_folder(Path(opts.checkpoint), recipe.resolution)
     if not _FOLDER_RE.match(source_folder.name):
         # the release's 384p and 768p configs are the same architecture: only the folder name tells them apart
         con.print(f"note: {source_folder} is not named {transformer_folder_name(recipe.resolution)}/, so its resolution "
