@@ -189,6 +189,73 @@ def test_bidirectional_init_is_full_linear_attention_plus_the_diagonal(rotary):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_joint_init_is_linear_attention_with_separate_text_weights(bidirectional):
+    """Joint (double-stream) attention: text rows project with the text Q/K/V/O and norms, video
+    rows with the video ones, and all rows attend as one sequence (oracle written densely)."""
+    d, heads, hd, L = 12, 3, 4, 21
+    torch.manual_seed(3)
+    wv, wt = _attention_weights(d, heads, hd), _attention_weights(d, heads, hd, seed=1)
+    cfg = MMDiMConfig(d_model=d, nheads=heads, headdim=hd, bc_norm="per_group", out_norm=False,
+                      A_init=1e-12, dt_init=0.25, chunk_size=8, temporal=False, registers=False,
+                      text_sandwich=False, bidirectional=bidirectional, text_projections=True)
+    wv.q_norm_weight, wv.k_norm_weight = 1 + 0.1 * torch.randn(hd, dtype=torch.float64), 1 + 0.1 * torch.randn(hd, dtype=torch.float64)
+    wt.q_norm_weight, wt.k_norm_weight = 1 + 0.1 * torch.randn(hd, dtype=torch.float64), 1 + 0.1 * torch.randn(hd, dtype=torch.float64)
+    block = mmdim_from_attention(cfg, wv, dtype=torch.float64, text_weights=wt)
+    rows = torch.zeros(L, dtype=torch.bool)
+    rows[:5] = rows[-4:] = True  # a sandwich: text copies at both ends
+    u = torch.randn(2, L, d, dtype=torch.float64)
+    got = block.mixer(u, text_rows=rows)
+
+    def head_rms(t, wt_):  # per-head RMSNorm (bc_norm per_group)
+        t = t.unflatten(-1, (heads, hd))
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * wt_
+
+    def proj(w):
+        return (head_rms(u @ w.q_weight.T + w.q_bias, w.q_norm_weight),
+                head_rms(u @ w.k_weight.T + w.k_bias, w.k_norm_weight),
+                (u @ w.v_weight.T + w.v_bias).unflatten(-1, (heads, hd)))
+
+    sel = rows.view(1, L, 1, 1)
+    q, k, v = (torch.where(sel, a, b) for a, b in zip(proj(wt), proj(wv)))
+    mask = torch.ones(L, L, dtype=torch.float64).tril()
+    if bidirectional:
+        mask = torch.ones(L, L, dtype=torch.float64) + torch.eye(L, dtype=torch.float64)
+    y = torch.einsum("bhts,bshp->bthp", torch.einsum("bthn,bshn->bhts", q, k) * mask, v).flatten(-2)
+    y = cfg.dt_init * F.silu(torch.tensor(1.0, dtype=torch.float64)) * y
+    expected = torch.where(rows.view(1, L, 1), y @ wt.out_weight.T + wt.out_bias, y @ wv.out_weight.T + wv.out_bias)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-7)
+    # without text rows every row is video
+    torch.testing.assert_close(block.mixer(u), mmdim_from_attention(
+        MMDiMConfig(**{**cfg.__dict__, "text_projections": False}), wv, dtype=torch.float64).mixer(u))
+
+
+def test_joint_block_with_equal_weights_is_the_shared_block():
+    """An MM-DiM with text projections equal to the video ones computes what the shared block
+    does: the sandwich's text rows (pads included) are the ones that use the text weights."""
+    d, heads, hd = 12, 3, 4
+    w = _attention_weights(d, heads, hd)
+    base = dict(d_model=d, nheads=heads, headdim=hd, bc_norm="across_groups", chunk_size=8, temporal=False)
+    shared = mmdim_from_attention(MMDiMConfig(**base), w, dtype=torch.float64)
+    joint = mmdim_from_attention(MMDiMConfig(**base, text_projections=True), w, dtype=torch.float64, text_weights=w)
+    with torch.no_grad():
+        joint.register_tokens.copy_(shared.register_tokens)
+    layout = VideoLayout.single(2, 3, 4)
+    video, text = torch.randn(2, 24, d, dtype=torch.float64), torch.randn(2, 5, d, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    for a, b in zip(shared(video, layout, text, mask), joint(video, layout, text, mask)):
+        torch.testing.assert_close(a, b)
+    # different text weights change the output of video tokens too (they read the text)
+    other = _attention_weights(d, heads, hd, seed=1)
+    joint2 = mmdim_from_attention(MMDiMConfig(**base, text_projections=True), w, dtype=torch.float64,
+                                  text_weights=other)
+    with torch.no_grad():
+        joint2.register_tokens.copy_(shared.register_tokens)
+    assert not torch.allclose(joint2(video, layout, text, mask)[0], shared(video, layout, text, mask)[0])
+    with pytest.raises(ValueError, match="text_weights"):
+        mmdim_from_attention(MMDiMConfig(**base, text_projections=True), w)
+
+
 @pytest.mark.parametrize("out_norm", [True, False])
 def test_bidirectional_mixer_is_the_causal_mixer_both_ways(out_norm):
     """Oracle: a unidirectional twin (same weights) run forwards and on the reversed input; the

@@ -163,7 +163,9 @@ def mmdim_flops(config: MMDiMConfig, layout: VideoLayout, text_len: int) -> dict
     Parts: ``in_proj`` ``2·N'·d·(2·d_inner + 2·g·n + h)``; ``conv1d`` ``2·N'·conv_dim·d_conv``
     (done with elementwise shifted multiply-adds in the code); the chunked SSD scan (see
     :func:`ssd_chunked_flops`, prefixed ``ssd_``); ``out_proj`` ``2·N'·d_inner·d``; the temporal
-    branch (:func:`temporal_flops`). With ``bidirectional`` the conv and the scan count twice.
+    branch (:func:`temporal_flops`). With ``bidirectional`` the conv and the scan count twice; with
+    ``text_projections`` the text rows go through ``text_in_proj`` / ``text_out_proj`` of the same
+    sizes instead, so the projection counts do not change.
     Elementwise estimates: D skip, gated RMSNorm, B/C RMSNorm,
     rotary on B/C, the text inverse (scatter-add), the scan's decays and the temporal branch's
     pooling, softmax and residual add.
@@ -191,7 +193,8 @@ def mmdim_flops(config: MMDiMConfig, layout: VideoLayout, text_len: int) -> dict
     if mc.bidirectional:
         elementwise["direction_sum"] = seq * mc.d_inner
     if mc.bc_norm != "none":
-        elementwise["bc_norm"] = dirs * 2 * 4 * seq * mc.d_bc
+        # with text projections both norms run on every row and a select picks one
+        elementwise["bc_norm"] = dirs * 2 * 4 * seq * mc.d_bc * (2 if mc.text_projections else 1)
     if config.rotary:
         elementwise["bc_rotary"] = dirs * 2 * 3 * seq * mc.d_bc
     if mc.out_norm:  # silu(z) gate (4), multiply, square, mean, rsqrt-scale, weight

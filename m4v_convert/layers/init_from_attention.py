@@ -20,6 +20,8 @@ Free choices, made here once:
 * **q/k RMSNorm weights** become the ``C_norm`` / ``B_norm`` weights when the recipe keeps them.
 * **out_proj** = W_O (+ b_O); for fused outputs (PyramidFlow single blocks) the caller passes the
   attention slice of the fused projection.
+* **Joint (double-stream) attention** (``text_projections``): the text stream's Q/K/V/O fill
+  ``text_in_proj`` / ``text_out_proj`` and its q/k norms the text B/C norms by the same rules.
 * **norm.weight** = 1; :func:`calibrate_output_norm` can rescale it per head so that the
   normalized output matches the teacher's per-head output RMS on calibration data.
 * **RoPE** is carried onto B/C when ``MMDiMConfig.rotary`` is set (the adapter supplies the
@@ -72,30 +74,18 @@ def _inv_softplus(x: float) -> float:
 
 
 @torch.no_grad()
-def init_mixer_from_attention(block: MMDiM, weights: AttentionWeights) -> None:
-    """Overwrite ``block.mixer`` in place from ``weights`` (see the module docstring)."""
-    c = block.config
-    mixer = block.mixer
-    weights.validate(c.d_model)
-    if (c.nheads, c.headdim, c.d_state, c.ngroups) != (weights.heads, weights.head_dim, weights.head_dim, weights.heads):
-        raise ValueError(
-            f"config: attention has {weights.heads} heads × {weights.head_dim}; the mixer needs "
-            f"nheads = ngroups = {weights.heads} and headdim = d_state = {weights.head_dim}"
-        )
-    if not c.bias:
-        raise ValueError("config: init from attention needs bias=True (the z gate is a constant bias)")
-    inner = c.nheads * c.headdim
-    dev, dt = mixer.in_proj.weight.device, mixer.in_proj.weight.dtype
+def _fill_projections(in_proj, out_proj, weights: AttentionWeights, nheads: int) -> None:
+    """``in_proj`` rows ``[z | x | B | C | dt]`` and ``out_proj`` from one set of Q/K/V/O."""
+    inner = weights.heads * weights.head_dim
+    dev, dt = in_proj.weight.device, in_proj.weight.dtype
 
     def cvt(t):
         return t.to(device=dev, dtype=dt)
 
+    w, b = in_proj.weight, in_proj.bias
     zeros_b = torch.zeros(inner, device=dev, dtype=dt)
-    w = mixer.in_proj.weight
-    b = mixer.in_proj.bias
-    # [z | x | B | C | dt]
     sl = {"z": slice(0, inner), "x": slice(inner, 2 * inner), "B": slice(2 * inner, 3 * inner),
-          "C": slice(3 * inner, 4 * inner), "dt": slice(4 * inner, 4 * inner + c.nheads)}
+          "C": slice(3 * inner, 4 * inner), "dt": slice(4 * inner, 4 * inner + nheads)}
     w[sl["z"]] = 0
     b[sl["z"]] = 1
     for part, wt, bs in (("x", weights.v_weight, weights.v_bias), ("B", weights.k_weight, weights.k_bias),
@@ -104,6 +94,53 @@ def init_mixer_from_attention(block: MMDiM, weights: AttentionWeights) -> None:
         b[sl[part]] = cvt(bs) if bs is not None else zeros_b
     w[sl["dt"]] = 0
     b[sl["dt"]] = 0
+    out_proj.weight.copy_(cvt(weights.out_weight))
+    if out_proj.bias is not None:
+        if weights.out_bias is not None:
+            out_proj.bias.copy_(cvt(weights.out_bias))
+        else:
+            out_proj.bias.zero_()
+
+
+@torch.no_grad()
+def _fill_bc_norms(b_norm, c_norm, weights: AttentionWeights, bc_norm: str) -> None:
+    for norm, src, name in ((c_norm, weights.q_norm_weight, "q_norm_weight"),
+                            (b_norm, weights.k_norm_weight, "k_norm_weight")):
+        if src is None:
+            norm.weight.fill_(1)
+        elif src.numel() != norm.weight.numel():
+            raise ValueError(f"{name}: expected {norm.weight.numel()} values for bc_norm={bc_norm!r}, got {src.numel()}")
+        else:
+            norm.weight.copy_(src.to(norm.weight).reshape(norm.weight.shape))
+
+
+@torch.no_grad()
+def init_mixer_from_attention(block: MMDiM, weights: AttentionWeights,
+                              text_weights: AttentionWeights | None = None) -> None:
+    """Overwrite ``block.mixer`` in place from ``weights`` (see the module docstring).
+
+    ``text_weights``: the text stream's Q/K/V/O of a joint (double-stream) attention, for a block
+    with ``text_projections`` (they fill ``text_in_proj`` / ``text_out_proj`` / the text B/C norms
+    the same way); required exactly when the block has them.
+    """
+    c = block.config
+    mixer = block.mixer
+    if c.text_projections != (text_weights is not None):
+        raise ValueError("text_weights: required for a block with text_projections, and only for one")
+    for wts in (weights, text_weights):
+        if wts is None:
+            continue
+        wts.validate(c.d_model)
+        if (c.nheads, c.headdim, c.d_state, c.ngroups) != (wts.heads, wts.head_dim, wts.head_dim, wts.heads):
+            raise ValueError(
+                f"config: attention has {wts.heads} heads × {wts.head_dim}; the mixer needs "
+                f"nheads = ngroups = {wts.heads} and headdim = d_state = {wts.head_dim}"
+            )
+    if not c.bias:
+        raise ValueError("config: init from attention needs bias=True (the z gate is a constant bias)")
+    _fill_projections(mixer.in_proj, mixer.out_proj, weights, c.nheads)
+    if text_weights is not None:
+        _fill_projections(mixer.text_in_proj, mixer.text_out_proj, text_weights, c.nheads)
     mixer.dt_bias.fill_(_inv_softplus(c.dt_init))
     mixer.A_log.fill_(math.log(c.A_init))
     mixer.D.zero_()
@@ -114,28 +151,18 @@ def init_mixer_from_attention(block: MMDiM, weights: AttentionWeights) -> None:
         mixer.conv1d.bias.zero_()
 
     if c.bc_norm != "none":
-        for norm, src, name in ((mixer.C_norm, weights.q_norm_weight, "q_norm_weight"),
-                                (mixer.B_norm, weights.k_norm_weight, "k_norm_weight")):
-            if src is None:
-                norm.weight.fill_(1)
-            elif src.numel() != norm.weight.numel():
-                raise ValueError(f"{name}: expected {norm.weight.numel()} values for bc_norm={c.bc_norm!r}, got {src.numel()}")
-            else:
-                norm.weight.copy_(cvt(src).reshape(norm.weight.shape))
+        _fill_bc_norms(mixer.B_norm, mixer.C_norm, weights, c.bc_norm)
+        if text_weights is not None:
+            _fill_bc_norms(mixer.text_B_norm, mixer.text_C_norm, text_weights, c.bc_norm)
     if c.out_norm:
         mixer.norm.weight.fill_(1)
-    mixer.out_proj.weight.copy_(cvt(weights.out_weight))
-    if mixer.out_proj.bias is not None:
-        if weights.out_bias is not None:
-            mixer.out_proj.bias.copy_(cvt(weights.out_bias))
-        else:
-            mixer.out_proj.bias.zero_()
 
 
-def mmdim_from_attention(config: MMDiMConfig, weights: AttentionWeights, device=None, dtype=None) -> MMDiM:
-    """Build an :class:`MMDiM` whose mixer is initialized from ``weights``."""
+def mmdim_from_attention(config: MMDiMConfig, weights: AttentionWeights, device=None, dtype=None,
+                         text_weights: AttentionWeights | None = None) -> MMDiM:
+    """Build an :class:`MMDiM` whose mixer is initialized from ``weights`` (and ``text_weights``)."""
     block = MMDiM(config, device=device, dtype=dtype)
-    init_mixer_from_attention(block, weights)
+    init_mixer_from_attention(block, weights, text_weights)
     return block
 
 

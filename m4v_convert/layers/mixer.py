@@ -12,7 +12,10 @@ packs independent segments (the conv and the scan both reset at segment boundari
 ``bidirectional`` also runs the conv and the scan over the reversed sequence with the same weights
 (one batched call) and sums both outputs before the gate: with the attention init this is
 non-causal linear attention, for backbones whose attention reads every frame (no new parameters,
-so the state dict keeps the ``Mamba2`` layout).
+so the state dict keeps the ``Mamba2`` layout), ``text_projections`` gives the rows flagged by
+``text_rows`` their own ``text_in_proj`` / ``text_out_proj`` (and B/C norms): for joint
+(double-stream) attention blocks, whose text and video tokens have separate Q/K/V/O weights but
+attend as one sequence; the conv, the scan and the gated norm stay shared.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class MixerConfig:
     norm_before_gate: bool = False
     chunk_size: int = 256
     bidirectional: bool = False  # also scan the reversed sequence (shared weights) and sum both outputs
+    text_projections: bool = False  # text rows get their own in/out projections and B/C norms
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     A_init_range: tuple[float, float] = (1.0, 16.0)
@@ -171,10 +175,16 @@ class Mamba2Mixer(nn.Module):
             size = c.d_state if c.bc_norm == "per_group" else c.d_bc
             self.B_norm = nn.RMSNorm(size, eps=c.norm_eps, **fk)
             self.C_norm = nn.RMSNorm(size, eps=c.norm_eps, **fk)
+            if c.text_projections:
+                self.text_B_norm = nn.RMSNorm(size, eps=c.norm_eps, **fk)
+                self.text_C_norm = nn.RMSNorm(size, eps=c.norm_eps, **fk)
         if c.out_norm:
             self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups, eps=c.norm_eps,
                                      norm_before_gate=c.norm_before_gate, **fk)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias, **fk)
+        if c.text_projections:
+            self.text_in_proj = nn.Linear(c.d_model, d_in_proj, bias=c.bias, **fk)
+            self.text_out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias, **fk)
         if self.dt_bias.device.type != "meta":
             self.reset_parameters()
 
@@ -196,22 +206,53 @@ class Mamba2Mixer(nn.Module):
             return norm(t)
         return norm(t.unflatten(-1, (c.ngroups, c.d_state))).flatten(-2)
 
+    def _bc_norm(self, t: torch.Tensor, which: str, row_mask: torch.Tensor | None) -> torch.Tensor:
+        """B or C RMSNorm; with ``row_mask`` ((b, L, 1) bool) the text norm on the flagged rows."""
+        out = self._split_bc_norm(t, getattr(self, f"{which}_norm"))
+        if row_mask is None:
+            return out
+        return torch.where(row_mask, self._split_bc_norm(t, getattr(self, f"text_{which}_norm")), out)
+
+    @staticmethod
+    def _project_rows(x: torch.Tensor, rows: torch.Tensor | None, video: nn.Linear, text: nn.Linear) -> torch.Tensor:
+        """``video(x)``, except ``text(x)`` on the sequence positions ``rows`` ((L,) bool)."""
+        if rows is None:
+            return video(x)
+        t_idx, v_idx = rows.nonzero().squeeze(1), (~rows).nonzero().squeeze(1)
+        out = x.new_empty(*x.shape[:-1], video.out_features)
+        out.index_copy_(1, v_idx, video(x.index_select(1, v_idx)))
+        out.index_copy_(1, t_idx, text(x.index_select(1, t_idx)))
+        return out
+
+    def _text_rows(self, text_rows: torch.Tensor | None, length: int, device) -> torch.Tensor | None:
+        if text_rows is None:
+            return None
+        if not self.config.text_projections:
+            raise ValueError("text_rows: given, but the mixer has no text projections (text_projections=False)")
+        text_rows = text_rows.to(device=device, dtype=torch.bool)
+        if text_rows.shape != (length,):
+            raise ValueError(f"text_rows: expected shape ({length},), got {tuple(text_rows.shape)}")
+        return text_rows if bool(text_rows.any()) else None
+
     def forward(
         self,
         u: torch.Tensor,
         *,
         seq_idx: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        text_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """u: (b, L, d_model) → (b, L, d_model).
 
         seq_idx: (b, L) int32, packed independent segments. rotary: (cos, sin), each (L, d_state)
         or (b, L, d_state), repeat-interleaved, applied to B and C in sequence order; or
-        (..., L, ngroups·d_state): one table per group.
+        (..., L, ngroups·d_state): one table per group. text_rows: (L,) bool, the positions that
+        use the text projections and norms (``text_projections`` only; None: every row is video).
         """
         c = self.config
         b, L, _ = u.shape
-        zxbcdt = self.in_proj(u)
+        rows = self._text_rows(text_rows, L, u.device)
+        zxbcdt = self._project_rows(u, rows, self.in_proj, getattr(self, "text_in_proj", None))
         z, xbc, dt = torch.split(zxbcdt, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
         if c.bidirectional:
             # The reversed direction is the same causal mixer run on the flipped sequence, stacked on
@@ -225,8 +266,13 @@ class Mamba2Mixer(nn.Module):
             xbc = F.silu(xbc)
         x, B, C = torch.split(xbc, [c.d_inner, c.d_bc, c.d_bc], dim=-1)
         if c.bc_norm != "none":
-            B = self._split_bc_norm(B, self.B_norm)
-            C = self._split_bc_norm(C, self.C_norm)
+            row_mask = None
+            if rows is not None:  # the reversed copy's text rows are the flipped mask
+                row_mask = rows.view(1, L, 1).expand(b, -1, -1)
+                if c.bidirectional:
+                    row_mask = torch.cat([row_mask, row_mask.flip(1)])
+            B = self._bc_norm(B, "B", row_mask)
+            C = self._bc_norm(C, "C", row_mask)
         B = B.unflatten(-1, (c.ngroups, c.d_state))
         C = C.unflatten(-1, (c.ngroups, c.d_state))
         if rotary is not None:
@@ -257,7 +303,7 @@ class Mamba2Mixer(nn.Module):
         y = y.flatten(-2)
         if c.out_norm:
             y = self.norm(y, z)
-        return self.out_proj(y)
+        return self._project_rows(y, rows, self.out_proj, getattr(self, "text_out_proj", None))
 
     def scan_chunk_size(self, x: torch.Tensor) -> int:
         """``config.chunk_size`` for the Triton kernel; at most TORCH_CHUNK for the PyTorch scan.

@@ -38,6 +38,9 @@ class MMDiMConfig:
     # also scan the re-composed sequence backwards (shared weights, outputs summed): for backbones
     # whose attention is bidirectional over frames; off for autoregressive ones (PyramidFlow)
     bidirectional: bool = False
+    # text tokens (sandwich rows) get their own in/out projections and B/C norms: for joint
+    # (double-stream) blocks, whose attention has separate text and video Q/K/V/O weights
+    text_projections: bool = False
     # mixer
     d_conv: int = 4
     conv_activation: str = "identity"
@@ -73,7 +76,7 @@ class MMDiMConfig:
             d_model=self.d_model, nheads=self.nheads, headdim=self.headdim, d_state=self.d_state,
             ngroups=self.ngroups, d_conv=self.d_conv, conv_activation=self.conv_activation, bias=self.bias,
             bc_norm=self.bc_norm, norm_eps=self.norm_eps, out_norm=self.out_norm, chunk_size=self.chunk_size,
-            bidirectional=self.bidirectional,
+            bidirectional=self.bidirectional, text_projections=self.text_projections,
         )
 
     def to_dict(self) -> dict:
@@ -146,7 +149,10 @@ class MMDiM(nn.Module):
             one = torch.ones(n, device=video.device)
             zero = torch.zeros(n, device=video.device)
             mixer_rotary = (rc.permute_rows(rotary[0], one, lz), rc.permute_rows(rotary[1], zero, lz))
-        out = self.mixer(seq, rotary=mixer_rotary)
+        text_rows = None
+        if self.config.text_projections:
+            text_rows = rc.text_rows(text, seq.device)
+        out = self.mixer(seq, rotary=mixer_rotary, text_rows=text_rows)
         video_out, text_out = rc.inverse(out, text, text_mask)
         if self.config.temporal:
             video_out = video_out + self.temporal(video, layout, temporal_sources)

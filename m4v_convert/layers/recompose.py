@@ -252,6 +252,15 @@ class Recomposer:
         text_out.scatter_add_(1, right.unsqueeze(-1).expand(-1, -1, d), seq[:, lz + n_video :])
         return video, text_out[:, :lz]
 
+    def text_rows(self, text: torch.Tensor | None, device) -> torch.Tensor:
+        """(L',) bool: the positions of both text copies (padding slots included) in the sequence."""
+        lz = self.num_text_tokens(text)
+        n_video = self.sequence_length(0)
+        rows = torch.zeros(n_video + 2 * lz, dtype=torch.bool, device=device)
+        rows[:lz] = True
+        rows[lz + n_video:] = True
+        return rows
+
     def sequence_length(self, text_len: int) -> int:
         regs = self.layout.num_frames + 1 if self.use_registers else 0
         return self.layout.num_tokens + regs + (2 * text_len if self.use_text else 0)
