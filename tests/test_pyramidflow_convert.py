@@ -15,8 +15,10 @@ from m4v_convert import load_converted
 from m4v_convert.backbones.pyramidflow import save_pyramidflow, token_layout
 from m4v_convert.backbones.pyramidflow.converted import (
     M4VPyramidFluxTransformer,
+    M4VPyramidDiffusionMMDiT,
     MMDiMSingleTransformerBlock,
     PyramidMMDiMAttention,
+    PyramidMMDiMJointAttention,
     history_sources,
     video_layout,
 )
@@ -90,8 +92,80 @@ def test_swap_replaces_exactly_the_single_stream_attentions(teacher):
     assert s_sd["x_embedder.weight"].data_ptr() != t_sd["x_embedder.weight"].data_ptr()
     assert list(inspect.signature(type(student).forward).parameters) == \
         list(inspect.signature(type(teacher).forward).parameters)
-    with pytest.raises(M4VError, match="double-stream.*not implemented"):
-        M4VPyramidFluxTransformer.from_teacher(teacher).convert_([0, 1], MMDIM)
+    with pytest.raises(M4VError, match="out of range"):
+        M4VPyramidFluxTransformer.from_teacher(teacher).convert_([3], MMDIM)
+
+
+def test_swap_of_a_double_stream_block_takes_both_streams_weights(teacher):
+    """A double-stream block keeps its MLPs and norms; its attention becomes an MM-DiM whose video
+    rows come from to_q/k/v/to_out and whose text rows from add_q/k/v_proj/to_add_out."""
+    student = M4VPyramidFluxTransformer.from_teacher(teacher)
+    assert student.convert_([0], MMDIM) == ["transformer_blocks.0.attn"]
+    assert student.converted_layers == [0]
+    attn, t_attn = student.transformer_blocks[0].attn, teacher.transformer_blocks[0].attn
+    assert isinstance(attn, PyramidMMDiMJointAttention) and attn.mmdim.config.text_projections
+    mixer, d = attn.mmdim.mixer, 32
+    for proj, out, norms, (q, k, v, o, nq, nk) in (
+            (mixer.in_proj, mixer.out_proj, (mixer.C_norm, mixer.B_norm),
+             (t_attn.to_q, t_attn.to_k, t_attn.to_v, t_attn.to_out[0], t_attn.norm_q, t_attn.norm_k)),
+            (mixer.text_in_proj, mixer.text_out_proj, (mixer.text_C_norm, mixer.text_B_norm),
+             (t_attn.add_q_proj, t_attn.add_k_proj, t_attn.add_v_proj, t_attn.to_add_out, t_attn.norm_added_q,
+              t_attn.norm_added_k))):
+        for i, lin in enumerate((v, k, q), start=1):
+            assert torch.equal(proj.weight[i * d:(i + 1) * d], lin.weight)
+            assert torch.equal(proj.bias[i * d:(i + 1) * d], lin.bias)
+        assert torch.equal(out.weight, o.weight) and torch.equal(out.bias, o.bias)
+        assert torch.equal(norms[0].weight, nq.weight) and torch.equal(norms[1].weight, nk.weight)
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    for key, value in t_sd.items():
+        if not key.startswith("transformer_blocks.0.attn."):
+            assert torch.equal(s_sd[key], value), key
+
+
+def test_joint_init_is_causal_linear_attention_over_text_and_video(teacher):
+    """Oracle for a converted double-stream block: the re-composed [text ; video] sequence, each
+    token projected by its own stream's Q/K/V (norms and RoPE included), causal linear attention
+    with decay, per-head RMS norm, then each stream's out projection."""
+    student = M4VPyramidFluxTransformer.from_teacher(teacher)
+    student.convert_([0], MMDIM)
+    t_attn, attn = teacher.transformer_blocks[0].attn, student.transformer_blocks[0].attn
+    kw = _inputs()
+    layout = token_layout(kw["sample"], kw["encoder_attention_mask"])[2]
+    g = torch.Generator().manual_seed(8)
+    d, heads, hd, lz = 32, 2, 16, layout.text_len
+    video = torch.randn(2, layout.video_len, d, generator=g)
+    text = torch.randn(2, lz, d, generator=g)
+    cos, sin = rope_tables(sequence_position_ids(layout), teacher.config.axes_dims_rope)
+    with torch.no_grad():
+        got_video, got_text = attn(video, encoder_hidden_states=text, image_rotary_emb=(cos, sin),
+                                   token_layout=layout)
+        cfg = attn.mmdim.config
+        rc = attn.mmdim.recomposer(video_layout(layout))
+        seq = rc.forward(video, attn.mmdim.register_tokens, text, layout.text_mask)
+        rows = rc.text_rows(text, seq.device).view(1, -1, 1, 1)
+
+        def qkv(q, k, v, nq, nk):
+            return (nq(q(seq).unflatten(-1, (heads, hd))), nk(k(seq).unflatten(-1, (heads, hd))),
+                    v(seq).unflatten(-1, (heads, hd)))
+
+        vid = qkv(t_attn.to_q, t_attn.to_k, t_attn.to_v, t_attn.norm_q, t_attn.norm_k)
+        txt = qkv(t_attn.add_q_proj, t_attn.add_k_proj, t_attn.add_v_proj, t_attn.norm_added_q, t_attn.norm_added_k)
+        q, k, v = (torch.where(rows, b, a) for a, b in zip(vid, txt))
+        rcos = rc.permute_rows(cos[lz:], torch.ones(hd), lz)
+        rsin = rc.permute_rows(sin[lz:], torch.zeros(hd), lz)
+        q, k = apply_rope(q, rcos, rsin), apply_rope(k, rcos, rsin)
+        t = torch.arange(seq.shape[1])
+        decay = math.exp(-cfg.A_init * cfg.dt_init)
+        weights = torch.where(t[:, None] >= t[None, :], decay ** (t[:, None] - t[None, :]).double(), 0.0).float()
+        scores = torch.einsum("bthp,bshp->bhts", q, k) * weights * cfg.dt_init
+        y = torch.einsum("bhts,bshp->bthp", scores, v) * F.silu(torch.tensor(1.0))
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).flatten(-2)
+        out = torch.where(rows.view(1, -1, 1), t_attn.to_add_out(y), t_attn.to_out[0](y))
+        want_video, want_text = rc.inverse(out, text, layout.text_mask)
+    torch.testing.assert_close(got_video, want_video, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_text, want_text, rtol=1e-4, atol=1e-5)
+    mask = layout.text_mask
+    assert got_text[~mask].abs().max() == 0 and got_text[mask].abs().min() > 0
 
 
 def test_init_reproduces_normalized_causal_linear_attention_of_the_teacher(teacher):
@@ -277,16 +351,15 @@ def test_cli_converts_distills_and_writes_the_release_layout(roots, recipes, tmp
 
 
 @pytest.mark.parametrize("case", ["sd3_recipe_on_miniflux", "miniflux_recipe_on_sd3", "384p_root", "384p_folder",
-                                  "no_subfolder", "fp16", "double_stream", "allowed_double_stream", "sd3",
-                                  "wan_recipe"])
+                                  "no_subfolder", "fp16", "double_stream", "wan_recipe"])
 def test_cli_bad_input_is_one_clear_message(case, roots, recipes, tmp_path):
     ckpt, recipe, extra = roots / "miniflux", recipes["miniflux"], ["--distill-steps", "1"]
     expect = {
         "sd3_recipe_on_miniflux": "not the sd3 one", "miniflux_recipe_on_sd3": "not the miniflux one",
         "384p_root": "no diffusion_transformer_768p", "384p_folder": "holds the 384p transformer",
         "no_subfolder": "not a PyramidFlow model folder", "fp16": "float16",
-        "double_stream": "--layers: layers 0 are double-stream blocks (transformer_blocks.0-0). M4V converts single-stream",
-        "allowed_double_stream": "not implemented", "sd3": "(default_layers: all): SD3 has only joint (double-stream) blocks",
+        "double_stream": "--layers: layers 0 are double-stream blocks (transformer_blocks.0-0), and this recipe does "
+                         "not allow converting them (allow_double_stream: false)",
         "wan_recipe": "this command converts PyramidFlow",
     }[case]
     if case == "sd3_recipe_on_miniflux":
@@ -304,10 +377,6 @@ def test_cli_bad_input_is_one_clear_message(case, roots, recipes, tmp_path):
         extra += ["--dtype", "float16"]
     elif case == "double_stream":
         extra += ["--layers", "0-2"]
-    elif case == "allowed_double_stream":
-        recipe, extra = recipes["allow"], extra + ["--layers", "0"]
-    elif case == "sd3":
-        ckpt, recipe = roots / "sd3", recipes["sd3"]
     elif case == "wan_recipe":
         recipe = "wan2.1"
     out = tmp_path / "out"
@@ -318,17 +387,50 @@ def test_cli_bad_input_is_one_clear_message(case, roots, recipes, tmp_path):
     assert "error:" in text and expect.lower() in text.lower(), text
     assert not out.exists()
     if case == "double_stream":
-        assert "(--layers 1-2)" in text
-    if case == "sd3":
-        assert "no layer to convert" in text and "allow_double_stream" not in text
+        assert "(--layers 1-2)" in text and "allow_double_stream: true" in text
 
 
-def test_flops_of_sd3_says_there_is_nothing_to_convert():
-    res = runner.invoke(app, ["flops", "pyramidflow-sd3-768p"])
+@pytest.mark.parametrize("variant", ["miniflux", "sd3"])
+def test_cli_converts_double_stream_blocks_when_the_recipe_allows(variant, roots, recipes, tmp_path):
+    """miniFLUX with allow_double_stream (all three blocks) and SD3 (its joint blocks, the last
+    one context-pre-only): distilled, saved in the release layout, reloaded bit-identically."""
+    ckpt, recipe, layers = ((roots / "miniflux", recipes["allow"], "0-2") if variant == "miniflux"
+                            else (roots / "sd3", recipes["sd3"], "all"))
+    out = tmp_path / "out"
+    res = _convert(ckpt, out, recipe, "--distill-steps", "8", "--layers", layers)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "conversion.json").read_text())
+    n = len(summary["layers"])
+    assert n == 3 if variant == "miniflux" else n >= 2
+    for i, before in summary["error_before"].items():
+        assert summary["error_after"][i] < before, i
+    model = load_converted(out)
+    cls = M4VPyramidFluxTransformer if variant == "miniflux" else M4VPyramidDiffusionMMDiT
+    assert type(model) is cls and model.converted_layers == summary["layers"]
+    joint = [model.transformer_blocks[i].attn for i in summary["layers"] if i < model.config.num_layers]
+    assert joint and all(isinstance(a, PyramidMMDiMJointAttention) for a in joint)
+    if variant == "sd3":
+        assert joint[-1].context_pre_only and not joint[0].context_pre_only
+    flops = json.loads((out / "flops.json").read_text())
+    assert flops["scope"].startswith("all blocks") and flops["converted_total_flops"] < flops["original_total_flops"]
+    # reload = the saved model: compare with a second load (weights identical) on the same inputs
+    again = load_converted(out)
+    sd = model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in again.state_dict().items())
+    from m4v_convert.backbones.pyramidflow.testing import tiny_sd3_config
+
+    config = tiny_miniflux_config() if variant == "miniflux" else tiny_sd3_config()
+    kw = tiny_pyramid_inputs(config, batch=2, num_stages=3, num_history=3, seed=5)
+    with torch.no_grad():
+        for a, b in zip(model(**kw), again(**kw)):
+            assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_flops_of_sd3_counts_the_joint_blocks():
+    res = runner.invoke(app, ["flops", "pyramidflow-sd3-768p", "--no-crosscheck"])
     text = " ".join(res.output.split())
-    assert res.exit_code != 0 and "Traceback" not in res.output
-    assert "error: recipe pyramidflow-sd3-768p (default_layers: all): SD3 has only joint" in text, text
-    assert "no layer to convert" in text
+    assert res.exit_code == 0, text
+    assert "all blocks (double-stream / joint blocks are converted too)" in text
 
 
 def _pyramid_calib(folder, n=6, channels=4, frames=4, hw=8, lz=6, text_dim=24, pooled_dim=20, seed=0, **replace):
@@ -452,6 +554,35 @@ def test_flops_hand_check_on_a_tiny_config():
     # the analytic counts describe the modules that run (FlopCounterMode on real tiny blocks)
     check = crosscheck_single_block(tiny_miniflux_config(), layout, lz, MMDIM, device="cpu")
     assert check["ok"] and all(r["rel_diff"] == 0 for r in check["rows"])
+
+
+@pytest.mark.parametrize("variant,index", [("miniflux", 0), ("sd3", 0), ("sd3", 1)])
+def test_flops_of_double_stream_blocks_by_hand_and_measured(variant, index):
+    """Joint blocks: attention over [text ; video] with both streams' Q/K/V/O, two 4x MLPs, two
+    AdaLN-Zero (SD3's last block: no text MLP / out-projection, a 2d continuous AdaLN); converted:
+    the MM-DiM over N' instead of the attention. Checked by hand and with FlopCounterMode."""
+    from m4v_convert.backbones.pyramidflow.testing import tiny_sd3_config
+    from m4v_convert.flops.pyramidflow import (crosscheck_double_block, double_block_flops, miniflux_dims,
+                                               stage_layout)
+    from m4v_convert.layers.mmdim import MMDiMConfig
+
+    config = tiny_miniflux_config() if variant == "miniflux" else tiny_sd3_config()
+    dims = miniflux_dims(config)
+    d, m, lz = dims["d_model"], dims["mlp"], 6
+    layout = stage_layout(2, 3, [(1, 2), (2, 4), (4, 8)])
+    nv = layout.num_tokens
+    n = lz + nv
+    pre_only = variant == "sd3" and index == 1
+    mc = MMDiMConfig(d_model=d, nheads=dims["heads"], headdim=dims["head_dim"], text_projections=True, **MMDIM)
+    c = double_block_flops(dims, layout, lz, mc, pre_only)
+    if pre_only:
+        assert c["block_original_flops"] == (8 * n * d * d - 2 * lz * d * d) + 4 * n * n * d + 4 * nv * d * m \
+            + 2 * d * 6 * d + 2 * d * 2 * d
+    else:
+        assert c["block_original_flops"] == 8 * n * d * d + 4 * n * n * d + 4 * n * d * m + 2 * (2 * d * 6 * d)
+    assert c["block_converted_flops"] - c["mmdim_flops"] == c["block_original_flops"] - c["attention_flops"]
+    check = crosscheck_double_block(config, layout, lz, MMDIM, device="cpu", layer_index=index)
+    assert check["ok"] and all(r["rel_diff"] == 0 for r in check["rows"]), check["rows"]
 
 
 def test_flops_768p_241_frames_against_the_paper(tmp_path):

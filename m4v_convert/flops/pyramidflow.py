@@ -85,10 +85,14 @@ def stage_layout(stage: int, num_history: int, grids: list[tuple[int, int]]) -> 
 
 
 def miniflux_dims(config: dict) -> dict:
+    """Widths and block counts of a PyramidFlow config (miniFLUX; SD3: joint blocks only)."""
     heads, hd = int(config.get("num_attention_heads", 30)), int(config.get("attention_head_dim", 64))
     d = heads * hd
+    sd3 = config.get("_class_name") in ("PyramidDiffusionMMDiT", "M4VPyramidDiffusionMMDiT")
     return {"d_model": d, "heads": heads, "head_dim": hd, "mlp": MLP_RATIO * d,
-            "num_double": int(config.get("num_layers", 8)), "num_single": int(config.get("num_single_layers", 16))}
+            "num_double": int(config.get("num_layers", 24 if sd3 else 8)),
+            "num_single": 0 if sd3 else int(config.get("num_single_layers", 16)),
+            "variant": "sd3" if sd3 else "miniflux"}
 
 
 def single_block_flops(dims: dict, layout: VideoLayout, text_len: int, mmdim: MMDiMConfig) -> dict:
@@ -118,26 +122,62 @@ def single_block_flops(dims: dict, layout: VideoLayout, text_len: int, mmdim: MM
     }
 
 
-def double_block_flops(dims: dict, tokens: int, text_len: int) -> int:
-    """One double-stream (unchanged) block: joint attention + two 4x MLPs + two AdaLN-Zero."""
-    d = dims["d_model"]
-    attn = attention_flops(tokens, d, dims["heads"], dims["head_dim"])["total"]
-    ff = 2 * linear_flops(tokens, d, MLP_RATIO * d)
-    return attn + ff + 2 * linear_flops(1, d, 6 * d)
+def double_block_flops(dims: dict, layout: VideoLayout, text_len: int, mmdim: MMDiMConfig,
+                       context_pre_only: bool = False) -> dict:
+    """One double-stream / joint block, original and with its attention converted (MM-DiM with
+    text projections): joint attention + the video and text 4x MLPs + two AdaLN-Zero. A
+    context-pre-only block (SD3's last) has no text MLP and no text out-projection; its converted
+    form still runs ``text_out_proj`` on the text rows (counted)."""
+    d, m = dims["d_model"], dims["mlp"]
+    n_video = layout.num_tokens
+    n = text_len + n_video
+    attn = attention_flops(n, d, dims["heads"], dims["head_dim"])
+    projections, scores = attn["projections"], attn["scores"]
+    if context_pre_only:
+        projections -= linear_flops(text_len, d, d)
+    ff = linear_flops(n_video if context_pre_only else n, d, m) + linear_flops(n_video if context_pre_only else n, m, d)
+    modulation = linear_flops(1, d, 6 * d) + linear_flops(1, d, (2 if context_pre_only else 6) * d)
+    mm = mmdim_flops(mmdim, layout, text_len)
+    pure = mmdim_flops(dataclasses.replace(mmdim, temporal=False), layout, text_len)
+    return {
+        "tokens": n,
+        "attention_flops": projections + scores,
+        "attention_projections": projections,
+        "attention_scores": scores,
+        "mmdim_flops": mm["total"],
+        "mmdim_matmul_flops": mm["matmul"],
+        "mmdim_pure_flops": pure["total"],
+        "mmdim_parts": dict(mm["parts"]),
+        "mmdim_sequence_length": mm["shape"]["sequence_length"],
+        "mlp_flops": ff,
+        "modulation_flops": modulation,
+        "block_original_flops": projections + scores + ff + modulation,
+        "block_converted_flops": mm["total"] + ff + modulation,
+        "block_pure_mamba_flops": pure["total"] + ff + modulation,
+    }
 
 
-def _mixed_layer(dims, layout, text_len, mmdim_for, converted: set[int]) -> dict:
-    """Sums over the single-stream blocks at one call: original, converted, pure Mamba."""
+def _config_key(mc: MMDiMConfig) -> tuple:
+    return tuple(sorted((k, v) for k, v in dataclasses.asdict(mc).items() if k not in ("layer_index", "extra")))
+
+
+def _block_sums(dims, layout, text_len, mmdim_for, converted: set[int], kinds=("single",)) -> dict:
+    """Sums over the blocks of ``kinds`` ("double", "single") at one call: original, converted,
+    pure Mamba (unconverted blocks count as original in every column)."""
     totals = {"original": 0, "converted": 0, "pure_mamba": 0, "attention_original": 0, "attention_converted": 0,
               "attention_pure_mamba": 0}
     rows = []
     cache: dict = {}
-    for j in range(dims["num_single"]):
-        index = dims["num_double"] + j
+    nd = dims["num_double"]
+    indices = [*(range(nd) if "double" in kinds else ()), *(range(nd, nd + dims["num_single"]) if "single" in kinds
+                                                            else ())]
+    for index in indices:
         mc = mmdim_for(index)
-        key = tuple(sorted((k, v) for k, v in dataclasses.asdict(mc).items() if k not in ("layer_index", "extra")))
+        pre_only = dims["variant"] == "sd3" and index == nd - 1
+        key = (index < nd, pre_only, _config_key(mc))
         if key not in cache:  # the zigzag path changes no count
-            cache[key] = single_block_flops(dims, layout, text_len, mc)
+            cache[key] = (double_block_flops(dims, layout, text_len, mc, pre_only) if index < nd
+                          else single_block_flops(dims, layout, text_len, mc))
         c = cache[key]
         conv = index in converted
         totals["original"] += c["block_original_flops"]
@@ -146,48 +186,61 @@ def _mixed_layer(dims, layout, text_len, mmdim_for, converted: set[int]) -> dict
         totals["attention_original"] += c["attention_flops"]
         totals["attention_converted"] += c["mmdim_flops"] if conv else c["attention_flops"]
         totals["attention_pure_mamba"] += c["mmdim_pure_flops"] if conv else c["attention_flops"]
-        rows.append({"index": index, "converted": conv, **c})
+        rows.append({"index": index, "kind": "double" if index < nd else "single", "converted": conv, **c})
     return {"totals": totals, "layers": rows}
+
+
+def _mixed_layer(dims, layout, text_len, mmdim_for, converted: set[int]) -> dict:
+    """Sums over the single-stream blocks at one call (the paper's "mixed layers")."""
+    return _block_sums(dims, layout, text_len, mmdim_for, converted, ("single",))
 
 
 def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int, *, text_len: int = TEXT_LEN,
                              converted_layers=None, mmdim: dict | None = None, name: str | None = None,
                              crosscheck: bool = False) -> dict:
-    """The FLOPs report for a miniFLUX config (see the module docstring for what is counted).
+    """The FLOPs report for a PyramidFlow config (see the module docstring for what is counted).
 
-    ``converted_layers``: global layer indices (default: all single-stream blocks); ``mmdim``:
-    the recipe's MM-DiM settings. Keys shared with the Wan report: ``original_total_flops``,
-    ``converted_total_flops`` (here: the single-stream blocks, "mixed layers", at the last
-    unit), ``layers`` (``index``, ``attention_flops``, ``mmdim_flops``, ...), ``tokens``, ``video``.
-    ``crosscheck``: also measure one teacher and one converted block at the last-unit layout with
-    FlopCounterMode on the meta device (:func:`crosscheck_single_block`).
+    ``converted_layers``: global layer indices (default: all single-stream blocks; SD3: all joint
+    blocks); ``mmdim``: the recipe's MM-DiM settings. Keys shared with the Wan report:
+    ``original_total_flops``, ``converted_total_flops``, ``layers`` (``index``, ``attention_flops``,
+    ``mmdim_flops``, ...), ``tokens``, ``video``. Their scope (``scope``) is the single-stream blocks
+    ("mixed layers", the paper's figure) when only those are converted, and every block when a
+    double-stream / joint block is converted too. ``crosscheck``: also measure one teacher and one
+    converted single-stream block at the last-unit layout with FlopCounterMode on the meta device
+    (:func:`crosscheck_single_block`; not run for double-stream blocks).
     """
     dims = miniflux_dims(config)
     nd, ns = dims["num_double"], dims["num_single"]
-    converted = set(range(nd, nd + ns)) if converted_layers is None else set(converted_layers)
-    bad = sorted(i for i in converted if not nd <= i < nd + ns)
+    default = range(nd, nd + ns) if ns else range(nd)
+    converted = set(default) if converted_layers is None else set(converted_layers)
+    bad = sorted(i for i in converted if not 0 <= i < nd + ns)
     if bad:
-        raise ValueError(f"converted_layers: {bad} are not single-stream blocks ({nd}-{nd + ns - 1})")
+        raise ValueError(f"converted_layers: {bad} are not blocks of this model (0-{nd + ns - 1})")
     mmdim = dict(mmdim or {})
+    kinds = ("double", "single") if any(i < nd for i in converted) else ("single",)
 
     def mmdim_for(index: int) -> MMDiMConfig:
         return MMDiMConfig(d_model=dims["d_model"], nheads=dims["heads"], headdim=dims["head_dim"],
-                           layer_index=index, **mmdim)
+                           layer_index=index, **{**mmdim, "text_projections": index < nd})
+
+    def scope_sums(layout: VideoLayout) -> dict:
+        return _block_sums(dims, layout, text_len, mmdim_for, converted, kinds)
 
     units = latent_frames(frames)
     grids = token_grids(height, width)
     top = NUM_STAGES - 1
     last_layout = stage_layout(top, units - 1, grids)
-    last = _mixed_layer(dims, last_layout, text_len, mmdim_for, converted)
+    last = scope_sums(last_layout)
+    mixed = _mixed_layer(dims, last_layout, text_len, mmdim_for, converted)["totals"]
+    doubles = _block_sums(dims, last_layout, text_len, mmdim_for, converted, ("double",))["totals"]
     tokens = text_len + last_layout.num_tokens
-    double = double_block_flops(dims, tokens, text_len) * nd
 
     # whole generation: every unit, stage and step
     gen = {"original": 0, "converted": 0, "pure_mamba": 0, "model_calls": 0}
     for u in range(units):
         steps = SCHEDULE["first_frame_steps"] if u == 0 else SCHEDULE["unit_steps"]
         for stage in range(NUM_STAGES):
-            t = _mixed_layer(dims, stage_layout(stage, u, grids), text_len, mmdim_for, converted)["totals"]
+            t = scope_sums(stage_layout(stage, u, grids))["totals"]
             for k in ("original", "converted", "pure_mamba"):
                 gen[k] += steps[stage] * t[k]
             gen["model_calls"] += steps[stage]
@@ -200,31 +253,43 @@ def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int,
     }
     tot = last["totals"]
     if crosscheck:
-        check = crosscheck_single_block(config, last_layout, text_len, mmdim, layer_index=min(converted, default=nd))
-        check = {"rows": check["rows"], "ok": check["ok"]}
+        rows_, ok = [], True
+        singles = sorted(i for i in converted if i >= nd)
+        doubles_conv = sorted(i for i in converted if i < nd)
+        if ns:
+            c = crosscheck_single_block(config, last_layout, text_len, mmdim, layer_index=singles[0] if singles else nd)
+            rows_, ok = rows_ + c["rows"], ok and c["ok"]
+        if doubles_conv:
+            c = crosscheck_double_block(config, last_layout, text_len, mmdim, layer_index=doubles_conv[0])
+            rows_, ok = rows_ + c["rows"], ok and c["ok"]
+        check = {"rows": rows_, "ok": ok}
     else:
         check = {"skipped": "crosscheck=False"}
-    ours = {"mixed_layer_original_tflops": tot["original"] / T, "mixed_layer_converted_tflops": tot["converted"] / T,
-            "mixed_layer_pure_mamba_tflops": tot["pure_mamba"] / T}
+    ours = {"mixed_layer_original_tflops": mixed["original"] / T,
+            "mixed_layer_converted_tflops": mixed["converted"] / T,
+            "mixed_layer_pure_mamba_tflops": mixed["pure_mamba"] / T}
     comparable = (frames, height, width) == (241, 768, 1280) and (dims["d_model"], nd, ns) == (1920, 8, 16)
     # FLOPs vs frames at the last unit (Wan's "curve"): one analytic pass per 8k+1 frame count
     curve_frames = sorted({1 + VAE_TEMPORAL * (u - 1) for u in range(1, units + 1, max(1, units // 16))} | {frames})
     curve = {"frames": curve_frames, "original": [], "converted": []}
     for f in curve_frames:
-        t = tot if f == frames else _mixed_layer(dims, stage_layout(top, latent_frames(f) - 1, grids), text_len,
-                                                  mmdim_for, converted)["totals"]
+        t = tot if f == frames else scope_sums(stage_layout(top, latent_frames(f) - 1, grids))["totals"]
         curve["original"].append(t["original"])
         curve["converted"].append(t["converted"])
     curve["crossover_frames"] = next((f for f, o, c in zip(curve_frames, curve["original"], curve["converted"])
                                       if c < o), None)
-    curve.update(height=height, width=width, scope="single-stream blocks at the last unit")
+    scope_blocks = "all blocks" if "double" in kinds else "single-stream blocks"
+    curve.update(height=height, width=width, scope=f"{scope_blocks} at the last unit")
     rows = last["layers"]
     scores = sum(r["attention_scores"] for r in rows)
     top_grid = grids[top]
     return {
-        "name": name or "PyramidFlow miniFLUX",
+        "name": name or f"PyramidFlow {dims['variant']}",
         "backbone": "pyramidflow",
-        "scope": "single-stream blocks (mixed layers) at the last autoregressive unit, top stage, batch 1",
+        "variant": dims["variant"],
+        "scope": ("single-stream blocks (mixed layers)" if "double" not in kinds else
+                  "all blocks (double-stream / joint blocks are converted too)")
+                 + " at the last autoregressive unit, top stage, batch 1",
         "video": {"frames": frames, "height": height, "width": width},
         "latent_frames": units,
         "token_grids": [list(g) for g in grids],
@@ -243,14 +308,18 @@ def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int,
         "pure_mamba_total_flops": tot["pure_mamba"],
         "attention_sublayer": {"original": tot["attention_original"], "converted": tot["attention_converted"],
                                "pure_mamba": tot["attention_pure_mamba"]},
-        "mixed_layer": {"original": tot["original"], "converted": tot["converted"], "pure_mamba": tot["pure_mamba"]},
-        "double_stream_blocks_flops": double,
-        "all_blocks": {"original": double + tot["original"], "converted": double + tot["converted"]},
+        "mixed_layer": {"original": mixed["original"], "converted": mixed["converted"],
+                        "pure_mamba": mixed["pure_mamba"]},
+        "double_stream": {"original": doubles["original"], "converted": doubles["converted"],
+                          "pure_mamba": doubles["pure_mamba"]},
+        "double_stream_blocks_flops": doubles["converted"],
+        "all_blocks": {"original": doubles["original"] + mixed["original"],
+                       "converted": doubles["converted"] + mixed["converted"]},
         "generation": generation,
         "paper": PAPER,
         "paper_comparable": comparable,
         "ours_vs_paper": {k: {"ours": v, "paper": PAPER[k], "ratio": v / PAPER[k]} for k, v in ours.items()},
-        "notes": counting_notes(dims, tokens, tot) if comparable else [
+        "notes": counting_notes(dims, tokens, mixed) if comparable else [
             f"The paper's figures are for the full-size miniFLUX at 768x1280, 241 frames ({PAPER['setting']}); "
             f"this report is for {frames} frames at {height}x{width} with d={dims['d_model']}, {nd}+{ns} blocks, "
             "so they are listed for reference only."],
@@ -362,6 +431,62 @@ def crosscheck_single_block(config: dict, layout: VideoLayout, text_len: int, mm
             "measured": {"original": measured_teacher, "converted": measured_student}}
 
 
+def crosscheck_double_block(config: dict, layout: VideoLayout, text_len: int, mmdim: dict | None = None,
+                            device="meta", layer_index: int = 0) -> dict:
+    """As :func:`crosscheck_single_block`, for double-stream / joint block ``layer_index`` (the
+    release's block class, built from ``config``) and the same block with its attention converted."""
+    import copy  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from m4v_convert.backbones.pyramidflow.converted import PyramidMMDiMJointAttention  # noqa: PLC0415
+    from m4v_convert.backbones.pyramidflow.layout import (  # noqa: PLC0415
+        attention_mask, frame_index, rope_tables, sequence_position_ids, stage_layout as pyramid_stage_layout)
+    from m4v_convert.backbones.pyramidflow.loader import build_pyramidflow  # noqa: PLC0415
+    from m4v_convert.flops.measured import _ops_sum, as_run_config, compare, measure_flop_counts  # noqa: PLC0415
+    from m4v_convert.layers.mmdim import MMDiM  # noqa: PLC0415
+
+    dims = miniflux_dims(config)
+    d, nd = dims["d_model"], dims["num_double"]
+    if not 0 <= layer_index < nd:
+        raise ValueError(f"layer_index {layer_index}: not a double-stream block (0-{nd - 1})")
+    pre_only = dims["variant"] == "sd3" and layer_index == nd - 1
+    mc = MMDiMConfig(d_model=d, nheads=dims["heads"], headdim=dims["head_dim"], layer_index=layer_index,
+                     **{**(mmdim or {}), "text_projections": True})
+    analytic = double_block_flops(dims, layout, text_len, mc, pre_only)
+    top = max(b.register for b in layout.blocks)
+    shapes = [(b.num_frames, b.height, b.width) for b in layout.blocks]
+    stage = pyramid_stage_layout(shapes, torch.ones(1, text_len, dtype=torch.bool), stage_level=top)
+    if dims["variant"] == "sd3":
+        cos, sin = rope_tables(frame_index(stage)[:, None].double(), [dims["head_dim"]])
+    else:
+        cos, sin = rope_tables(sequence_position_ids(stage), config.get("axes_dims_rope", (16, 24, 24)))
+    context = {"attention_mask": attention_mask(stage, device=device), "token_layout": stage,
+               "image_rotary_emb": (cos.to(device), sin.to(device))}
+    args = (torch.zeros(1, layout.num_tokens, d, device=device), torch.zeros(1, text_len, d, device=device),
+            torch.zeros(1, d, device=device))
+    if dims["variant"] == "sd3":
+        kwargs = {"joint_attention_kwargs": context}
+    else:
+        kwargs = {"image_rotary_emb": context.pop("image_rotary_emb"), "joint_attention_kwargs": context}
+    teacher = build_pyramidflow(config, device=device).transformer_blocks[layer_index]
+    student = copy.deepcopy(teacher)
+    with torch.device(device):
+        student.attn = PyramidMMDiMJointAttention(MMDiM(mc), context_pre_only=pre_only)
+    measured_teacher = sum(measure_flop_counts(teacher, *args, **kwargs)[""].values())
+    counts = measure_flop_counts(student, *args, **kwargs)
+    measured_student = sum(counts[""].values())
+    run = mmdim_flops(as_run_config(mc), layout, text_len)
+    conv_measured = _ops_sum(counts, "", "conv")
+    rows = [compare("double_block.original", analytic["block_original_flops"], measured_teacher),
+            compare("double_block.converted", run["matmul"] + analytic["mlp_flops"] + analytic["modulation_flops"],
+                    measured_student - conv_measured,
+                    note=f"MM-DiM matmuls at the PyTorch scan's chunk ({as_run_config(mc).chunk_size}) + MLPs + "
+                         "modulation; the conv and the state passing are counted apart")]
+    return {"rows": rows, "ok": not any(r["flagged"] for r in rows), "analytic": analytic,
+            "measured": {"original": measured_teacher, "converted": measured_student}}
+
+
 def markdown_report(report: dict) -> str:
     v = report["video"]
     tf = lambda x: f"{x / T:.3f}"  # noqa: E731
@@ -370,27 +495,38 @@ def markdown_report(report: dict) -> str:
              f"last autoregressive unit, top stage: {report['video_tokens']:,} video + {report['text_len']} text = "
              f"{report['tokens']:,} tokens. Token grids per level: {report['token_grids']}.",
              f"Scope: {report['scope']}. Converted layers: {report['converted_layers']}.", "",
-             "## Single-stream blocks at the last unit (TFLOPs)", "",
+             f"## {report['curve']['scope'][0].upper() + report['curve']['scope'][1:]} (TFLOPs)", "",
              "| | original | converted (MM-DiM + temporal) | pure Mamba (no temporal) |", "|---|---:|---:|---:|"]
-    a, mx = report["attention_sublayer"], report["mixed_layer"]
-    lines.append(f"| attention sub-layer | {tf(a['original'])} | {tf(a['converted'])} | {tf(a['pure_mamba'])} |")
-    lines.append(f"| whole blocks (mixed-layer FLOPs) | {tf(mx['original'])} | {tf(mx['converted'])} | "
-                 f"{tf(mx['pure_mamba'])} |")
-    p = report["paper"]
-    label = "paper, mixed-layer FLOPs" + ("" if report.get("paper_comparable") else " (768x1280x241; not this setting)")
-    lines.append(f"| {label} | {p['mixed_layer_original_tflops']} | "
-                 f"{p['mixed_layer_converted_tflops']} | {p['mixed_layer_pure_mamba_tflops']} |")
+    a, mx, ds = report["attention_sublayer"], report["mixed_layer"], report["double_stream"]
+    nd, ns = report["model"]["num_double_layers"], report["model"]["num_single_layers"]
+    doubles_converted = any(r["kind"] == "double" and r["converted"] for r in report["layers"])
+    lines.append(f"| attention sub-layers of these blocks | {tf(a['original'])} | {tf(a['converted'])} | "
+                 f"{tf(a['pure_mamba'])} |")
+    if ns:
+        lines.append(f"| single-stream blocks, whole (mixed-layer FLOPs) | {tf(mx['original'])} | "
+                     f"{tf(mx['converted'])} | {tf(mx['pure_mamba'])} |")
+        p = report["paper"]
+        label = "paper, mixed-layer FLOPs" + ("" if report.get("paper_comparable") else
+                                              " (768x1280x241; not this setting)")
+        lines.append(f"| {label} | {p['mixed_layer_original_tflops']} | "
+                     f"{p['mixed_layer_converted_tflops']} | {p['mixed_layer_pure_mamba_tflops']} |")
     ab = report["all_blocks"]
-    lines += ["", f"With the {report['model']['num_double_layers']} unchanged double-stream blocks "
-                  f"({tf(report['double_stream_blocks_flops'])} TFLOPs): all blocks {tf(ab['original'])} → "
-                  f"{tf(ab['converted'])} TFLOPs.", ""]
+    if doubles_converted:
+        lines.append(f"| double-stream / joint blocks ({nd}), whole | {tf(ds['original'])} | {tf(ds['converted'])} | "
+                     f"{tf(ds['pure_mamba'])} |")
+        lines += ["", f"All blocks: {tf(ab['original'])} → {tf(ab['converted'])} TFLOPs (the totals, the curve and "
+                      "the whole-generation sums cover every block).", ""]
+    else:
+        lines += ["", f"With the {nd} unchanged double-stream blocks ({tf(ds['original'])} TFLOPs): all blocks "
+                      f"{tf(ab['original'])} → {tf(ab['converted'])} TFLOPs.", ""]
     cross = report["crossover_frames"]
     where = (f"cost less from {cross} frame{'s' if cross != 1 else ''} on" if cross
              else "never cost less over the frame counts tried")
-    lines += [f"Mixed layers {report['speedup']:.2f}× cheaper at this size; at the last unit the converted blocks "
+    lines += [f"Converted scope {report['speedup']:.2f}× cheaper at this size; at the last unit the converted blocks "
               f"{where} (`curve` in the JSON).", ""]
     g = report["generation"]
-    lines += ["## Whole generation (all units, stages and steps; TFLOPs of the single-stream blocks)", "",
+    lines += [f"## Whole generation (all units, stages and steps; TFLOPs, {report['curve']['scope'].split(' at ')[0]})",
+              "",
               f"{g['units']} units, {g['model_calls']} model calls (first frame {g['schedule']['first_frame_steps']}, "
               f"later units {g['schedule']['unit_steps']} steps per stage).", "",
               "| | original | converted | pure Mamba |", "|---|---:|---:|---:|"]
@@ -416,5 +552,5 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PAPER", "RESOLUTIONS", "SCHEDULE", "crosscheck_single_block", "latent_frames", "markdown_report",
+__all__ = ["PAPER", "RESOLUTIONS", "SCHEDULE", "crosscheck_double_block", "crosscheck_single_block", "double_block_flops", "latent_frames", "markdown_report",
            "pyramidflow_flops_report", "single_block_flops", "stage_layout", "token_grids"]

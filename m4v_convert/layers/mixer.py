@@ -214,25 +214,32 @@ class Mamba2Mixer(nn.Module):
         return torch.where(row_mask, self._split_bc_norm(t, getattr(self, f"text_{which}_norm")), out)
 
     @staticmethod
-    def _project_rows(x: torch.Tensor, rows: torch.Tensor | None, video: nn.Linear, text: nn.Linear) -> torch.Tensor:
-        """``video(x)``, except ``text(x)`` on the sequence positions ``rows`` ((L,) bool)."""
+    def _project_rows(x: torch.Tensor, rows, video: nn.Linear, text: nn.Linear) -> torch.Tensor:
+        """``video(x)``, except ``text(x)`` on the text positions (``rows`` from :meth:`_text_rows`)."""
         if rows is None:
             return video(x)
-        t_idx, v_idx = rows.nonzero().squeeze(1), (~rows).nonzero().squeeze(1)
+        _, t_idx, v_idx = rows
         out = x.new_empty(*x.shape[:-1], video.out_features)
         out.index_copy_(1, v_idx, video(x.index_select(1, v_idx)))
         out.index_copy_(1, t_idx, text(x.index_select(1, t_idx)))
         return out
 
-    def _text_rows(self, text_rows: torch.Tensor | None, length: int, device) -> torch.Tensor | None:
+    def _text_rows(self, text_rows: torch.Tensor | None, length: int, device):
+        """(mask on ``device``, text indices, video indices), or None when no row is text.
+
+        The indices are found on the CPU (the mask is static, and this also works on ``meta``).
+        """
         if text_rows is None:
             return None
         if not self.config.text_projections:
             raise ValueError("text_rows: given, but the mixer has no text projections (text_projections=False)")
-        text_rows = text_rows.to(device=device, dtype=torch.bool)
         if text_rows.shape != (length,):
             raise ValueError(f"text_rows: expected shape ({length},), got {tuple(text_rows.shape)}")
-        return text_rows if bool(text_rows.any()) else None
+        cpu = text_rows.to("cpu", torch.bool)
+        if not bool(cpu.any()):
+            return None
+        t_idx, v_idx = cpu.nonzero().squeeze(1), (~cpu).nonzero().squeeze(1)
+        return cpu.to(device), t_idx.to(device), v_idx.to(device)
 
     def forward(
         self,
@@ -268,7 +275,7 @@ class Mamba2Mixer(nn.Module):
         if c.bc_norm != "none":
             row_mask = None
             if rows is not None:  # the reversed copy's text rows are the flipped mask
-                row_mask = rows.view(1, L, 1).expand(b, -1, -1)
+                row_mask = rows[0].view(1, L, 1).expand(b, -1, -1)
                 if c.bidirectional:
                     row_mask = torch.cat([row_mask, row_mask.flip(1)])
             B = self._bc_norm(B, "B", row_mask)

@@ -151,7 +151,7 @@ class MMDiM(nn.Module):
             mixer_rotary = (rc.permute_rows(rotary[0], one, lz), rc.permute_rows(rotary[1], zero, lz))
         text_rows = None
         if self.config.text_projections:
-            text_rows = rc.text_rows(text, seq.device)
+            text_rows = rc.text_rows(text, "cpu")  # static: the mixer finds its indices on the CPU
         out = self.mixer(seq, rotary=mixer_rotary, text_rows=text_rows)
         video_out, text_out = rc.inverse(out, text, text_mask)
         if self.config.temporal:

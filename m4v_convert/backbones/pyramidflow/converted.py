@@ -1,10 +1,19 @@
-"""PyramidFlow miniFLUX → M4V hybrid: the single-stream blocks' attention becomes MM-DiM.
+"""PyramidFlow → M4V hybrid: the single-stream blocks' attention becomes MM-DiM (and, where a
+recipe allows it, the double-stream / joint blocks' attention too).
 
 As in the M4V paper, the 8 double-stream blocks (``transformer_blocks.{i}``) stay and the 16
 single-stream blocks (``single_transformer_blocks.{j}``) get one MM-DiM each, whose parameters
 are shared by text and video (a single-stream block already shares them). Layers are numbered
 globally, double-stream first: block ``i`` of ``--layers`` is ``transformer_blocks.{i}`` for
 ``i < num_layers`` and ``single_transformer_blocks.{i - num_layers}`` after (``8-23`` at full size).
+
+**Double-stream / joint blocks** (miniFLUX with ``allow_double_stream: true``; the SD3 variant,
+which has nothing else) keep their norms and both MLPs; only ``attn`` is swapped, for a
+:class:`PyramidMMDiMJointAttention` whose MM-DiM has ``text_projections``: the sandwich's text
+rows use the text stream's ``add_q/k/v_proj``, ``to_add_out`` and context q/k norms, the video
+rows ``to_q/k/v``, ``to_out`` and ``norm_q/k``, and both are scanned as one sequence, as the
+teacher attends over ``[text ; video]``. Init is exact in the same sense as for single-stream
+blocks (normalized causal linear attention with each stream's weights; tested).
 
 **Out projection (the one structural choice).** A single-stream block has no attention
 out-projection: its ``proj_out`` (``d × (d + mlp)``) maps ``[attn ; mlp]`` to ``d``, so W_O is
@@ -70,10 +79,13 @@ from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_
 from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
 from m4v_convert.layers.recompose import FrameBlock, VideoLayout
 
+from .attention import _context_norms
 from .layout import StageLayout, build_stage_layouts
 from .miniflux import PyramidFluxTransformer
+from .sd3 import PyramidDiffusionMMDiT
 
 SINGLE_BLOCK_PATTERN = re.compile(r"^single_transformer_blocks\.(\d+)$")
+JOINT_ATTENTION_PATTERN = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 MLP_RATIO = 4.0  # FluxSingleTransformerBlock's default, used by PyramidFlow
 
 
@@ -132,6 +144,47 @@ class PyramidMMDiMAttention(nn.Module):
             video_rotary(image_rotary_emb, lz), history_sources(token_layout, hidden_states.device),
         )
         return video_out if text_out is None else torch.cat([text_out, video_out], dim=1)
+
+
+class PyramidMMDiMJointAttention(nn.Module):
+    """Stands in ``transformer_blocks.{i}.attn`` (miniFLUX double-stream, SD3 joint): same call,
+    returns ``(video_out, text_out)`` projected to the model width, as the teacher's attention.
+
+    The MM-DiM has ``text_projections``: the text rows of the sandwich use the block's text-stream
+    weights (``add_q/k/v_proj``, ``to_add_out``, context q/k norms), the video rows the image ones,
+    and both are scanned as one sequence (as the teacher attends over ``[text ; video]``).
+    ``text_out`` is None for a context-pre-only block (SD3's last), whose text output is unused;
+    without the text sandwich the text stream gets no attention update (zeros).
+    """
+
+    def __init__(self, mmdim: MMDiM, context_pre_only: bool = False):
+        super().__init__()
+        if not mmdim.config.text_projections:
+            raise ValueError("PyramidMMDiMJointAttention needs an MM-DiM with text_projections (separate text weights)")
+        self.mmdim = mmdim
+        self.context_pre_only = context_pre_only
+
+    @property
+    def mixer(self):
+        return self.mmdim.mixer
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                token_layout: StageLayout | None = None, **kwargs):
+        if token_layout is None:
+            raise RuntimeError("PyramidMMDiMJointAttention needs the stage's token layout; run it inside a "
+                               "converted PyramidFlow model, which passes token_layout to every attention call")
+        if encoder_hidden_states is None:
+            raise ValueError("PyramidMMDiMJointAttention replaces joint attention: pass the text as "
+                             "encoder_hidden_states")
+        lz = encoder_hidden_states.shape[1]
+        mask = token_layout.text_mask.to(hidden_states.device)
+        video_out, text_out = self.mmdim(
+            hidden_states, video_layout(token_layout), encoder_hidden_states if lz else None, mask if lz else None,
+            video_rotary(image_rotary_emb, lz), history_sources(token_layout, hidden_states.device),
+        )
+        if self.context_pre_only:
+            return video_out, None
+        return video_out, (torch.zeros_like(encoder_hidden_states) if text_out is None else text_out)
 
 
 class MMDiMSingleTransformerBlock(nn.Module):
@@ -231,6 +284,69 @@ def _single_block_to_mmdim(block: nn.Module, fqn: str, config: PyramidSingleBloc
     return MMDiMSingleTransformerBlock.from_teacher_block(block, config.block_config(block, int(m.group(1))))
 
 
+def joint_attention_weights(attn: nn.Module) -> tuple[AttentionWeights, AttentionWeights]:
+    """(video, text) Q/K/V/O (+ biases, per-head q/k norms) of a joint attention module.
+
+    Works on diffusers' ``FluxAttention`` (``norm_added_q/k``) and the SD3 release's
+    :class:`~.attention.PyramidJointAttention` (``norm_add_q/k``). A context-pre-only block has no
+    ``to_add_out``: its text out-projection starts at zero (the output is never read).
+    """
+
+    def t(x):
+        return None if x is None else x.detach()
+
+    def norm_weight(norm):
+        if norm is not None and not isinstance(norm, nn.RMSNorm) and type(norm).__name__ != "RMSNorm":
+            raise ValueError(f"q/k norm {type(norm).__name__}: only RMSNorm can be carried onto B/C (bc_norm)")
+        return None if norm is None else t(getattr(norm, "weight", None))
+
+    def bias(lin):
+        return None if lin.bias is None else lin.bias.detach()
+
+    heads, hd = attn.heads, attn.head_dim
+    video = AttentionWeights(
+        heads=heads, head_dim=hd, q_weight=t(attn.to_q.weight), k_weight=t(attn.to_k.weight),
+        v_weight=t(attn.to_v.weight), out_weight=t(attn.to_out[0].weight), q_bias=bias(attn.to_q),
+        k_bias=bias(attn.to_k), v_bias=bias(attn.to_v), out_bias=bias(attn.to_out[0]),
+        q_norm_weight=norm_weight(attn.norm_q), k_norm_weight=norm_weight(attn.norm_k),
+    )
+    to_add_out = getattr(attn, "to_add_out", None)
+    norm_cq, norm_ck = _context_norms(attn)
+    out_weight = (t(to_add_out.weight) if to_add_out is not None
+                  else torch.zeros_like(attn.to_out[0].weight).detach())
+    text = AttentionWeights(
+        heads=heads, head_dim=hd, q_weight=t(attn.add_q_proj.weight), k_weight=t(attn.add_k_proj.weight),
+        v_weight=t(attn.add_v_proj.weight), out_weight=out_weight, q_bias=bias(attn.add_q_proj),
+        k_bias=bias(attn.add_k_proj), v_bias=bias(attn.add_v_proj),
+        out_bias=bias(to_add_out) if to_add_out is not None else None,
+        q_norm_weight=norm_weight(norm_cq), k_norm_weight=norm_weight(norm_ck),
+    )
+    return video, text
+
+
+@dataclass
+class PyramidJointAttentionToMMDiM:
+    """Swap config for ``transformer_blocks.{i}.attn``: recipe ``mmdim`` settings (text projections on)."""
+
+    mmdim: dict = field(default_factory=dict)
+
+    def block_config(self, attn: nn.Module, index: int) -> MMDiMConfig:
+        return MMDiMConfig(d_model=attn.to_q.in_features, nheads=attn.heads, headdim=attn.head_dim,
+                           layer_index=index, **{**self.mmdim, "text_projections": True})
+
+
+@register_handler(PyramidJointAttentionToMMDiM)
+def _joint_attention_to_mmdim(attn: nn.Module, fqn: str, config: PyramidJointAttentionToMMDiM) -> nn.Module:
+    m = JOINT_ATTENTION_PATTERN.match(fqn)
+    if m is None:
+        raise ValueError(f"{fqn!r} is not a PyramidFlow joint attention (expected transformer_blocks.N.attn)")
+    video, text = joint_attention_weights(attn)
+    w = attn.to_q.weight
+    mmdim = mmdim_from_attention(config.block_config(attn, int(m.group(1))), video, device=w.device, dtype=w.dtype,
+                                 text_weights=text)
+    return PyramidMMDiMJointAttention(mmdim, context_pre_only=bool(getattr(attn, "context_pre_only", False)))
+
+
 def split_layers(layers: Sequence[int], num_double: int) -> tuple[list[int], list[int]]:
     """Global layer indices → (double-stream indices, single-stream block indices)."""
     double = [i for i in layers if i < num_double]
@@ -240,13 +356,114 @@ def split_layers(layers: Sequence[int], num_double: int) -> tuple[list[int], lis
 
 # ----------------------------------------------------------------------------- converted model
 
-class M4VPyramidFluxTransformer(PyramidFluxTransformer):
-    """``PyramidFluxTransformer`` with some single-stream blocks converted to MM-DiM.
+class _ConvertedPyramidMixin:
+    """What the converted miniFLUX and SD3 classes share: building converted layers from
+    ``config["m4v"]``, the swap, its record, and naming pyramid levels from ``m4v.full_grid``.
+
+    Layers are numbered globally: ``transformer_blocks.{i}`` (double-stream / joint) is ``i``,
+    ``single_transformer_blocks.{j}`` is ``num_layers + j``.
+    """
+
+    teacher_class: type
+
+    @property
+    def _num_double(self) -> int:
+        return int(self.config.num_layers)
+
+    @property
+    def _num_single(self) -> int:
+        return len(getattr(self, "single_transformer_blocks", ()))
+
+    def _build_converted(self, m4v: dict | None) -> None:
+        n_double, n_single = self._num_double, self._num_single
+        for key, cfg in sorted((m4v or {}).get("layers", {}).items(), key=lambda kv: int(kv[0])):
+            i, config = int(key), MMDiMConfig.from_dict(cfg)
+            if 0 <= i < n_double:
+                old = self.transformer_blocks[i].attn
+                if not config.text_projections:
+                    raise ValueError(f"m4v.layers: layer {key} is a double-stream block but its MMDiMConfig has no "
+                                     "text_projections")
+                self.transformer_blocks[i].attn = PyramidMMDiMJointAttention(
+                    MMDiM(config), context_pre_only=bool(getattr(old, "context_pre_only", False)))
+            elif 0 <= i - n_double < n_single:
+                dim = self.inner_dim
+                self.single_transformer_blocks[i - n_double] = MMDiMSingleTransformerBlock(
+                    dim, int(dim * MLP_RATIO), config)
+            else:
+                raise ValueError(f"m4v.layers: layer {key} is not a block of this model (0-{n_double + n_single - 1})")
+
+    @classmethod
+    def from_teacher(cls, teacher):
+        """An independent copy of ``teacher`` with this class (no layer converted yet)."""
+        if not isinstance(teacher, cls.teacher_class):
+            raise TypeError(f"expected a {cls.teacher_class.__name__}, got {type(teacher).__name__}")
+        student = copy.deepcopy(teacher)
+        student.__class__ = cls
+        student.register_to_config(m4v={"layers": {}})
+        return student
+
+    def convert_(self, layers: Sequence[int], mmdim: dict, meta: dict | None = None) -> list[str]:
+        """Replace the blocks of global indices ``layers`` by MM-DiM initialized from them:
+        single-stream blocks whole (:class:`MMDiMSingleTransformerBlock`), double-stream / joint
+        blocks' attention (:class:`PyramidMMDiMJointAttention`, separate text weights). Whether a
+        recipe may convert double-stream blocks is the pipeline's decision, not the model's."""
+        n_double, n_single = self._num_double, self._num_single
+        bad = [i for i in layers if not 0 <= i < n_double + n_single]
+        if bad:
+            raise M4VError(f"layers {bad} out of range; this model has layers 0-{n_double + n_single - 1}")
+        double, single = split_layers(layers, n_double)
+        replaced = []
+        if double:
+            wanted = {f"transformer_blocks.{i}.attn" for i in double}
+            replaced += mambafy_(self, PyramidJointAttentionToMMDiM(mmdim=dict(mmdim)),
+                                 lambda m, fqn: fqn in wanted and not isinstance(m, PyramidMMDiMJointAttention))
+        if single:
+            wanted = {f"single_transformer_blocks.{j}" for j in single}
+            replaced += mambafy_(
+                self, PyramidSingleBlockToMMDiM(mmdim=dict(mmdim), num_double_layers=n_double),
+                lambda m, fqn: fqn in wanted and not isinstance(m, MMDiMSingleTransformerBlock),
+            )
+        self._record_conversion(meta or {})
+        return replaced
+
+    def converted_modules(self) -> dict[int, nn.Module]:
+        """Global layer index → the converted attention module (joint) or block (single-stream)."""
+        out = {i: blk.attn for i, blk in enumerate(self.transformer_blocks)
+               if isinstance(blk.attn, PyramidMMDiMJointAttention)}
+        out.update({self._num_double + j: blk for j, blk in enumerate(getattr(self, "single_transformer_blocks", ()))
+                    if isinstance(blk, MMDiMSingleTransformerBlock)})
+        return out
+
+    def _record_conversion(self, meta: dict) -> None:
+        layers = {str(i): m.mmdim.config.to_dict() for i, m in sorted(self.converted_modules().items())}
+        previous = dict(self.config.get("m4v") or {})
+        previous.update(meta)
+        previous["layers"] = layers
+        self.register_to_config(m4v=previous)
+
+    @property
+    def converted_layers(self) -> list[int]:
+        return sorted(self.converted_modules())
+
+    def token_layouts(self, sample, encoder_attention_mask, *, full_grid=None) -> list[StageLayout]:
+        """As the teacher's, but levels are also named from ``m4v.full_grid`` (single-stage calls)."""
+        grid = full_grid or (self.config.get("m4v") or {}).get("full_grid")
+        if grid is not None:
+            layouts = self.teacher_class.token_layouts(self, sample, encoder_attention_mask, full_grid=tuple(grid))
+            if all(b.level is not None for lay in layouts for b in lay.blocks):
+                return layouts
+        return self.teacher_class.token_layouts(self, sample, encoder_attention_mask)
+
+
+class M4VPyramidFluxTransformer(_ConvertedPyramidMixin, PyramidFluxTransformer):
+    """``PyramidFluxTransformer`` with some blocks converted to MM-DiM.
 
     Same forward arguments as the teacher. ``m4v`` (saved in ``config.json``) records the
     conversion: toolkit version, recipe, source, ``full_grid`` (top-level token grid used to name
     pyramid levels) and one ``MMDiMConfig`` dict per converted layer, keyed by global layer index.
     """
+
+    teacher_class = PyramidFluxTransformer
 
     @register_to_config
     def __init__(
@@ -276,72 +493,58 @@ class M4VPyramidFluxTransformer(PyramidFluxTransformer):
             interp_condition_pos=interp_condition_pos, use_gradient_checkpointing=use_gradient_checkpointing,
             gradient_checkpointing_ratio=gradient_checkpointing_ratio,
         )
-        dim = self.inner_dim
-        for key, cfg in sorted((m4v or {}).get("layers", {}).items(), key=lambda kv: int(kv[0])):
-            j = int(key) - num_layers
-            if not 0 <= j < num_single_layers:
-                raise ValueError(f"m4v.layers: layer {key} is not a single-stream block (expected "
-                                 f"{num_layers}-{num_layers + num_single_layers - 1})")
-            self.single_transformer_blocks[j] = MMDiMSingleTransformerBlock(
-                dim, int(dim * MLP_RATIO), MMDiMConfig.from_dict(cfg))
+        self._build_converted(m4v)
 
-    @classmethod
-    def from_teacher(cls, teacher: PyramidFluxTransformer) -> "M4VPyramidFluxTransformer":
-        """An independent copy of ``teacher`` with this class (no layer converted yet)."""
-        if not isinstance(teacher, PyramidFluxTransformer):
-            raise TypeError(f"expected a PyramidFluxTransformer, got {type(teacher).__name__}")
-        student = copy.deepcopy(teacher)
-        student.__class__ = cls
-        student.register_to_config(m4v={"layers": {}})
-        return student
 
-    def convert_(self, layers: Sequence[int], mmdim: dict, meta: dict | None = None) -> list[str]:
-        """Replace the single-stream blocks of global indices ``layers`` by MM-DiM blocks
-        initialized from them. Double-stream indices are refused (not implemented)."""
-        n_double = self.config.num_layers
-        double, single = split_layers(layers, n_double)
-        if double:
-            raise M4VError(f"layers {double} are double-stream blocks (transformer_blocks.0-{n_double - 1}); "
-                           "converting double-stream blocks is not implemented")
-        bad = [j + n_double for j in single if j >= self.config.num_single_layers]
-        if bad:
-            raise M4VError(f"layers {bad} out of range; this model has layers 0-"
-                           f"{n_double + self.config.num_single_layers - 1}")
-        wanted = {f"single_transformer_blocks.{j}" for j in single}
-        replaced = mambafy_(
-            self, PyramidSingleBlockToMMDiM(mmdim=dict(mmdim), num_double_layers=n_double),
-            lambda m, fqn: fqn in wanted and not isinstance(m, MMDiMSingleTransformerBlock),
+class M4VPyramidDiffusionMMDiT(_ConvertedPyramidMixin, PyramidDiffusionMMDiT):
+    """The SD3 variant with some joint blocks' attention converted to MM-DiM (text projections)."""
+
+    teacher_class = PyramidDiffusionMMDiT
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 128,
+        patch_size: int = 2,
+        in_channels: int = 16,
+        num_layers: int = 24,
+        attention_head_dim: int = 64,
+        num_attention_heads: int = 24,
+        caption_projection_dim: int = 1536,
+        pooled_projection_dim: int = 2048,
+        pos_embed_max_size: int = 192,
+        max_num_frames: int = 200,
+        qk_norm: str | None = "rms_norm",
+        pos_embed_type: str = "sincos",
+        temp_pos_embed_type: str = "rope",
+        joint_attention_dim: int = 4096,
+        use_gradient_checkpointing: bool = False,
+        use_flash_attn: bool = False,
+        use_temporal_causal: bool = True,
+        use_t5_mask: bool = True,
+        add_temp_pos_embed: bool = True,
+        interp_condition_pos: bool = True,
+        gradient_checkpointing_ratio: float = 0.6,
+        m4v: dict | None = None,
+    ):
+        super().__init__(
+            sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
+            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+            caption_projection_dim=caption_projection_dim, pooled_projection_dim=pooled_projection_dim,
+            pos_embed_max_size=pos_embed_max_size, max_num_frames=max_num_frames, qk_norm=qk_norm,
+            pos_embed_type=pos_embed_type, temp_pos_embed_type=temp_pos_embed_type,
+            joint_attention_dim=joint_attention_dim, use_gradient_checkpointing=use_gradient_checkpointing,
+            use_flash_attn=use_flash_attn, use_temporal_causal=use_temporal_causal, use_t5_mask=use_t5_mask,
+            add_temp_pos_embed=add_temp_pos_embed, interp_condition_pos=interp_condition_pos,
+            gradient_checkpointing_ratio=gradient_checkpointing_ratio,
         )
-        self._record_conversion(meta or {})
-        return replaced
-
-    def _record_conversion(self, meta: dict) -> None:
-        n_double = self.config.num_layers
-        layers = {str(n_double + j): blk.mmdim.config.to_dict()
-                  for j, blk in enumerate(self.single_transformer_blocks)
-                  if isinstance(blk, MMDiMSingleTransformerBlock)}
-        previous = dict(self.config.get("m4v") or {})
-        previous.update(meta)
-        previous["layers"] = layers
-        self.register_to_config(m4v=previous)
-
-    @property
-    def converted_layers(self) -> list[int]:
-        n_double = self.config.num_layers
-        return [n_double + j for j, blk in enumerate(self.single_transformer_blocks)
-                if isinstance(blk, MMDiMSingleTransformerBlock)]
-
-    def token_layouts(self, sample, encoder_attention_mask, *, full_grid=None) -> list[StageLayout]:
-        """As the teacher's, but levels are also named from ``m4v.full_grid`` (single-stage calls)."""
-        grid = full_grid or (self.config.get("m4v") or {}).get("full_grid")
-        if grid is not None:
-            layouts = build_stage_layouts(sample, encoder_attention_mask, full_grid=tuple(grid))
-            if all(b.level is not None for lay in layouts for b in lay.blocks):
-                return layouts
-        return build_stage_layouts(sample, encoder_attention_mask)
+        self._build_converted(m4v)
 
 
-CONVERTED_CLASSES = {"M4VPyramidFluxTransformer": M4VPyramidFluxTransformer}
+CONVERTED_CLASSES = {"M4VPyramidFluxTransformer": M4VPyramidFluxTransformer,
+                     "M4VPyramidDiffusionMMDiT": M4VPyramidDiffusionMMDiT}
+#: the converted class of each teacher variant
+CONVERTED_FOR_VARIANT = {"miniflux": M4VPyramidFluxTransformer, "sd3": M4VPyramidDiffusionMMDiT}
 
 
 # ----------------------------------------------------------------------------- stage-1 records
@@ -353,60 +556,78 @@ def _valid_rows(layout: StageLayout, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def record_teacher_layers(teacher: PyramidFluxTransformer, batch: dict,
-                          layers: Sequence[int]) -> dict[int, LayerRecord]:
+def record_teacher_layers(teacher: nn.Module, batch: dict, layers: Sequence[int]) -> dict[int, LayerRecord]:
     """Run ``teacher`` once on ``batch`` (one model call, several stages) and return, per selected
-    global layer index (single-stream only), its attention input and output over all stages.
+    global layer index, its attention input and output over all stages.
 
-    ``hidden_states`` is a list over stages of the attention input ``(B, L_s, d)``; ``context``
-    is ``{"stages": [{"token_layout", "image_rotary_emb"}, ...]}``; ``output`` is the teacher's
-    attention contribution in model space (its output times the attention columns of
-    ``proj_out``), padded T5 rows zeroed, concatenated over stages along the token axis;
-    ``pre_out`` the teacher's attention output before that projection at the valid rows,
-    flattened to ``(rows, d)`` (for the per-head output-scale calibration). Train with
-    :class:`Stage1Target`, which gives an MM-DiM the same shape of input and output.
+    ``hidden_states`` is a list over stages of the attention input ``(B, L_s, d)`` (single-stream:
+    ``[text ; video]``; joint: the video tokens, the text being ``encoder_hidden_states`` in the
+    stage's context); ``context`` is ``{"stages": [{"token_layout", "image_rotary_emb", ...}, ...]}``;
+    ``output`` is the teacher's attention contribution in model space, ``[text ; video]`` per stage
+    (single-stream: its output times the attention columns of ``proj_out``; joint: the
+    ``to_add_out`` / ``to_out`` outputs, zero text for a context-pre-only block), padded T5 rows
+    zeroed, concatenated over stages along the token axis; ``pre_out`` the teacher's attention
+    output before the (video) out projection at the valid rows, flattened to ``(rows, d)`` (for the
+    per-head output-scale calibration). Train with :class:`Stage1Target`.
     """
     n_double = teacher.config.num_layers
-    _, single = split_layers(layers, n_double)
-    seen: dict[int, list] = {j: [] for j in single}
+    double, single = split_layers(layers, n_double)
+    seen: dict[int, list] = {i: [] for i in layers}
+    pre_seen: dict[int, list] = {i: [] for i in double}
 
-    def tap(j):
+    def tap(i):
         def hook(module, args, kwargs, output):
             hs = kwargs.get("hidden_states", args[0] if args else None)
-            seen[j].append((hs.detach(), kwargs.get("token_layout"), kwargs.get("image_rotary_emb"), output.detach()))
+            seen[i].append((hs.detach(), kwargs, output))
         return hook
 
-    handles = [teacher.single_transformer_blocks[j].attn.register_forward_hook(tap(j), with_kwargs=True)
+    handles = [teacher.single_transformer_blocks[j].attn.register_forward_hook(tap(n_double + j), with_kwargs=True)
                for j in single]
+    for i in double:
+        attn = teacher.transformer_blocks[i].attn
+        handles.append(attn.register_forward_hook(tap(i), with_kwargs=True))
+        handles.append(attn.to_out[0].register_forward_hook(
+            lambda m, a, o, i=i: pre_seen[i].append(a[0].detach())))
     try:
         teacher(**batch)
     finally:
         for h in handles:
             h.remove()
     records = {}
-    for j in single:
-        block = teacher.single_transformer_blocks[j]
-        dim = block.proj_out.out_features
-        w_o = block.proj_out.weight[:, :dim]
+    for i in layers:
         inputs, contexts, outputs, pre = [], [], [], []
-        for hs, layout, rope, out in seen[j]:
+        for s_idx, (hs, kwargs, out) in enumerate(seen[i]):
+            layout, rope = kwargs.get("token_layout"), kwargs.get("image_rotary_emb")
             valid = _valid_rows(layout, hs.device)
+            context = {"token_layout": layout, "image_rotary_emb": rope}
+            if i < n_double:
+                text = kwargs["encoder_hidden_states"].detach()
+                video_out, text_out = out
+                text_out = torch.zeros_like(text) if text_out is None else text_out
+                full = torch.cat([text_out, video_out], dim=1)
+                context["encoder_hidden_states"] = text
+                pre.append(pre_seen[i][s_idx].flatten(0, -2))
+            else:
+                block = teacher.single_transformer_blocks[i - n_double]
+                dim = block.proj_out.out_features
+                full = out @ block.proj_out.weight[:, :dim].t().to(out.dtype)
+                pre.append(out[valid])
             inputs.append(hs)
-            contexts.append({"token_layout": layout, "image_rotary_emb": rope})
-            outputs.append((out @ w_o.t().to(out.dtype)) * valid.unsqueeze(-1).to(out.dtype))
-            pre.append(out[valid])
-        records[n_double + j] = LayerRecord(inputs, torch.cat(outputs, dim=1), {"stages": contexts},
-                                            pre_out=torch.cat(pre, dim=0))
+            contexts.append(context)
+            outputs.append(full.detach() * valid.unsqueeze(-1).to(full.dtype))
+        records[i] = LayerRecord(inputs, torch.cat(outputs, dim=1), {"stages": contexts},
+                                 pre_out=torch.cat(pre, dim=0))
     return records
 
 
 class Stage1Target(nn.Module):
-    """What stage 1 trains for one converted layer: the MM-DiM attention run over every stage of
-    a recorded call, outputs concatenated along the token axis (as :func:`record_teacher_layers`
-    concatenates the teacher's). Exposes ``mixer`` like an :class:`MMDiM`.
+    """What stage 1 trains for one converted layer: the MM-DiM attention (single-stream or joint)
+    run over every stage of a recorded call, ``[text ; video]`` outputs concatenated along the
+    token axis (as :func:`record_teacher_layers` concatenates the teacher's). Exposes ``mixer``
+    like an :class:`MMDiM`.
     """
 
-    def __init__(self, attn: PyramidMMDiMAttention):
+    def __init__(self, attn: nn.Module):
         super().__init__()
         self.attn = attn
 
@@ -415,7 +636,14 @@ class Stage1Target(nn.Module):
         return self.attn.mmdim.mixer
 
     def forward(self, hidden_states: list[torch.Tensor], stages: list[dict]):
-        outs = [self.attn(hs, **ctx) for hs, ctx in zip(hidden_states, stages)]
+        outs = []
+        for hs, ctx in zip(hidden_states, stages):
+            out = self.attn(hs, **ctx)
+            if isinstance(out, tuple):  # joint: (video, text or None)
+                video_out, text_out = out
+                text_out = torch.zeros_like(ctx["encoder_hidden_states"]) if text_out is None else text_out
+                out = torch.cat([text_out, video_out], dim=1)
+            outs.append(out)
         return torch.cat(outs, dim=1), None
 
 

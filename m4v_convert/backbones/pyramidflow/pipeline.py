@@ -2,8 +2,8 @@
 
 Same shape as the Wan job (:mod:`m4v_convert.pipeline`, whose helpers it reuses); what differs is
 the teacher (the release folder layout, variant and resolution from the recipe), the layer
-selection (only single-stream blocks), the pyramid-shaped calibration batches and the output
-layout: the converted transformer is written where the release keeps its own,
+selection (single-stream blocks; double-stream ones only where the recipe allows), the
+pyramid-shaped calibration batches and the output layout: the converted transformer is written where the release keeps its own,
 ``<out>/diffusion_transformer_<resolution>/{config.json, diffusion_pytorch_model.safetensors}``,
 next to ``conversion.json``, ``README.md`` and ``flops.{json,md}``. ``load_converted(<out>)``
 reads it.
@@ -40,29 +40,26 @@ class PyramidFlowOptions:
 
 def check_layer_selection(layers: list[int], num_double: int, variant: str, allow_double_stream: bool,
                           num_single: int | None = None, source: str = "--layers") -> None:
-    """Refuse double-stream layers with the reason, and say "not implemented" when a recipe asks.
+    """Refuse double-stream layers, with the reason, unless the recipe allows them.
 
     ``source`` names where the layer list came from (``--layers`` or the recipe's default).
     """
     double = [i for i in layers if i < num_double]
-    if not double:
+    if not double or allow_double_stream:
         return
     if variant == "sd3":
         where = f"SD3 has only joint (double-stream) blocks, transformer_blocks.0-{num_double - 1}"
     else:
         where = f"layers {_ranges(double)} are double-stream blocks (transformer_blocks.0-{num_double - 1})"
-    if not allow_double_stream:
-        last = f"{num_double + num_single - 1}" if num_single else "..."
-        tail = ("; the SD3 variant therefore has no layer to convert (its recipe loads and checks the checkpoint: "
-                "m4v-convert recipes --check)" if variant == "sd3" else
-                f"; convert the single-stream blocks instead (--layers {num_double}-{last})")
-        raise M4VError(
-            f"{source}: {where}. M4V converts single-stream attention only: a double-stream block has separate "
-            "text and video weights, which one MM-DiM shared by text and video cannot take over without "
-            f"discarding half of them, so the paper keeps these blocks{tail}"
-        )
-    raise M4VError(f"{source}: {where}; the recipe allows double-stream blocks, but converting them is not "
-                   "implemented in this version of m4v-convert")
+    last = f"{num_double + num_single - 1}" if num_single else "..."
+    tail = ("; the SD3 variant has nothing else: use the recipe pyramidflow-sd3-768p, which allows them"
+            if variant == "sd3" else f"; convert the single-stream blocks (--layers {num_double}-{last}), or use a "
+            "recipe with allow_double_stream: true to convert these too")
+    raise M4VError(
+        f"{source}: {where}, and this recipe does not allow converting them (allow_double_stream: false). "
+        "M4V converts single-stream attention only and keeps the double-stream blocks, whose separate text and "
+        f"video weights an MM-DiM can take over only with its own text projections (text_projections){tail}"
+    )
 
 
 def _calibration_line(calibration: str) -> str:
@@ -89,7 +86,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
 
     from .calibration import (NUM_STAGES, PyramidCalibSpec, folder_pyramid_samples, pyramid_batch,
                               synthetic_pyramid_samples)
-    from .converted import M4VPyramidFluxTransformer, Stage1Target, calibrate_output_norms, record_teacher_layers
+    from .converted import CONVERTED_FOR_VARIANT, Stage1Target, calibrate_output_norms, record_teacher_layers
     from .layout import LATENT_PATCH
     from .loader import _FOLDER_RE, _resolve_folder, load_pyramidflow, transformer_folder_name
 
@@ -134,20 +131,22 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     height, width, max_frames = RESOLUTIONS[recipe.resolution]
     spatial = int(recipe.video.get("spatial_compression", 8))
     full_grid = [height // spatial // LATENT_PATCH, width // spatial // LATENT_PATCH]
-    student = M4VPyramidFluxTransformer.from_teacher(teacher)
+    student = CONVERTED_FOR_VARIANT[recipe.variant].from_teacher(teacher)
     try:
         student.convert_(layers, recipe.mmdim, meta={"full_grid": full_grid, "resolution": recipe.resolution,
                                                      "variant": recipe.variant})
     except ValueError as e:
         raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
     student.requires_grad_(False)
-    targets = {i: Stage1Target(student.single_transformer_blocks[i - n_double].attn) for i in layers}
+    targets = {i: Stage1Target(m if i < n_double else m.attn) for i, m in student.converted_modules().items()}
     for t in targets.values():
         t.requires_grad_(True)
 
     # calibration data (pyramid-shaped): the --calib folder, else synthetic
     c = recipe.calib
-    spec = PyramidCalibSpec(latent_channels=cfg["in_channels"] // (LATENT_PATCH * LATENT_PATCH),
+    # miniFLUX's in_channels count the 2x2 patch (64 = 16·4); SD3's are the latent channels
+    channels = cfg["in_channels"] if recipe.variant == "sd3" else cfg["in_channels"] // (LATENT_PATCH * LATENT_PATCH)
+    spec = PyramidCalibSpec(latent_channels=channels,
                             text_dim=cfg["joint_attention_dim"], pooled_dim=cfg["pooled_projection_dim"],
                             latent_frames=c["latent_frames"], latent_height=c["latent_height"],
                             latent_width=c["latent_width"], text_len=c["text_len"],
@@ -217,7 +216,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
         (tmp / "README.md").write_text(_model_card(summary, flops, recipe, cfg, n_double, n_single))
     con.print(f"[green]wrote[/] {Path(opts.out).resolve()}  ({summary['seconds']} s)")
-    con.print(f"single-stream FLOPs at {max_frames}×{height}×{width}, last unit: original "
+    con.print(f"FLOPs of the {flops['curve']['scope']} ({max_frames}×{height}×{width}): original "
               f"{flops['original_total_flops'] / 1e12:.3f} TFLOPs → converted "
               f"{flops['converted_total_flops'] / 1e12:.3f} TFLOPs")
     return summary
@@ -264,7 +263,8 @@ def _model_card(summary: dict, flops: dict, recipe, cfg: dict, n_double: int, n_
 - recipe: `{recipe.name}` ({recipe.description})
 - model: PyramidFlow {recipe.variant} {recipe.resolution}, {n_double} double-stream + {n_single} single-stream blocks,
   {cfg['num_attention_heads']} heads × {cfg['attention_head_dim']}
-- converted layers (MM-DiM in place of single-stream attention): {_ranges(summary['layers'])}
+- converted layers: {_ranges(summary['layers'])} (MM-DiM in place of the attention; double-stream / joint
+  blocks, layers below {n_double}, get an MM-DiM with its own text projections)
 - distillation: stage 1 (teacher-forced attention transfer), {summary['distill']['stage1_steps']} steps,
   lr {summary['distill']['lr']}
 {_calibration_line(summary['calibration'])}
@@ -280,7 +280,7 @@ The transformer is in `{folder}/` (the release's folder layout). Load it with
 
 ## FLOPs
 
-See `flops.md` / `flops.json`: single-stream blocks at the last unit of a {flops['video']['frames']}-frame
+See `flops.md` / `flops.json`: {flops['curve']['scope'].split(' at ')[0]} at the last unit of a {flops['video']['frames']}-frame
 {flops['video']['height']}×{flops['video']['width']} video: original {flops['original_total_flops'] / 1e12:.3f} TFLOPs,
 converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs.
 """
