@@ -108,7 +108,8 @@ def pyramidflow(
                                          "single-stream blocks at full size; default: recipe)"),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (float16 is refused)"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, as the release runs; float32 on "
+                              "CPU) | float32 | bfloat16 (float16 is refused)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's "
@@ -116,7 +117,8 @@ def pyramidflow(
     calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors at the top "
                                          "pyramid level (latents, text_embeds, text_mask, pooled); default: synthetic"),
 ):
-    """Convert a PyramidFlow checkpoint: single-stream attention -> MM-DiM, distill, save, report FLOPs."""
+    """Convert a PyramidFlow checkpoint: single-stream (and allowed joint) attention -> MM-DiM, distill, save,
+    report FLOPs."""
     from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
 
     _set_threads(threads)

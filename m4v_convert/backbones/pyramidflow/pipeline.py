@@ -32,7 +32,7 @@ class PyramidFlowOptions:
     layers: str | None = None
     distill_steps: int | None = None
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 on CUDA (as the release runs), float32 on CPU
     overwrite: bool = False
     seed: int = 0
     calib: Path | None = None  # folder of real pyramid calibration samples (calibration.py); None: synthetic
@@ -100,7 +100,10 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         raise M4VError(f"recipe {recipe.name!r}: mmdim.num_registers must be >= {NUM_STAGES} (one register per "
                        "pyramid stage; a frame's register is its pyramid level)")
     check_output_dir(opts.out, opts.overwrite)
-    device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
+    device = resolve_device(opts.device)
+    # the release runs in bf16 on GPUs; CPUs have no fast bf16 matmul, so float32 there
+    dtype = resolve_dtype(("bfloat16" if torch.device(device).type == "cuda" else "float32")
+                          if opts.dtype == "auto" else opts.dtype)
     if dtype == torch.float16:
         raise M4VError("--dtype float16: PyramidFlow's activations overflow float16; use bfloat16 or float32")
     if opts.distill_steps is not None and opts.distill_steps < 0:
