@@ -46,6 +46,15 @@ def _swap(module: nn.Module, prefix: str, config, handler: Handler, filter_fn, r
             _swap(child, fqn + ".", config, handler, filter_fn, replaced)
 
 
+def record_conversion(model, layers: dict, meta: dict) -> None:
+    """Store the conversion in ``model.config["m4v"]``: earlier entries updated by ``meta``, and
+    ``layers`` ({global index: MMDiMConfig dict}) replacing the previous layer record."""
+    previous = dict(model.config.get("m4v") or {})
+    previous.update(meta)
+    previous["layers"] = layers
+    model.register_to_config(m4v=previous)
+
+
 def parse_layers(spec: str, num_layers: int) -> list[int]:
     """Parse ``--layers``: ``all``, ``3``, ``0-9``, ``0,2,4``, ``0-3,8,10-11``. Sorted, unique."""
     from m4v_convert.errors import M4VError

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m4v_convert.convert import mambafy_, register_handler
+from m4v_convert.convert import mambafy_, record_conversion, register_handler
 from m4v_convert.distill.records import LayerRecord
 from m4v_convert.errors import CheckpointError, M4VError, RecipeError
 from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_attention
@@ -570,10 +570,7 @@ class GenericConvertedMixin:
                                       "out_features": linear.out_features, "bias": linear.bias is not None}
             entries[str(info.index)] = entry
         self._bind_context()
-        record = dict(self.config.get("m4v") or {})
-        record.update(meta or {})
-        record["layers"] = entries
-        self.register_to_config(m4v=record)
+        record_conversion(self, entries, meta or {})
         return replaced
 
     @property

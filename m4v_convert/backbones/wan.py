@@ -21,7 +21,7 @@ import torch.nn as nn
 from diffusers import WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
 
-from m4v_convert.convert import mambafy_, register_handler
+from m4v_convert.convert import mambafy_, record_conversion, register_handler
 from m4v_convert.distill.records import LayerRecord  # noqa: F401  (re-exported: public name of this module)
 from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_attention
 from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
@@ -204,12 +204,8 @@ class M4VWanTransformer3DModel(WanTransformer3DModel):
         return replaced
 
     def _record_conversion(self, meta: dict) -> None:
-        layers = {str(i): blk.attn1.mmdim.config.to_dict() for i, blk in enumerate(self.blocks)
-                  if isinstance(blk.attn1, WanMMDiMAttention)}
-        previous = dict(self.config.get("m4v") or {})
-        previous.update(meta)
-        previous["layers"] = layers
-        self.register_to_config(m4v=previous)
+        record_conversion(self, {str(i): blk.attn1.mmdim.config.to_dict() for i, blk in enumerate(self.blocks)
+                                 if isinstance(blk.attn1, WanMMDiMAttention)}, meta)
 
     @property
     def converted_layers(self) -> list[int]:

@@ -102,13 +102,20 @@ def single_block_flops(dims: dict, layout: VideoLayout, text_len: int, mmdim: MM
     attn = attention_flops(n, d, dims["heads"], dims["head_dim"])
     mlp = linear_flops(n, d, m) + linear_flops(n, m, d)
     modulation = linear_flops(1, d, 3 * d)
+    return _block_row(n, attn["projections"], attn["scores"], mmdim, layout, text_len, mlp, modulation)
+
+
+def _block_row(tokens: int, projections: int, scores: int, mmdim: MMDiMConfig, layout: VideoLayout, text_len: int,
+               mlp: int, modulation: int) -> dict:
+    """One block's counts: its attention (projections + scores) or the MM-DiM in its place (with and
+    without the temporal branch), plus the unchanged MLP and modulation."""
     mm = mmdim_flops(mmdim, layout, text_len)
     pure = mmdim_flops(dataclasses.replace(mmdim, temporal=False), layout, text_len)
     return {
-        "tokens": n,
-        "attention_flops": attn["total"],
-        "attention_projections": attn["projections"],
-        "attention_scores": attn["scores"],
+        "tokens": tokens,
+        "attention_flops": projections + scores,
+        "attention_projections": projections,
+        "attention_scores": scores,
         "mmdim_flops": mm["total"],
         "mmdim_matmul_flops": mm["matmul"],
         "mmdim_pure_flops": pure["total"],
@@ -116,7 +123,7 @@ def single_block_flops(dims: dict, layout: VideoLayout, text_len: int, mmdim: MM
         "mmdim_sequence_length": mm["shape"]["sequence_length"],
         "mlp_flops": mlp,
         "modulation_flops": modulation,
-        "block_original_flops": attn["total"] + mlp + modulation,
+        "block_original_flops": projections + scores + mlp + modulation,
         "block_converted_flops": mm["total"] + mlp + modulation,
         "block_pure_mamba_flops": pure["total"] + mlp + modulation,
     }
@@ -137,24 +144,7 @@ def double_block_flops(dims: dict, layout: VideoLayout, text_len: int, mmdim: MM
         projections -= linear_flops(text_len, d, d)
     ff = linear_flops(n_video if context_pre_only else n, d, m) + linear_flops(n_video if context_pre_only else n, m, d)
     modulation = linear_flops(1, d, 6 * d) + linear_flops(1, d, (2 if context_pre_only else 6) * d)
-    mm = mmdim_flops(mmdim, layout, text_len)
-    pure = mmdim_flops(dataclasses.replace(mmdim, temporal=False), layout, text_len)
-    return {
-        "tokens": n,
-        "attention_flops": projections + scores,
-        "attention_projections": projections,
-        "attention_scores": scores,
-        "mmdim_flops": mm["total"],
-        "mmdim_matmul_flops": mm["matmul"],
-        "mmdim_pure_flops": pure["total"],
-        "mmdim_parts": dict(mm["parts"]),
-        "mmdim_sequence_length": mm["shape"]["sequence_length"],
-        "mlp_flops": ff,
-        "modulation_flops": modulation,
-        "block_original_flops": projections + scores + ff + modulation,
-        "block_converted_flops": mm["total"] + ff + modulation,
-        "block_pure_mamba_flops": pure["total"] + ff + modulation,
-    }
+    return _block_row(n, projections, scores, mmdim, layout, text_len, ff, modulation)
 
 
 def _config_key(mc: MMDiMConfig) -> tuple:

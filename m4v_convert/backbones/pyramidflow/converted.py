@@ -72,7 +72,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.normalization import AdaLayerNormZeroSingle
 
-from m4v_convert.convert import mambafy_, register_handler
+from m4v_convert.convert import mambafy_, record_conversion, register_handler
 from m4v_convert.distill.records import LayerRecord
 from m4v_convert.errors import M4VError
 from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_attention
@@ -111,6 +111,19 @@ def video_rotary(image_rotary_emb, text_len: int):
     return cos[text_len:], sin[text_len:]
 
 
+def run_mmdim(attn: nn.Module, video: torch.Tensor, text: torch.Tensor, token_layout: StageLayout | None,
+              image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``attn.mmdim`` on one stage: video tokens with the stage's frame blocks, the text with its T5
+    mask, the video rows of the RoPE tables, the history frames as temporal sources."""
+    if token_layout is None:
+        raise RuntimeError(f"{type(attn).__name__} needs the stage's token layout; run it inside a converted "
+                           "PyramidFlow model, which passes token_layout to every attention call")
+    lz = text.shape[1]
+    mask = token_layout.text_mask.to(video.device)
+    return attn.mmdim(video, video_layout(token_layout), text if lz else None, mask if lz else None,
+                      video_rotary(image_rotary_emb, lz), history_sources(token_layout, video.device))
+
+
 class PyramidMMDiMAttention(nn.Module):
     """Stands in ``single_transformer_blocks.{j}.attn``: same call, MM-DiM inside.
 
@@ -128,21 +141,12 @@ class PyramidMMDiMAttention(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                 token_layout: StageLayout | None = None, **kwargs):
-        if token_layout is None:
-            raise RuntimeError(
-                "PyramidMMDiMAttention needs the stage's token layout; run it inside a PyramidFlow model "
-                "(M4VPyramidFluxTransformer), which passes token_layout to every attention call"
-            )
         if encoder_hidden_states is not None:
             raise ValueError("PyramidMMDiMAttention replaces single-stream attention: pass [text ; video] as "
                              "hidden_states and no encoder_hidden_states")
-        lz = token_layout.text_len
-        text, video = hidden_states[:, :lz], hidden_states[:, lz:]
-        mask = token_layout.text_mask.to(hidden_states.device)
-        video_out, text_out = self.mmdim(
-            video, video_layout(token_layout), text if lz else None, mask if lz else None,
-            video_rotary(image_rotary_emb, lz), history_sources(token_layout, hidden_states.device),
-        )
+        lz = token_layout.text_len if token_layout is not None else 0
+        video_out, text_out = run_mmdim(self, hidden_states[:, lz:], hidden_states[:, :lz], token_layout,
+                                        image_rotary_emb)
         return video_out if text_out is None else torch.cat([text_out, video_out], dim=1)
 
 
@@ -170,18 +174,10 @@ class PyramidMMDiMJointAttention(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                 token_layout: StageLayout | None = None, **kwargs):
-        if token_layout is None:
-            raise RuntimeError("PyramidMMDiMJointAttention needs the stage's token layout; run it inside a "
-                               "converted PyramidFlow model, which passes token_layout to every attention call")
         if encoder_hidden_states is None:
             raise ValueError("PyramidMMDiMJointAttention replaces joint attention: pass the text as "
                              "encoder_hidden_states")
-        lz = encoder_hidden_states.shape[1]
-        mask = token_layout.text_mask.to(hidden_states.device)
-        video_out, text_out = self.mmdim(
-            hidden_states, video_layout(token_layout), encoder_hidden_states if lz else None, mask if lz else None,
-            video_rotary(image_rotary_emb, lz), history_sources(token_layout, hidden_states.device),
-        )
+        video_out, text_out = run_mmdim(self, hidden_states, encoder_hidden_states, token_layout, image_rotary_emb)
         if self.context_pre_only:
             return video_out, None
         return video_out, (torch.zeros_like(encoder_hidden_states) if text_out is None else text_out)
@@ -435,11 +431,8 @@ class _ConvertedPyramidMixin:
         return out
 
     def _record_conversion(self, meta: dict) -> None:
-        layers = {str(i): m.mmdim.config.to_dict() for i, m in sorted(self.converted_modules().items())}
-        previous = dict(self.config.get("m4v") or {})
-        previous.update(meta)
-        previous["layers"] = layers
-        self.register_to_config(m4v=previous)
+        record_conversion(self, {str(i): m.mmdim.config.to_dict() for i, m in sorted(self.converted_modules().items())},
+                          meta)
 
     @property
     def converted_layers(self) -> list[int]:
