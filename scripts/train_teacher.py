@@ -58,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--eval-seeds", type=int, default=4, help="seeds per held-out prompt for the quality check")
     p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype of calib/ (read back as float32)")
+    p.add_argument("--calib-only", action="store_true",
+                   help="rewrite --out/calib/ (and the card) from its task.json and training.json, without training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--layers", type=int, default=MODEL["num_layers"])
@@ -83,10 +87,35 @@ def sample_quality(model, task: ShapesTask, labels, seeds_per_prompt: int, steps
     return res
 
 
+def write_calib(out: Path, task: ShapesTask, n: int, seed: int, dtype: str = "float32") -> None:
+    """``out/calib/shapes-calib.safetensors``: ``n`` clean latents of training prompts + text embeddings,
+    drawn from their own generator (``seed + 200``), so they do not depend on how training went."""
+    from safetensors.torch import save_file
+
+    labels = train_labels()
+    calib_gen = torch.Generator().manual_seed(seed + 200)
+    idx = torch.randint(len(labels), (n,), generator=calib_gen).tolist()
+    lat, txt = task.batch([labels[i] for i in idx], calib_gen)
+    (out / "calib").mkdir(exist_ok=True)
+    save_file({"latents": lat.to(getattr(torch, dtype)).contiguous(), "text_embeds": txt.contiguous()},
+              str(out / "calib" / "shapes-calib.safetensors"),
+              metadata={"what": "clean latents of the shapes task (training prompts) + word-table text embeddings"})
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.card_only:
         (args.out / "README.md").write_text(card(json.loads((args.out / "training.json").read_text())))
+        return
+    if args.calib_only:
+        record = json.loads((args.out / "training.json").read_text())
+        task = ShapesTask(TaskConfig.load(args.out / "task.json"))
+        write_calib(args.out, task, args.calib_samples, record["seed"], args.calib_dtype)
+        command = "python scripts/train_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        record.update(calib_samples=args.calib_samples, calib_dtype=args.calib_dtype, calib_command=command.strip())
+        (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        (args.out / "README.md").write_text(card(record))
+        print(f"wrote {args.out / 'calib'} ({args.calib_samples} samples, {args.calib_dtype})", flush=True)
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -171,14 +200,7 @@ def main(argv=None) -> None:
         shutil.rmtree(out)
     ema.save_pretrained(out, safe_serialization=True)
     task_cfg.save(out / "task.json")
-    calib_gen = torch.Generator().manual_seed(args.seed + 200)
-    idx = torch.randint(len(labels), (args.calib_samples,), generator=calib_gen).tolist()
-    lat, txt = task.batch([labels[i] for i in idx], calib_gen)
-    from safetensors.torch import save_file
-
-    (out / "calib").mkdir()
-    save_file({"latents": lat.contiguous(), "text_embeds": txt.contiguous()}, str(out / "calib" / "shapes-calib.safetensors"),
-              metadata={"what": "clean latents of the shapes task (training prompts) + word-table text embeddings"})
+    write_calib(out, task, args.calib_samples, args.seed, args.calib_dtype)
     command = "python scripts/train_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
     record = {
         "command": command.strip(), "seed": args.seed, "steps": steps_done, "batch": args.batch, "lr": args.lr,
@@ -192,6 +214,10 @@ def main(argv=None) -> None:
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "README.md").write_text(card(record))
     print(f"wrote {out}", flush=True)
+
+
+def calib_note(r: dict) -> str:
+    return f" (written by `{r['calib_command']}`)" if r.get("calib_command") else ""
 
 
 def card(r: dict) -> str:
@@ -258,8 +284,8 @@ Fidelity measurements against this teacher are still meaningful — the student 
 teacher's samples, whatever they are — but its direction accuracy is noise, not a skill.
 
 `calib/shapes-calib.safetensors`: {r['calib_samples']} clean latents of training prompts + their text embeddings
-(the `--calib` format of `m4v-convert wan2.1`), so the default conversion distills on the teacher's
-own data distribution.
+(the `--calib` format of `m4v-convert wan2.1`; latents stored as {r.get('calib_dtype', 'float32')}), so the default
+conversion distills on the teacher's own data distribution{calib_note(r)}.
 """
 
 
