@@ -107,6 +107,8 @@ def pyramidflow(
     layers: Optional[str] = typer.Option(None, "--layers", help="global layer numbers, e.g. '8-23' (the "
                                          "single-stream blocks at full size; default: recipe)"),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)"),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps "
+                                               "(default: recipe; 0: skip)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, as the release runs; float32 on "
                               "CPU) | float32 | bfloat16 (float16 is refused)"),
@@ -124,7 +126,7 @@ def pyramidflow(
     _set_threads(threads)
     convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
                                            distill_steps=distill_steps, device=device, dtype=dtype,
-                                           overwrite=overwrite, seed=seed, calib=calib))
+                                           overwrite=overwrite, seed=seed, calib=calib, stage2_steps=stage2_steps))
 
 
 @app.command("convert")

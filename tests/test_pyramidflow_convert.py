@@ -334,6 +334,8 @@ def test_cli_converts_distills_and_writes_the_release_layout(roots, recipes, tmp
     assert summary["layers"] == [1, 2] and summary["calibration"] == "synthetic"
     for i in ("1", "2"):  # distillation reduced every layer's error
         assert summary["error_after"][i] < summary["error_before"][i]
+    stage2 = summary["distill"]["stage2"]  # the recipe's stage 2 ran and is reported
+    assert stage2["steps"] == 20 and f"{stage2['end_to_end_after']:.4f}" in (out / "README.md").read_text()
     assert "SYNTHETIC" in (out / "README.md").read_text().upper()
     flops = json.loads((out / "flops.json").read_text())
     assert [lay["index"] for lay in flops["layers"]] == [1, 2]
@@ -348,6 +350,22 @@ def test_cli_converts_distills_and_writes_the_release_layout(roots, recipes, tmp
         assert f.metadata()["layers"] == "1,2" and f.metadata()["format"] == "pt"
     with torch.no_grad():
         assert all(torch.isfinite(o).all() for o in model(**_inputs()))
+
+
+def test_stage2_brings_the_whole_model_closer_to_the_teacher(roots, recipes, tmp_path):
+    """Stage 2 alone (no stage 1): end-to-end error over all stages of held-out calls drops."""
+    recipe = yaml.safe_load(recipes["miniflux"].read_text())
+    recipe["distill"]["stage2"].update(lr=0.001)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = _convert(roots / "miniflux", tmp_path / "out", tmp_path / "r.yaml", "--distill-steps", "0",
+                   "--stage2-steps", "30")
+    assert res.exit_code == 0, res.output
+    stage2 = json.loads((tmp_path / "out" / "conversion.json").read_text())["distill"]["stage2"]
+    assert stage2["steps"] == 30 and stage2["end_to_end_after"] < 0.8 * stage2["end_to_end_before"], stage2
+    off = _convert(roots / "miniflux", tmp_path / "off", tmp_path / "r.yaml", "--distill-steps", "0",
+                   "--stage2-steps", "0")
+    assert off.exit_code == 0 and json.loads((tmp_path / "off" / "conversion.json").read_text())[
+        "distill"]["stage2"] == {"steps": 0}
 
 
 @pytest.mark.parametrize("case", ["sd3_recipe_on_miniflux", "miniflux_recipe_on_sd3", "384p_root", "384p_folder",

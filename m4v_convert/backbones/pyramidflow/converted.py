@@ -540,6 +540,18 @@ CONVERTED_CLASSES = {"M4VPyramidFluxTransformer": M4VPyramidFluxTransformer,
 CONVERTED_FOR_VARIANT = {"miniflux": M4VPyramidFluxTransformer, "sd3": M4VPyramidDiffusionMMDiT}
 
 
+class FlatPrediction(nn.Module):
+    """A PyramidFlow model called the way stage 2 calls diffusers models (``model(**batch,
+    return_dict=False)[0]``): its per-stage predictions flattened and concatenated, ``(B, ·)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, return_dict: bool = False, **batch):
+        return (torch.cat([o.flatten(1) for o in self.model(**batch)], dim=1),)
+
+
 # ----------------------------------------------------------------------------- stage-1 records
 
 def _valid_rows(layout: StageLayout, device) -> torch.Tensor:

@@ -36,6 +36,7 @@ class PyramidFlowOptions:
     overwrite: bool = False
     seed: int = 0
     calib: Path | None = None  # folder of real pyramid calibration samples (calibration.py); None: synthetic
+    stage2_steps: int | None = None  # end-to-end distillation steps (default: recipe distill.stage2.steps)
 
 
 def check_layer_selection(layers: list[int], num_double: int, variant: str, allow_double_stream: bool,
@@ -108,6 +109,8 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         raise M4VError("--dtype float16: PyramidFlow's activations overflow float16; use bfloat16 or float32")
     if opts.distill_steps is not None and opts.distill_steps < 0:
         raise M4VError(f"--distill-steps: expected >= 0, got {opts.distill_steps}")
+    if opts.stage2_steps is not None and opts.stage2_steps < 0:
+        raise M4VError(f"--stage2-steps: expected >= 0, got {opts.stage2_steps}")
 
     con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
               f"checkpoint {opts.checkpoint}")
@@ -186,6 +189,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                               grad_clip=float(s1.get("grad_clip", 1.0)), calibrate_norm=False)
     result = _run_stage1_with_progress(con, targets, record, train_batch, eval_batches, settings)
     _print_errors(con, result)
+    stage2 = _run_stage2(con, teacher, student, targets, recipe, opts, train_batch, eval_batches, gen, device)
 
     # report + save
     flops = pyramidflow_flops_report(cfg, max_frames, height, width, text_len=int(recipe.video.get("text_len", 128)),
@@ -194,7 +198,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     meta = {
         "toolkit": "m4v-convert", "version": m4v_convert.__version__, "source": str(Path(opts.checkpoint).resolve()),
         "recipe": recipe.name, "layers": layers, "calibration": calibration,
-        "distill": {"stage1_steps": settings.steps, "lr": settings.lr},
+        "distill": {"stage1_steps": settings.steps, "lr": settings.lr, "stage2": stage2},
     }
     record_meta = {k: v for k, v in meta.items() if k != "layers"}
     student.register_to_config(m4v={**student.config["m4v"], **record_meta, "converted_layers": layers})
@@ -223,6 +227,40 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
               f"{flops['original_total_flops'] / 1e12:.3f} TFLOPs → converted "
               f"{flops['converted_total_flops'] / 1e12:.3f} TFLOPs")
     return summary
+
+
+def _run_stage2(con, teacher, student, targets: dict, recipe, opts, train_batch, eval_batches, generator,
+                device) -> dict:
+    """Stage 2 (end-to-end, DESIGN §4.2): the student runs free on pyramid batches and matches the
+    teacher's predictions over every stage (MSE), training the MM-DiM parameters only. The
+    per-layer feature term of the Wan stage 2 is not used here: a single-stream teacher block has
+    no attention output in model space to compare with (its W_O is fused into ``proj_out``)."""
+    from m4v_convert.distill.params import set_trainable, trainable_params
+    from m4v_convert.distill.stage2 import Stage2Task, end_to_end_error
+    from m4v_convert.distill.trainer import StageSchedule, Trainer
+
+    from .converted import FlatPrediction
+
+    s2 = dict(recipe.distill.get("stage2", {}))
+    steps = opts.stage2_steps if opts.stage2_steps is not None else int(s2.get("steps", 0))
+    if steps == 0:
+        return {"steps": 0}
+    flat_teacher, flat_student = FlatPrediction(teacher), FlatPrediction(student)
+    before = end_to_end_error(flat_student, flat_teacher, eval_batches)
+    params = trainable_params(student, "mmdim", {i: t.attn.mmdim for i, t in targets.items()})
+    set_trainable(student, params)
+    task = Stage2Task(flat_teacher, flat_student, lambda m: {}, train_batch, generator=generator,
+                      feature_weight=0.0, output_weight=1.0,
+                      counter=lambda b: (int(b["pooled_projections"].shape[0]), 0))
+    schedule = StageSchedule(steps=steps, lr=float(s2.get("lr", 3e-4)), grad_clip=float(s2.get("grad_clip", 1.0)),
+                             weight_decay=float(s2.get("weight_decay", 0.0)))
+    outcome = Trainer(student, console=con, device=device).fit(task, schedule, params)
+    student.requires_grad_(False)
+    after = end_to_end_error(flat_student, flat_teacher, eval_batches)
+    con.print(f"end-to-end relative error ‖v_student − v_teacher‖ / ‖v_teacher‖ (held-out batch, all stages): "
+              f"{before:.4f} before stage 2 → {after:.4f} after")
+    return {"steps": steps, "lr": schedule.lr, "final_loss": outcome.losses[-1] if outcome.losses else None,
+            "end_to_end_before": before, "end_to_end_after": after}
 
 
 def _block_counts(config: dict, variant: str) -> tuple[int, int]:
@@ -256,6 +294,13 @@ def _ranges(layers: list[int]) -> str:
     return ranges(layers)
 
 
+def _stage2_line(stage2: dict) -> str:
+    if not stage2.get("steps"):
+        return "stage 2 (end-to-end) not run"
+    return (f"stage 2 (end-to-end against the teacher's predictions), {stage2['steps']} steps: end-to-end error "
+            f"{stage2['end_to_end_before']:.4f} → {stage2['end_to_end_after']:.4f}")
+
+
 def _model_card(summary: dict, flops: dict, recipe, cfg: dict, n_double: int, n_single: int) -> str:
     before, after = summary["error_before"], summary["error_after"]
     rows = "\n".join(f"| {i} | {before[i]:.4f} | {after[i]:.4f} |" for i in before)
@@ -269,7 +314,7 @@ def _model_card(summary: dict, flops: dict, recipe, cfg: dict, n_double: int, n_
 - converted layers: {_ranges(summary['layers'])} (MM-DiM in place of the attention; double-stream / joint
   blocks, layers below {n_double}, get an MM-DiM with its own text projections)
 - distillation: stage 1 (teacher-forced attention transfer), {summary['distill']['stage1_steps']} steps,
-  lr {summary['distill']['lr']}
+  lr {summary['distill']['lr']}; {_stage2_line(summary['distill']['stage2'])}
 {_calibration_line(summary['calibration'])}
 
 The transformer is in `{folder}/` (the release's folder layout). Load it with
