@@ -423,10 +423,11 @@ class _ConvertedPyramidMixin:
         return replaced
 
     def converted_modules(self) -> dict[int, nn.Module]:
-        """Global layer index → the converted attention module (joint) or block (single-stream)."""
+        """Global layer index → the converted attention module (joint or single-stream), each with ``.mmdim``."""
         out = {i: blk.attn for i, blk in enumerate(self.transformer_blocks)
                if isinstance(blk.attn, PyramidMMDiMJointAttention)}
-        out.update({self._num_double + j: blk for j, blk in enumerate(getattr(self, "single_transformer_blocks", ()))
+        out.update({self._num_double + j: blk.attn
+                    for j, blk in enumerate(getattr(self, "single_transformer_blocks", ()))
                     if isinstance(blk, MMDiMSingleTransformerBlock)})
         return out
 

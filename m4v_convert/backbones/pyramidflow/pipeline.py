@@ -3,9 +3,9 @@
 Same shape as the Wan job (:mod:`m4v_convert.pipeline`, whose helpers it reuses); what differs is
 the teacher (the release folder layout, variant and resolution from the recipe), the layer
 selection (single-stream blocks; double-stream ones only where the recipe allows), the
-pyramid-shaped calibration batches and the output layout: the converted transformer is written where the release keeps its own,
-``<out>/diffusion_transformer_<resolution>/{config.json, diffusion_pytorch_model.safetensors}``,
-next to ``conversion.json``, ``README.md`` and ``flops.{json,md}``. ``load_converted(<out>)``
+pyramid-shaped calibration batches and the output layout: the converted transformer is written
+where the release keeps its own,
+``<out>/diffusion_transformer_<resolution>/{config.json, diffusion_pytorch_model.safetensors}``, next to ``conversion.json``, ``README.md`` and ``flops.{json,md}``. ``load_converted(<out>)``
 reads it.
 """
 
@@ -144,7 +144,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     except ValueError as e:
         raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
     student.requires_grad_(False)
-    targets = {i: Stage1Target(m if i < n_double else m.attn) for i, m in student.converted_modules().items()}
+    targets = {i: Stage1Target(attn) for i, attn in student.converted_modules().items()}
     for t in targets.values():
         t.requires_grad_(True)
 
