@@ -118,6 +118,23 @@ def pyramidflow(
                                           "choice)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors at the top "
                                          "pyramid level (latents, text_embeds, text_mask, pooled); default: synthetic"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages to run, e.g. 1,2,3 "
+                                         "(default: recipe; stage 3 runs only with --data)"),
+    stage3_steps: Optional[int] = typer.Option(None, "--stage3-steps", help="stage-3 (fine-tune) steps"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of every stage (default: recipe, per stage)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step (each holds every "
+                                             "pyramid stage), every stage"),
+    train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora"),
+    data: Optional[Path] = typer.Option(None, "--data", help="stage-3 fine-tune data: folder in the --calib "
+                                        "format (release pyramidal flow-matching objective)"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="steps between resumable "
+                                                   "checkpoints, every stage (0: none)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="training state folder (default: <out>.train "
+                                           "when checkpointing)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run whose state is in this folder"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="recompute activations in "
+                                            "backward (the model's gradient_checkpointing_ratio of its blocks)"),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no"),
 ):
     """Convert a PyramidFlow checkpoint: single-stream (and allowed joint) attention -> MM-DiM, distill, save,
     report FLOPs."""
@@ -126,7 +143,11 @@ def pyramidflow(
     _set_threads(threads)
     convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
                                            distill_steps=distill_steps, device=device, dtype=dtype,
-                                           overwrite=overwrite, seed=seed, calib=calib, stage2_steps=stage2_steps))
+                                           overwrite=overwrite, seed=seed, calib=calib, stage2_steps=stage2_steps,
+                                           stages=stages, stage3_steps=stage3_steps, lr=lr, batch_size=batch_size,
+                                           train=train, data=data, checkpoint_every=checkpoint_every,
+                                           run_dir=run_dir, resume=resume, grad_checkpointing=grad_checkpointing,
+                                           mixed_precision=mixed_precision))
 
 
 @app.command("convert")

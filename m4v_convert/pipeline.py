@@ -142,8 +142,8 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     spec = CalibSpec(in_channels=cfg["in_channels"], text_dim=cfg["text_dim"], latent_frames=c["latent_frames"],
                      latent_height=c["latent_height"], latent_width=c["latent_width"], text_len=c["text_len"],
                      flow_shift=float(c.get("flow_shift", 1.0)))
-    adapter = WanDistillAdapter(layers=layers, patch_size=tuple(cfg["patch_size"]))
-    report = run_distillation(teacher, student, adapter, recipe, opts, plan, spec, dist, con, device, dtype)
+    adapter = WanDistillAdapter(layers=layers, patch_size=tuple(cfg["patch_size"]), spec=spec)
+    report = run_distillation(teacher, student, adapter, recipe, opts, plan, dist, con, device, dtype)
     result = report.stage1
     if result.error_before:
         _print_errors(con, result)

@@ -327,7 +327,7 @@ def test_cli_converts_distills_and_writes_the_release_layout(roots, recipes, tmp
     res = _convert(roots / "miniflux", out, recipes["miniflux"], "--distill-steps", "8")
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == {"diffusion_transformer_768p", "conversion.json", "README.md",
-                                               "flops.json", "flops.md"}
+                                               "flops.json", "flops.md", "train_log.jsonl", "loss.png"}
     assert {p.name for p in (out / "diffusion_transformer_768p").iterdir()} == {
         "config.json", "diffusion_pytorch_model.safetensors"}
     summary = json.loads((out / "conversion.json").read_text())
@@ -647,3 +647,171 @@ def test_flops_768p_241_frames_against_the_paper(tmp_path):
     assert bad.exit_code != 0 and "8k+1" in bad.output
     wan = runner.invoke(app, ["flops", "wan2.1"])
     assert wan.exit_code != 0 and "pick one" in wan.output
+
+
+# ---------------------------------------------------------------- the shared distillation job
+
+def test_pyramid_schedule_is_the_releases():
+    """Per-stage flow of the release's scheduler (1000 steps, stage_range thirds, gamma 1/3, shift 1),
+    worked by hand: stage s starts at sigma 1 - s/3 (index int(1000·s/3)), renoised for s > 0 to
+    1 - o/(2 - o) with o = 1 - start (sqrt(1 + 1/gamma) = 2), and ends at the next stage's start
+    sigma (0 at the last); timesteps split [1000, 1] in proportion to each stage's sigma distance."""
+    from m4v_convert.backbones.pyramidflow.calibration import PyramidSchedule
+
+    s = PyramidSchedule.release()
+    o1, o2 = 1 - 0.667, 1 - 0.334
+    starts = (1.0, 1 - o1 / (2 - o1), 1 - o2 / (2 - o2))
+    ends = (0.667, 0.334, 0.0)
+    assert s.start_sigmas == pytest.approx(starts) and s.end_sigmas == pytest.approx(ends)
+    dist = [a - b for a, b in zip(starts, ends)]
+    cut1, cut2 = dist[0] / sum(dist), (dist[0] + dist[1]) / sum(dist)
+    t1, t2 = 1000 - int(cut1 * 1000), 1000 - int(cut2 * 1000)  # timesteps[i] = 1000 - i
+    assert s.timestep_ranges == ((1000.0, t1), (t1, t2), (t2, 1.0))
+
+
+def _halve(x):
+    b, c, f, h, w = x.shape
+    y = F.interpolate(x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w), scale_factor=0.5, mode="bilinear")
+    return y.reshape(b, f, c, h // 2, w // 2).permute(0, 2, 1, 3, 4)
+
+
+def test_pyramid_batch_lies_on_the_release_flow_and_its_target_is_the_flow():
+    """Oracle per stage, from the clean latents of each level (bilinear halvings, written here):
+    start_s = s_s·ε_s + (1 − s_s)·up(x_{s−1}) (ε_0 at stage 0), end_s = e_s·ε_s + (1 − e_s)·x_s (x_s at
+    the last stage), target = start − end, noisy = end + r·target with r read back from the
+    timestep. ε_s is solved from the target; the release's noise pyramid then holds: ε_{s−1} =
+    2·halve(ε_s). History clips are clean frames of their levels when the corruption is off."""
+    from m4v_convert.backbones.pyramidflow.calibration import (PyramidCalibSpec, PyramidSchedule, pyramid_batch,
+                                                               synthetic_pyramid_samples)
+
+    spec = PyramidCalibSpec(latent_channels=4, text_dim=8, pooled_dim=4, latent_frames=3, latent_height=16,
+                            latent_width=16, text_len=5, corrupt_ratio=0.0)
+    samples = synthetic_pyramid_samples(spec, 3, seed=1)
+    kwargs, target = pyramid_batch(samples, spec, torch.Generator().manual_seed(2), with_target=True)
+    sched = PyramidSchedule.release()
+    top = torch.stack([s.latents for s in samples])
+    levels = [_halve(_halve(top)), _halve(top), top]
+    targets = torch.split(target, [4 * lv.shape[3] * lv.shape[4] for lv in levels], dim=1)
+    t = kwargs["timestep_ratio"].view(3, 3)  # rows (sample, stage), stage fastest
+    eps = []
+    for stage in range(3):
+        t_max, t_min = sched.timestep_ranges[stage]
+        r = ((t[:, stage] - t_min) / (t_max - t_min)).view(-1, 1, 1, 1, 1)
+        assert 0 < r.min() and r.max() <= 1
+        noisy = kwargs["sample"][stage][-1]
+        tgt = targets[stage].view(noisy.shape)
+        x0 = levels[stage][:, :, -1:]
+        s_, e_ = sched.start_sigmas[stage], sched.end_sigmas[stage]
+        up = 0 if stage == 0 else F.interpolate(levels[stage - 1][:, :, -1], scale_factor=2, mode="nearest")[:, :, None]
+        # target = (s − e)·ε + (1 − s)·up − (1 − e)·x0
+        e = (tgt - (1 - s_) * up + (1 - e_) * x0) / (s_ - e_)
+        end = e_ * e + (1 - e_) * x0
+        torch.testing.assert_close(noisy, end + r * tgt, atol=1e-4, rtol=0)
+        eps.append(e)
+        history = kwargs["sample"][stage][:-1]
+        for clip in history:  # every history clip is a clean frame of some level (no corruption)
+            assert any(clip.shape[3:] == lv.shape[3:] and any(torch.allclose(clip, lv[:, :, f:f + clip.shape[2]])
+                       for f in range(lv.shape[2])) for lv in levels)
+    for stage in (0, 1):
+        torch.testing.assert_close(eps[stage], 2 * _halve(eps[stage + 1]), atol=1e-3, rtol=0)
+    assert 0.7 < eps[2].std() < 1.3  # unit-variance noise at the top
+    torch.testing.assert_close(kwargs["sample"][2][-2], top[:, :, 1:2])  # the last condition frame, full size
+
+
+def _pyramid_data(folder, seed=5):
+    return _pyramid_calib(folder, n=4, seed=seed)
+
+
+def test_cli_stage3_fine_tunes_on_data_with_the_pyramidal_objective(roots, recipes, tmp_path):
+    out = tmp_path / "s3"
+    res = _convert(roots / "miniflux", out, recipes["miniflux"], "--stages", "1,3", "--distill-steps", "4",
+                   "--stage3-steps", "15", "--lr", "0.003", "--data", str(_pyramid_data(tmp_path / "data")))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "conversion.json").read_text())
+    s3 = summary["distill"]["stage3"]
+    assert s3["steps"] == 15 and summary["distill"]["stages"] == [1, 3]
+    losses = [r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+              if r.get("stage") == "stage3" and "loss" in r and "event" not in r]
+    assert len(losses) == 15 and sum(losses[-5:]) < sum(losses[:5])  # the release's flow target is learnable
+    assert "pyramidal flow matching" in (out / "README.md").read_text()
+    # --train mmdim (default): outside the converted attention nothing moved
+    from safetensors.torch import load_file
+
+    t_sd = load_file(str(roots / "miniflux" / "diffusion_transformer_768p" / "diffusion_pytorch_model.safetensors"))
+    s_sd = load_file(str(out / "diffusion_transformer_768p" / "diffusion_pytorch_model.safetensors"))
+    kept = [k for k in t_sd if not k.startswith(("single_transformer_blocks.0.", "single_transformer_blocks.1."))]
+    assert kept and all(torch.equal(s_sd[k], t_sd[k]) for k in kept)
+    # without --data stage 3 is skipped, and says so
+    res = _convert(roots / "miniflux", tmp_path / "nodata", recipes["miniflux"], "--stages", "3")
+    assert res.exit_code == 0 and "stage 3 (flow-matching fine-tune) skipped" in res.output
+    assert json.loads((tmp_path / "nodata" / "conversion.json").read_text())["distill"]["stage3"]["skipped"]
+
+
+def test_cli_lora_trains_the_mlps_and_merges(roots, recipes, tmp_path):
+    out = tmp_path / "lora"
+    res = _convert(roots / "miniflux", out, recipes["miniflux"], "--stages", "2", "--stage2-steps", "3",
+                   "--lr", "0.01", "--train", "lora")
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    t_sd = load_file(str(roots / "miniflux" / "diffusion_transformer_768p" / "diffusion_pytorch_model.safetensors"))
+    s_sd = load_file(str(out / "diffusion_transformer_768p" / "diffusion_pytorch_model.safetensors"))
+    assert not [k for k in s_sd if "lora" in k or "base_layer" in k]  # merged into their layers
+    changed = {k for k in t_sd if k in s_sd and t_sd[k].shape == s_sd[k].shape and not torch.equal(s_sd[k], t_sd[k])}
+    assert {"single_transformer_blocks.0.proj_mlp.weight", "transformer_blocks.0.ff.net.2.weight"} <= changed
+    assert all(k.endswith("weight") and (".proj_mlp." in k or ".proj_out." in k or ".ff" in k) for k in changed)
+    assert load_converted(out).converted_layers == [1, 2]
+
+
+def test_cli_resume_after_an_interrupt_ends_with_the_uninterrupted_weights(roots, recipes, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from m4v_convert.distill.stage2 import Stage2Task
+
+    common = ["--stages", "1,2", "--distill-steps", "3", "--stage2-steps", "8", "--checkpoint-every", "2",
+              "--mixed-precision", "no"]
+    ref = _convert(roots / "miniflux", tmp_path / "ref", recipes["miniflux"], *common,
+                   "--run-dir", str(tmp_path / "ref_run"))
+    assert ref.exit_code == 0, ref.output
+    calls, loss = {"n": 0}, Stage2Task.loss
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return loss(self, batch)
+
+    monkeypatch.setattr(Stage2Task, "loss", interrupted)
+    run = tmp_path / "run"
+    res = _convert(roots / "miniflux", tmp_path / "out", recipes["miniflux"], *common, "--run-dir", str(run))
+    assert res.exit_code != 0 and not (tmp_path / "out").exists()
+    state = json.loads((run / "state.json").read_text())
+    assert state["stage"] == "stage2" and state["step"] == 4
+    monkeypatch.setattr(Stage2Task, "loss", loss)
+    res = _convert(roots / "miniflux", tmp_path / "out", recipes["miniflux"], *common, "--resume", str(run))
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output and "stage2 step 4" in " ".join(res.output.split())
+    name = "diffusion_transformer_768p/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "out" / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_of_the_converted_model_gives_the_same_gradients(teacher):
+    from m4v_convert.backbones.pyramidflow.distill import PyramidDistillAdapter
+
+    student = M4VPyramidFluxTransformer.from_teacher(teacher)
+    student.convert_([1, 2], MMDIM, meta={"full_grid": [4, 4]})
+    inputs = _inputs()
+
+    def grads():
+        student.zero_grad()
+        sum(o.square().sum() for o in student(**inputs)).backward()
+        return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    PyramidDistillAdapter(layers=[1, 2], spec=None).enable_gradient_checkpointing(student)
+    assert student.gradient_checkpointing
+    checked = grads()
+    assert plain.keys() == checked.keys() and any(".mmdim." in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(plain[n], checked[n])

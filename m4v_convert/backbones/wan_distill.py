@@ -1,17 +1,22 @@
 """What distillation needs to know about Wan2.1 beyond the converted model class (``wan.py``).
 
-Which module outputs are the per-layer features, which linear layers LoRA adapts, how many video
-tokens a batch has, and gradient checkpointing that keeps the converted ``attn1``'s call context.
+Its batches (clean latents noised by rectified flow), which module outputs are the per-layer
+features, which linear layers LoRA adapts, how many video tokens a batch has, and gradient
+checkpointing that keeps the converted ``attn1``'s call context. The PyramidFlow counterpart is
+``pyramidflow/distill.py``; :func:`m4v_convert.distill.job.run_distillation` runs either.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from m4v_convert.backbones.wan import M4VWanTransformer3DModel, record_teacher_layers
+from m4v_convert.distill.calibration import CalibSpec, check_uniform, folder_samples, noised_batch
+from m4v_convert.distill.stage1 import calibrate_output_norms
 
 # peft matches ``target_modules`` (a string) with re.fullmatch against each module's qualified name
 LORA_TARGETS = r"blocks\.\d+\.(attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
@@ -42,8 +47,28 @@ def _checkpoint_keeping_context(ctx):
 class WanDistillAdapter:
     layers: list[int]
     patch_size: tuple[int, int, int]
+    spec: CalibSpec | None = None
 
     lora_targets: str = LORA_TARGETS
+
+    # ---- data: clean latents + text embeddings, noised by rectified flow (distill/calibration.py)
+    def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype):
+        from m4v_convert.distill.job import calibration_samples
+
+        return calibration_samples(recipe, opts, self.spec, teacher, plan, dist, con, device, dtype, self.patch_size)
+
+    def data_samples(self, folder: Path) -> list:
+        data = folder_samples(folder, self.spec, flag="--data")
+        check_uniform(data, "--data", self.patch_size)
+        return data
+
+    def batch(self, samples: list, generator: torch.Generator, device, dtype, with_target: bool = False):
+        return noised_batch(samples, self.spec, generator, device, dtype, with_target=with_target)
+
+    def shard(self, batch, rows: slice, device, dtype, with_target: bool = False):
+        kwargs, target = batch if with_target else (batch, None)
+        kwargs = {k: v[rows].to(device=device, dtype=dtype) for k, v in kwargs.items()}
+        return (kwargs, target[rows].to(device)) if with_target else kwargs
 
     def record(self, teacher: nn.Module, batch: dict) -> dict:
         return record_teacher_layers(teacher, batch, self.layers)
@@ -54,6 +79,16 @@ class WanDistillAdapter:
     def feature_modules(self, model: nn.Module) -> dict[int, nn.Module]:
         """Converted layers' ``attn1`` (MM-DiM in the student, attention in the teacher)."""
         return {i: model.blocks[i].attn1 for i in self.layers}
+
+    def calibrate_output_norms(self, blocks: dict[int, nn.Module], records: dict) -> None:
+        calibrate_output_norms(blocks, records)
+
+    def predictor(self, model: nn.Module) -> nn.Module:
+        return model  # diffusers' (prediction,) output as is
+
+    def identity(self, config: dict) -> dict:
+        return {k: config.get(k) for k in ("num_layers", "num_attention_heads", "attention_head_dim",
+                                           "in_channels", "text_dim", "ffn_dim")}
 
     def enable_gradient_checkpointing(self, student: M4VWanTransformer3DModel) -> None:
         student.enable_gradient_checkpointing(_checkpoint_keeping_context(student._m4v_context))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from m4v_convert.distill.calibration import (CalibSpec, CleanSample, check_uniform, folder_samples, noised_batch,
+from m4v_convert.distill.calibration import (CalibSpec, CleanSample, check_uniform, folder_samples,
                                              synthetic_samples)
 from m4v_convert.distill.distributed import DistContext
 from m4v_convert.distill.params import (add_lora, check_train_mode, merge_lora_, set_trainable, trainable_params)
@@ -147,15 +147,14 @@ def make_plan(recipe, opts, device: torch.device) -> DistillPlan:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def _draw(pool: list[CleanSample], spec: CalibSpec, generator: torch.Generator, per_rank: int, dist: DistContext,
-          device, dtype, with_target: bool = False):
-    """This process's slice of one global batch; every process draws the same global batch."""
+def _draw(pool: list, adapter, generator: torch.Generator, per_rank: int, dist: DistContext, device, dtype,
+          with_target: bool = False):
+    """This process's slice of one global batch; every process draws the same global batch (so the
+    generator stays in step across processes and a checkpoint resumes it)."""
     idx = torch.randint(len(pool), (per_rank * dist.world,), generator=generator).tolist()
-    out = noised_batch([pool[i] for i in idx], spec, generator, "cpu", torch.float32, with_target=with_target)
-    sl = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-    kwargs, target = out if with_target else (out, None)
-    kwargs = {k: v[sl].to(device=device, dtype=dtype) for k, v in kwargs.items()}
-    return (kwargs, target[sl].to(device)) if with_target else kwargs
+    out = adapter.batch([pool[i] for i in idx], generator, "cpu", torch.float32, with_target=with_target)
+    rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+    return adapter.shard(out, rows, device, dtype, with_target=with_target)
 
 
 def calibration_samples(recipe, opts, spec: CalibSpec, teacher, plan: DistillPlan, dist: DistContext, con,
@@ -203,20 +202,24 @@ def calibration_samples(recipe, opts, spec: CalibSpec, teacher, plan: DistillPla
 # ---------------------------------------------------------------------------------------------- run
 
 
-def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan, spec: CalibSpec,
-                     dist: DistContext, con, device, dtype) -> DistillReport:
-    """Run the planned stages on ``student`` in place (see the module docstring)."""
+def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan, dist: DistContext, con, device,
+                     dtype) -> DistillReport:
+    """Run the planned stages on ``student`` in place (see the module docstring).
+
+    ``adapter`` is what the job knows of the backbone (``backbones/wan_distill.py``,
+    ``backbones/pyramidflow/distill.py``): calibration / ``--data`` samples and how to batch,
+    noise and shard them; the teacher's per-layer records and the stage-1 modules; feature
+    modules, predictions, LoRA targets, gradient checkpointing, and sample/token counts.
+    """
     from m4v_convert.distill import stage1 as stage1_mod
     from m4v_convert.distill.stage2 import Stage2Task, end_to_end_error
     from m4v_convert.distill.stage3 import Stage3Task
 
     layers = adapter.layers
-    samples, calib_label = calibration_samples(recipe, opts, spec, teacher, plan, dist, con, device, dtype,
-                                               adapter.patch_size)
+    samples, calib_label = adapter.calibration_samples(recipe, opts, teacher, plan, dist, con, device, dtype)
     data = None
     if 3 in plan.stages and opts.data is not None:
-        data = folder_samples(opts.data, spec, flag="--data")
-        check_uniform(data, "--data", adapter.patch_size)
+        data = adapter.data_samples(opts.data)
     bs_eval, n_eval = int(recipe.calib.get("batch_size", 1)), int(recipe.calib.get("eval_batches", 1))
     if len(samples) < bs_eval * (n_eval + 1):
         raise M4VError(f"calibration: {len(samples)} samples, need at least {bs_eval * (n_eval + 1)} "
@@ -242,8 +245,7 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
         "recipe": recipe.name, "layers": list(layers), "train": plan.train, "stages": plan.stages,
         "schedules": {f"stage{k}": plan.schedules[k].to_dict() for k in plan.stages}, "seed": opts.seed,
         "world_size": dist.world, "calibration": calib_label, "data": None if data is None else str(opts.data),
-        "model": {k: model_cfg.get(k) for k in ("num_layers", "num_attention_heads", "attention_head_dim",
-                                                  "in_channels", "text_dim", "ffn_dim")},
+        "model": adapter.identity(model_cfg),
         "lora": [plan.lora_rank, plan.lora_alpha] if plan.uses_lora else None,
         "loss": {"feature_weight": plan.feature_weight, "output_weight": plan.output_weight},
     }
@@ -266,8 +268,9 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
     dist.barrier()
 
     gen_eval = torch.Generator().manual_seed(opts.seed)
-    eval_batches = [noised_batch(samples[i * bs_eval:(i + 1) * bs_eval], spec, gen_eval, device, dtype)
+    eval_batches = [adapter.batch(samples[i * bs_eval:(i + 1) * bs_eval], gen_eval, device, dtype)
                     for i in range(n_eval)]
+    s_teacher, s_student = adapter.predictor(teacher), adapter.predictor(student)  # called as diffusers models
 
     def resume_for(stage: str):
         if state is not None and state["stage"] == stage and not state["stage_done"]:
@@ -293,9 +296,10 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
             g1 = generator(1)
             stage1 = stage1_mod.run_stage1(
                 blocks, lambda b: adapter.record(teacher, b),
-                lambda step: _draw(train_pool, spec, g1, sched.batch_size, dist, device, dtype),
+                lambda step: _draw(train_pool, adapter, g1, sched.batch_size, dist, device, dtype),
                 eval_batches, sched, trainer=trainer, generator=g1, resume=resume_for("stage1"),
-                grad_checkpointing=plan.grad_checkpointing, counter=adapter.count)
+                grad_checkpointing=plan.grad_checkpointing, counter=adapter.count,
+                calibrate=adapter.calibrate_output_norms)
             trainer.finish_stage("stage1", {
                 "steps": sched.steps, **_throughput(stage1.outcome),
                 "error_before": {str(k): v for k, v in stage1.error_before.items()},
@@ -310,16 +314,16 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
         if "stage2" not in trainer.completed:
             r = resume_for("stage2")
             before = (float(r["extra"]["end_to_end_before"]) if r is not None
-                      else end_to_end_error(student, teacher, eval_batches))
+                      else end_to_end_error(s_student, s_teacher, eval_batches))
             params = stage_params[2]
             set_trainable(student, params)
             g2 = generator(2)
-            task = Stage2Task(teacher, student, adapter.feature_modules,
-                              lambda step: _draw(train_pool, spec, g2, sched.batch_size, dist, device, dtype),
+            task = Stage2Task(s_teacher, s_student, adapter.feature_modules,
+                              lambda step: _draw(train_pool, adapter, g2, sched.batch_size, dist, device, dtype),
                               generator=g2, feature_weight=plan.feature_weight, output_weight=plan.output_weight,
                               counter=adapter.count)
             outcome = trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before})
-            after = end_to_end_error(student, teacher, eval_batches)
+            after = end_to_end_error(s_student, s_teacher, eval_batches)
             trainer.finish_stage("stage2", {"steps": sched.steps, **_throughput(outcome),
                                             "end_to_end_before": before, "end_to_end_after": after})
         results["stage2"] = trainer.completed["stage2"]
@@ -336,15 +340,16 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
                 params = stage_params[3]
                 set_trainable(student, params)
                 g3 = generator(3)
-                task = Stage3Task(student, lambda step: _draw(data, spec, g3, sched.batch_size, dist, device, dtype,
-                                                               with_target=True),
+                task = Stage3Task(s_student, lambda step: _draw(data, adapter, g3, sched.batch_size, dist, device,
+                                                                 dtype, with_target=True),
                                   generator=g3, counter=adapter.count)
                 before = (float(r["extra"]["end_to_end_before"]) if r is not None
-                          else end_to_end_error(student, teacher, eval_batches))
+                          else end_to_end_error(s_student, s_teacher, eval_batches))
                 outcome = trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before})
                 trainer.finish_stage("stage3", {"steps": sched.steps, **_throughput(outcome),
                                                 "end_to_end_before": before,
-                                                "end_to_end_after": end_to_end_error(student, teacher, eval_batches)})
+                                                "end_to_end_after": end_to_end_error(s_student, s_teacher,
+                                                                                     eval_batches)})
         results["stage3"] = trainer.completed["stage3"]
         if e2e_before is None and "end_to_end_before" in results["stage3"]:
             e2e_before = results["stage3"]["end_to_end_before"]

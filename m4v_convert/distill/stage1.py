@@ -131,6 +131,7 @@ def run_stage1(
     resume: dict | None = None,
     grad_checkpointing: bool = False,
     counter: Callable[[dict], tuple[int, int]] | None = None,
+    calibrate: Callable[[dict, dict], None] | None = None,
 ) -> Stage1Result:
     """Train ``blocks`` (layer index → MMDiM) in place.
 
@@ -140,11 +141,13 @@ def run_stage1(
     progress: optional callable(step, losses: dict[int, float]) for display.
     trainer: the run's :class:`Trainer` (checkpoints, processes, log); default: a local one.
     resume: a checkpoint of this stage in progress (from ``RunDir.load``).
+    calibrate: (blocks, records) → None, the per-head output-scale calibration run before training
+        (``settings.calibrate_norm``); default :func:`calibrate_output_norms` (blocks are MMDiMs).
     """
     eval_records = [record(b) for b in eval_batches]
     if resume is None:
         if getattr(settings, "calibrate_norm", True):
-            calibrate_output_norms(blocks, eval_records[0])
+            (calibrate or calibrate_output_norms)(blocks, eval_records[0])
         before = layer_errors(blocks, eval_records)
     else:  # the weights (norm calibration included) come from the checkpoint
         before = {int(k): float(v) for k, v in resume["extra"]["error_before"].items()}

@@ -5,10 +5,13 @@ release's training packs them, so every stage's register is exercised. Per sampl
 
 * the history frames (all but the last latent frame) laid out by the release's inference rule
   (:func:`.layout.history_clips`: the newest at the stage's level, older ones a level lower
-  each, the oldest together at level 0), each at its level's resolution (bilinear downsampling
-  of the top-level latents, as ``get_pyramid_latent`` does);
-* the noisy clip: the last frame at the stage's resolution, noised by rectified flow
-  ``x_t = (1 − σ)·x_0 + σ·ε`` at a random σ (shifted by ``flow_shift``), ``timestep_ratio = 1000·σ``.
+  each, the oldest together at level 0), each at its level's resolution (successive bilinear
+  halvings of the top-level latents, as ``get_pyramid_latent`` does), corrupted with a little
+  noise as the release's training does;
+* the noisy clip: the last frame at the stage's resolution on the stage's piece of the pyramidal
+  flow (:class:`PyramidSchedule`: from the upsampled previous level, renoised, towards this
+  level), with the stage's timestep — the inputs the released model was trained on, and, for
+  stage 3, the flow target it was trained to predict.
 
 Sources:
 
@@ -29,6 +32,7 @@ Sources:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +55,10 @@ class PyramidCalibSpec:
     latent_height: int  # of the top pyramid level
     latent_width: int
     text_len: int
-    flow_shift: float = 1.0
+    flow_shift: float = 1.0  # the release's scheduler shift (timestep_shift: 1.0)
     num_stages: int = NUM_STAGES
+    gamma: float = 1 / 3  # the release's scheduler_gamma (renoising between stages)
+    corrupt_ratio: float = 1 / 3  # the release's history corruption: σ_c ~ U(0, corrupt_ratio)
 
     def validate(self) -> None:
         step = LATENT_PATCH * 2 ** (self.num_stages - 1)
@@ -125,47 +131,143 @@ def folder_pyramid_samples(folder: Path, spec: PyramidCalibSpec, flag: str = "--
     return out
 
 
-def _downsample(latents: torch.Tensor, halvings: int) -> torch.Tensor:
-    """(B, C, F, H, W) → bilinear ``2**halvings`` times smaller in H and W."""
-    if halvings == 0:
-        return latents
+def _halve(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) → bilinear half size in H and W (one pyramid level, as ``get_pyramid_latent``)."""
     b, c, f, h, w = latents.shape
     x = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-    x = F.interpolate(x, size=(h >> halvings, w >> halvings), mode="bilinear")
-    return x.reshape(b, f, c, h >> halvings, w >> halvings).permute(0, 2, 1, 3, 4)
+    x = F.interpolate(x, size=(h // 2, w // 2), mode="bilinear")
+    return x.reshape(b, f, c, h // 2, w // 2).permute(0, 2, 1, 3, 4)
 
 
-def _shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    return shift * sigma / (1 + (shift - 1) * sigma)
+def _double_nearest(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) → nearest-neighbour double size (the release's upsampling of a stage's start)."""
+    b, c, f, h, w = latents.shape
+    x = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    x = F.interpolate(x, size=(2 * h, 2 * w), mode="nearest")
+    return x.reshape(b, f, c, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+
+
+def pyramid_levels(latents: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+    """Top-level latents → one tensor per pyramid level, low → high (successive bilinear halvings)."""
+    levels = [latents]
+    for _ in range(num_stages - 1):
+        levels.append(_halve(levels[-1]))
+    return levels[::-1]
+
+
+@dataclass(frozen=True)
+class PyramidSchedule:
+    """The release's per-stage flow (``PyramidFlowMatchEulerDiscreteScheduler`` with its training
+    defaults: 1000 steps, ``stage_range`` thirds, ``gamma`` 1/3, ``shift`` 1).
+
+    Stage ``s`` runs from ``start_s = start_sigma·ε + (1 − start_sigma)·up(x_{s−1})`` (pure noise
+    at stage 0; ``up`` = nearest ×2 of the previous level's clean latents) to ``end_s =
+    end_sigma·ε + (1 − end_sigma)·x_s`` (clean at the last stage); inside the stage ``x = r·start +
+    (1 − r)·end`` with ``r`` from 1 to 0, the model's timestep runs linearly over the stage's
+    share of ``[1000, 1]`` and the flow target is ``start − end``. ``gamma`` renoises the jump
+    between stages (the start sigma is corrected so the upsampled latent keeps unit variance).
+    """
+
+    start_sigmas: tuple[float, ...]
+    end_sigmas: tuple[float, ...]
+    timestep_ranges: tuple[tuple[float, float], ...]  # (t at r = 1, t at r → 0) per stage
+
+    @classmethod
+    def release(cls, num_stages: int = NUM_STAGES, shift: float = 1.0, gamma: float = 1 / 3,
+                train_steps: int = 1000) -> "PyramidSchedule":
+        n = train_steps
+        sig = [(n - i) / n for i in range(n)]  # linspace(1, n, n)[::-1] / n
+        sig = [shift * s / (1 + (shift - 1) * s) for s in sig]
+        timesteps = [s * n for s in sig]
+        bounds = [i / num_stages for i in range(num_stages + 1)]
+        starts, ends = [], []
+        for i in range(num_stages):
+            start = sig[max(int(bounds[i] * n), 0)]
+            end_idx = min(int(bounds[i + 1] * n), n)
+            end = sig[end_idx] if end_idx < n else 0.0
+            if i:
+                ori = 1 - start
+                start = 1 - ori / (math.sqrt(1 + 1 / gamma) * (1 - ori) + ori)
+            starts.append(start)
+            ends.append(end)
+        dist = [a - b for a, b in zip(starts, ends)]
+        total = sum(dist)
+        ranges = []
+        for i in range(num_stages):
+            r0 = sum(dist[:i]) / total
+            r1 = 1.0 if i == num_stages - 1 else sum(dist[:i + 1]) / total
+            ranges.append((timesteps[int(r0 * n)], timesteps[min(int(r1 * n), n - 1)]))
+        return cls(tuple(starts), tuple(ends), tuple(ranges))
+
+    def timestep(self, stage: int, ratio: torch.Tensor) -> torch.Tensor:
+        """The model's timestep at interpolation ratio ``ratio`` (1 → 0) inside ``stage``."""
+        t_max, t_min = self.timestep_ranges[stage]
+        return t_min + (t_max - t_min) * ratio
 
 
 def pyramid_batch(samples: list[PyramidSample], spec: PyramidCalibSpec, generator: torch.Generator,
-                  device="cpu", dtype=torch.float32) -> dict:
-    """Stack ``samples`` into keyword arguments of one PyramidFlow model call (all stages)."""
+                  device="cpu", dtype=torch.float32, with_target: bool = False):
+    """Stack ``samples`` into keyword arguments of one PyramidFlow model call (all stages), noised
+    the way the release trains (``add_pyramid_noise_with_temporal_pyramid``; :class:`PyramidSchedule`).
+
+    Per sample and stage: the noisy clip is the last latent frame at the stage's resolution at a
+    uniform interpolation ratio of the stage's flow; the history frames (laid out by
+    :func:`.layout.history_clips`) are corrupted by ``σ_c·ε' + (1 − σ_c)·x`` with ``σ_c ~
+    U(0, corrupt_ratio)`` per sample and stage, as in the release. ``with_target``: also return
+    the flow target ``start − end`` of every stage's noisy clip, flattened and concatenated over
+    stages, ``(B, ·)`` (the layout of :class:`.converted.FlatPrediction`).
+    """
     s_n = spec.num_stages
-    lat = torch.stack([s.latents for s in samples])  # (B, C, F, H, W)
+    sched = PyramidSchedule.release(s_n, shift=spec.flow_shift, gamma=spec.gamma)
+    lat = torch.stack([s.latents for s in samples]).float()  # (B, C, F, H, W)
     b, n_hist = lat.shape[0], lat.shape[2] - 1
-    levels = [_downsample(lat, s_n - 1 - lv) for lv in range(s_n)]
-    sigma = _shift(torch.rand(b, s_n, generator=generator), spec.flow_shift)  # (B, S)
-    sample = []
+    levels = pyramid_levels(lat, s_n)
+    noise = [torch.randn(lat[:, :, n_hist:].shape, generator=generator)]  # top level, the noisy frame only
+    for _ in range(s_n - 1):
+        noise.append(_halve(noise[-1]) * 2)  # keeps unit variance, as the release does
+    noise = noise[::-1]
+    ratio = 1 - torch.randint(0, 1000, (b, s_n), generator=generator).float() / 1000  # linspace(1, 0, 1001)[idx]
+    corrupt = torch.rand(b, s_n, generator=generator) * spec.corrupt_ratio
+    timesteps = torch.stack([sched.timestep(s, ratio[:, s]) for s in range(s_n)], dim=1)  # (B, S)
+    sample, targets = [], []
     for stage in range(s_n):
+        x0, eps = levels[stage][:, :, n_hist:], noise[stage]
+        if stage == 0:
+            start = eps
+        else:
+            up = _double_nearest(levels[stage - 1][:, :, n_hist:])
+            start = sched.start_sigmas[stage] * eps + (1 - sched.start_sigmas[stage]) * up
+        end = x0 if stage == s_n - 1 else sched.end_sigmas[stage] * eps + (1 - sched.end_sigmas[stage]) * x0
+        r = ratio[:, stage].view(-1, 1, 1, 1, 1)
+        c = corrupt[:, stage].view(-1, 1, 1, 1, 1)
         clips, t0 = [], 0
         for frames, level in history_clips(stage, n_hist):
-            clips.append(levels[level][:, :, t0:t0 + frames])
+            hist = levels[level][:, :, t0:t0 + frames]
+            clips.append(c * torch.randn(hist.shape, generator=generator) + (1 - c) * hist)
             t0 += frames
-        x0 = levels[stage][:, :, n_hist:]
-        noise = torch.randn(x0.shape, generator=generator)
-        s = sigma[:, stage].view(-1, 1, 1, 1, 1)
-        clips.append((1 - s) * x0 + s * noise)
-        sample.append([c.to(device=device, dtype=dtype) for c in clips])
+        clips.append(r * start + (1 - r) * end)
+        sample.append([x.to(device=device, dtype=dtype) for x in clips])
+        targets.append((start - end).flatten(1))
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # (B, ...) → (B·S, ...), stage index fastest
         return t.repeat_interleave(s_n, dim=0)
 
-    return {
+    kwargs = {
         "sample": sample,
         "encoder_hidden_states": rows(torch.stack([s.text for s in samples])).to(device=device, dtype=dtype),
         "encoder_attention_mask": rows(torch.stack([s.text_mask for s in samples])).to(device),
         "pooled_projections": rows(torch.stack([s.pooled for s in samples])).to(device=device, dtype=dtype),
-        "timestep_ratio": (sigma.reshape(-1) * 1000).to(device=device, dtype=dtype),
+        "timestep_ratio": timesteps.reshape(-1).to(device=device, dtype=dtype),
     }
+    return (kwargs, torch.cat(targets, dim=1).to(device)) if with_target else kwargs
+
+
+def shard_pyramid_batch(batch, rows: slice, num_stages: int, device, dtype, with_target: bool = False):
+    """Samples ``rows`` of a :func:`pyramid_batch` output (one process's share), moved to ``device``."""
+    kwargs, target = batch if with_target else (batch, None)
+    text_rows = slice(rows.start * num_stages, rows.stop * num_stages)
+    out = {"sample": [[c[rows].to(device=device, dtype=dtype) for c in clips] for clips in kwargs["sample"]],
+           "encoder_attention_mask": kwargs["encoder_attention_mask"][text_rows].to(device)}
+    for k in ("encoder_hidden_states", "pooled_projections", "timestep_ratio"):
+        out[k] = kwargs[k][text_rows].to(device=device, dtype=dtype)
+    return (out, target[rows].to(device)) if with_target else out

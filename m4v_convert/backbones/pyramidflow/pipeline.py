@@ -36,7 +36,22 @@ class PyramidFlowOptions:
     overwrite: bool = False
     seed: int = 0
     calib: Path | None = None  # folder of real pyramid calibration samples (calibration.py); None: synthetic
-    stage2_steps: int | None = None  # end-to-end distillation steps (default: recipe distill.stage2.steps)
+    # distillation schedule and training (m4v_convert.distill.job, shared with Wan); None = the recipe's value
+    stages: str | None = None
+    stage2_steps: int | None = None  # end-to-end distillation steps
+    stage3_steps: int | None = None  # flow-matching fine-tune steps (with --data)
+    lr: float | None = None
+    batch_size: int | None = None
+    train: str | None = None
+    data: Path | None = None  # stage-3 fine-tune latents (the --calib format)
+    checkpoint_every: int | None = None
+    run_dir: Path | None = None
+    resume: Path | None = None
+    grad_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    feature_weight: float | None = None  # not used: stage 2 has no per-layer feature term here
+    teacher_calib: bool = False  # refused (needs the pyramid sampler)
+    calib_cache: Path | None = None
 
 
 def check_layer_selection(layers: list[int], num_double: int, variant: str, allow_double_stream: bool,
@@ -77,17 +92,18 @@ def _layer_source(opts_layers, recipe) -> str:
 def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     """Run the whole PyramidFlow conversion; returns the summary written to ``conversion.json``."""
     from m4v_convert.convert import parse_layers
-    from m4v_convert.distill.stage1 import Stage1Settings
+    from m4v_convert.distill.distributed import DistContext
+    from m4v_convert.distill.job import make_plan, plot_losses, run_distillation
     from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
     from m4v_convert.io.converted import save_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
-    from m4v_convert.pipeline import _console, _print_errors, _ranges as ranges, _run_stage1_with_progress
+    from m4v_convert.pipeline import _console, _print_errors, _ranges as ranges
     from m4v_convert.pipeline import resolve_device, resolve_dtype
     from m4v_convert.recipes import load_recipe
 
-    from .calibration import (NUM_STAGES, PyramidCalibSpec, folder_pyramid_samples, pyramid_batch,
-                              synthetic_pyramid_samples)
-    from .converted import CONVERTED_FOR_VARIANT, Stage1Target, calibrate_output_norms, record_teacher_layers
+    from .calibration import NUM_STAGES, PyramidCalibSpec
+    from .converted import CONVERTED_FOR_VARIANT
+    from .distill import PyramidDistillAdapter
     from .layout import LATENT_PATCH
     from .loader import _FOLDER_RE, _resolve_folder, load_pyramidflow, transformer_folder_name
 
@@ -107,16 +123,17 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                           if opts.dtype == "auto" else opts.dtype)
     if dtype == torch.float16:
         raise M4VError("--dtype float16: PyramidFlow's activations overflow float16; use bfloat16 or float32")
-    if opts.distill_steps is not None and opts.distill_steps < 0:
-        raise M4VError(f"--distill-steps: expected >= 0, got {opts.distill_steps}")
-    if opts.stage2_steps is not None and opts.stage2_steps < 0:
-        raise M4VError(f"--stage2-steps: expected >= 0, got {opts.stage2_steps}")
+    if opts.teacher_calib or opts.calib_cache is not None:
+        raise M4VError("--teacher-calib: not available for PyramidFlow (sampling the teacher needs the whole "
+                       "pyramid sampler); pass --calib DIR with real latents")
+    for flag, folder in (("--calib", opts.calib), ("--data", opts.data)):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise M4VError(f"{flag} {folder}: not a folder")
+    plan = make_plan(recipe, opts, device)  # flags, schedule, run folder, --resume checkpoint
 
     con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
               f"checkpoint {opts.checkpoint}")
     _check_layers_before_loading(opts, recipe)
-    if opts.calib is not None and not Path(opts.calib).expanduser().is_dir():
-        raise M4VError(f"--calib {opts.calib}: not a folder")
     source_folder = _resolve_folder(Path(opts.checkpoint), recipe.resolution)  # resolved once, loaded from
     teacher = load_pyramidflow(source_folder, variant=recipe.variant, resolution=recipe.resolution,
                                dtype=dtype, device=device)
@@ -137,6 +154,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     height, width, max_frames = RESOLUTIONS[recipe.resolution]
     spatial = int(recipe.video.get("spatial_compression", 8))
     full_grid = [height // spatial // LATENT_PATCH, width // spatial // LATENT_PATCH]
+    torch.manual_seed(opts.seed)
     student = CONVERTED_FOR_VARIANT[recipe.variant].from_teacher(teacher)
     try:
         student.convert_(layers, recipe.mmdim, meta={"full_grid": full_grid, "resolution": recipe.resolution,
@@ -144,11 +162,8 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     except ValueError as e:
         raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
     student.requires_grad_(False)
-    targets = {i: Stage1Target(attn) for i, attn in student.converted_modules().items()}
-    for t in targets.values():
-        t.requires_grad_(True)
 
-    # calibration data (pyramid-shaped): the --calib folder, else synthetic
+    # calibration / fine-tune data: pyramid-shaped, all stages per call, noised the release's way
     c = recipe.calib
     # miniFLUX's in_channels count the 2x2 patch (64 = 16·4); SD3's are the latent channels
     channels = cfg["in_channels"] if recipe.variant == "sd3" else cfg["in_channels"] // (LATENT_PATCH * LATENT_PATCH)
@@ -156,40 +171,19 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                             text_dim=cfg["joint_attention_dim"], pooled_dim=cfg["pooled_projection_dim"],
                             latent_frames=c["latent_frames"], latent_height=c["latent_height"],
                             latent_width=c["latent_width"], text_len=c["text_len"],
-                            flow_shift=float(c.get("flow_shift", 1.0)))
-    if opts.calib is not None:
-        samples = folder_pyramid_samples(opts.calib, spec)
-        calibration = f"folder:{opts.calib}"
-        con.print(f"calibration: {len(samples)} samples from {opts.calib} (latents "
-                  f"{tuple(samples[0].latents.shape)}, all {spec.num_stages} pyramid stages per call)")
-    else:
-        samples = synthetic_pyramid_samples(spec, int(c.get("num_samples", 16)), seed=opts.seed)
-        calibration = "synthetic"
-        con.print("[yellow]calibration: SYNTHETIC pyramid batches (random latents, T5-like text with padding); "
-                  "they carry no video content[/]")
-    bs, n_eval = int(c.get("batch_size", 1)), int(c.get("eval_batches", 1))
-    if len(samples) < bs * (n_eval + 1):
-        raise M4VError(f"calibration: {len(samples)} samples, need at least {bs * (n_eval + 1)} "
-                       f"(batch_size {bs} × ({n_eval} eval + 1 train) batches)")
-    gen = torch.Generator().manual_seed(opts.seed)
-    eval_batches = [pyramid_batch(samples[i * bs:(i + 1) * bs], spec, gen, device, dtype) for i in range(n_eval)]
-    train_pool = samples[n_eval * bs:]
-
-    def train_batch(step: int) -> dict:
-        idx = torch.randint(len(train_pool), (bs,), generator=gen).tolist()
-        return pyramid_batch([train_pool[i] for i in idx], spec, gen, device, dtype)
-
-    def record(batch: dict) -> dict:
-        return record_teacher_layers(teacher, batch, layers)
-
-    calibrate_output_norms(targets, record(eval_batches[0]))  # over all stages of the call
-    s1 = recipe.stage1()
-    settings = Stage1Settings(steps=opts.distill_steps if opts.distill_steps is not None else int(s1.get("steps", 100)),
-                              lr=float(s1.get("lr", 1e-3)), weight_decay=float(s1.get("weight_decay", 0.0)),
-                              grad_clip=float(s1.get("grad_clip", 1.0)), calibrate_norm=False)
-    result = _run_stage1_with_progress(con, targets, record, train_batch, eval_batches, settings)
-    _print_errors(con, result)
-    stage2 = _run_stage2(con, teacher, student, targets, recipe, opts, train_batch, eval_batches, gen, device)
+                            flow_shift=float(c.get("flow_shift", 1.0)),
+                            corrupt_ratio=float(c.get("corrupt_ratio", 1 / 3)))
+    spec.validate()
+    adapter = PyramidDistillAdapter(layers=layers, spec=spec, calib=opts.calib,
+                                    num_samples=int(c.get("num_samples", 16)))
+    report = run_distillation(teacher, student, adapter, recipe, opts, plan, DistContext(), con, device, dtype)
+    result = report.stage1
+    if result.error_before:
+        _print_errors(con, result)
+    if report.end_to_end_before is not None:
+        con.print(f"end-to-end relative error ‖v_student − v_teacher‖ / ‖v_teacher‖ (held-out batch, all stages): "
+                  f"{report.end_to_end_before:.4f} before stage 2/3 → {report.end_to_end_after:.4f} after")
+    calibration = report.calibration
 
     # report + save
     flops = pyramidflow_flops_report(cfg, max_frames, height, width, text_len=int(recipe.video.get("text_len", 128)),
@@ -198,7 +192,10 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     meta = {
         "toolkit": "m4v-convert", "version": m4v_convert.__version__, "source": str(Path(opts.checkpoint).resolve()),
         "recipe": recipe.name, "layers": layers, "calibration": calibration,
-        "distill": {"stage1_steps": settings.steps, "lr": settings.lr, "stage2": stage2},
+        "distill": {"stage1_steps": plan.schedules[1].steps if 1 in plan.stages else 0, "lr": plan.schedules[1].lr,
+                    "stages": plan.stages, "train": plan.train,
+                    "schedules": {f"stage{k}": plan.schedules[k].to_dict() for k in plan.stages},
+                    "stage2": _later_stage(report.results, plan, 2), "stage3": _later_stage(report.results, plan, 3)},
     }
     record_meta = {k: v for k, v in meta.items() if k != "layers"}
     student.register_to_config(m4v={**student.config["m4v"], **record_meta, "converted_layers": layers})
@@ -208,6 +205,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         "transformer_folder": folder,
         "error_before": {str(k): v for k, v in result.error_before.items()},
         "error_after": {str(k): v for k, v in result.error_after.items()},
+        "end_to_end_error": {"before": report.end_to_end_before, "after": report.end_to_end_after},
         "original_total_flops": flops["original_total_flops"],
         "converted_total_flops": flops["converted_total_flops"],
         "seconds": None,
@@ -219,6 +217,8 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         })
         (tmp / "flops.json").write_text(json.dumps(flops, indent=2))
         (tmp / "flops.md").write_text(markdown_report(flops))
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in report.log))
+        plot_losses(report.log, tmp / "loss.png")
         summary["seconds"] = round(time.time() - t_start, 1)
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
         (tmp / "README.md").write_text(_model_card(summary, flops, recipe, cfg, n_double, n_single))
@@ -229,38 +229,20 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     return summary
 
 
-def _run_stage2(con, teacher, student, targets: dict, recipe, opts, train_batch, eval_batches, generator,
-                device) -> dict:
-    """Stage 2 (end-to-end, DESIGN §4.2): the student runs free on pyramid batches and matches the
-    teacher's predictions over every stage (MSE), training the MM-DiM parameters only. The
-    per-layer feature term of the Wan stage 2 is not used here: a single-stream teacher block has
-    no attention output in model space to compare with (its W_O is fused into ``proj_out``)."""
-    from m4v_convert.distill.params import set_trainable, trainable_params
-    from m4v_convert.distill.stage2 import Stage2Task, end_to_end_error
-    from m4v_convert.distill.trainer import StageSchedule, Trainer
-
-    from .converted import FlatPrediction
-
-    s2 = dict(recipe.distill.get("stage2", {}))
-    steps = opts.stage2_steps if opts.stage2_steps is not None else int(s2.get("steps", 0))
-    if steps == 0:
+def _later_stage(results: dict, plan, k: int) -> dict:
+    """conversion.json's view of stage ``k`` (2: end-to-end, 3: flow-matching fine-tune)."""
+    r = results.get(f"stage{k}")
+    if r is None or k not in plan.stages:
         return {"steps": 0}
-    flat_teacher, flat_student = FlatPrediction(teacher), FlatPrediction(student)
-    before = end_to_end_error(flat_student, flat_teacher, eval_batches)
-    params = trainable_params(student, "mmdim", {i: t.attn.mmdim for i, t in targets.items()})
-    set_trainable(student, params)
-    task = Stage2Task(flat_teacher, flat_student, lambda m: {}, train_batch, generator=generator,
-                      feature_weight=0.0, output_weight=1.0,
-                      counter=lambda b: (int(b["pooled_projections"].shape[0]), 0))
-    schedule = StageSchedule(steps=steps, lr=float(s2.get("lr", 3e-4)), grad_clip=float(s2.get("grad_clip", 1.0)),
-                             weight_decay=float(s2.get("weight_decay", 0.0)))
-    outcome = Trainer(student, console=con, device=device).fit(task, schedule, params)
-    student.requires_grad_(False)
-    after = end_to_end_error(flat_student, flat_teacher, eval_batches)
-    con.print(f"end-to-end relative error ‖v_student − v_teacher‖ / ‖v_teacher‖ (held-out batch, all stages): "
-              f"{before:.4f} before stage 2 → {after:.4f} after")
-    return {"steps": steps, "lr": schedule.lr, "final_loss": outcome.losses[-1] if outcome.losses else None,
-            "end_to_end_before": before, "end_to_end_after": after}
+    if r.get("skipped"):
+        return {"steps": 0, "skipped": r["skipped"]}
+    if not r.get("steps"):
+        return {"steps": 0}
+    out = {"steps": r["steps"], "lr": plan.schedules[k].lr, "final_loss": r.get("final_loss")}
+    for key in ("end_to_end_before", "end_to_end_after", "seconds", "samples_per_s"):
+        if key in r:
+            out[key] = r[key]
+    return out
 
 
 def _block_counts(config: dict, variant: str) -> tuple[int, int]:
@@ -301,6 +283,14 @@ def _stage2_line(stage2: dict) -> str:
             f"{stage2['end_to_end_before']:.4f} → {stage2['end_to_end_after']:.4f}")
 
 
+def _stage3_line(stage3: dict) -> str:
+    if not stage3.get("steps"):
+        why = f" ({stage3['skipped']})" if stage3.get("skipped") else ""
+        return f"stage 3 (flow-matching fine-tune) not run{why}"
+    return (f"stage 3 (the release's pyramidal flow matching on `--data`), {stage3['steps']} steps: end-to-end error "
+            f"vs the teacher {stage3['end_to_end_before']:.4f} → {stage3['end_to_end_after']:.4f}")
+
+
 def _model_card(summary: dict, flops: dict, recipe, cfg: dict, n_double: int, n_single: int) -> str:
     before, after = summary["error_before"], summary["error_after"]
     rows = "\n".join(f"| {i} | {before[i]:.4f} | {after[i]:.4f} |" for i in before)
@@ -314,7 +304,8 @@ def _model_card(summary: dict, flops: dict, recipe, cfg: dict, n_double: int, n_
 - converted layers: {_ranges(summary['layers'])} (MM-DiM in place of the attention; double-stream / joint
   blocks, layers below {n_double}, get an MM-DiM with its own text projections)
 - distillation: stage 1 (teacher-forced attention transfer), {summary['distill']['stage1_steps']} steps,
-  lr {summary['distill']['lr']}; {_stage2_line(summary['distill']['stage2'])}
+  lr {summary['distill']['lr']}; {_stage2_line(summary['distill']['stage2'])};
+  {_stage3_line(summary['distill']['stage3'])} (trained in stages 2/3: {summary['distill']['train']})
 {_calibration_line(summary['calibration'])}
 
 The transformer is in `{folder}/` (the release's folder layout). Load it with
