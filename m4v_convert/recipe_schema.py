@@ -66,6 +66,7 @@ class Calib(Strict):
     eval_batches: NonNegInt | None = None
     seed: NonNegInt | None = None
     teacher_steps: NonNegInt | None = None  # --teacher-calib: Euler steps per teacher sample
+    corrupt_ratio: NonNegNumber | None = None  # PyramidFlow: history corruption σ_c ~ U(0, corrupt_ratio)
 
 
 class StageBase(Strict):
