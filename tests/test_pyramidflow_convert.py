@@ -369,7 +369,8 @@ def test_stage2_brings_the_whole_model_closer_to_the_teacher(roots, recipes, tmp
 
 
 @pytest.mark.parametrize("case", ["sd3_recipe_on_miniflux", "miniflux_recipe_on_sd3", "384p_root", "384p_folder",
-                                  "no_subfolder", "fp16", "double_stream", "wan_recipe"])
+                                  "no_subfolder", "fp16", "double_stream", "wan_recipe", "stages", "data_without_3",
+                                  "wan_data", "resume_nowhere", "train_mode"])
 def test_cli_bad_input_is_one_clear_message(case, roots, recipes, tmp_path):
     ckpt, recipe, extra = roots / "miniflux", recipes["miniflux"], ["--distill-steps", "1"]
     expect = {
@@ -379,6 +380,11 @@ def test_cli_bad_input_is_one_clear_message(case, roots, recipes, tmp_path):
         "double_stream": "--layers: layers 0 are double-stream blocks (transformer_blocks.0-0), and this recipe does "
                          "not allow converting them (allow_double_stream: false)",
         "wan_recipe": "this command converts PyramidFlow",
+        "stages": "--stages: expected a comma-separated subset of 1,2,3",
+        "data_without_3": "--data is the fine-tune data of stage 3",
+        "wan_data": "missing tensor 'text_mask'",
+        "resume_nowhere": "--resume",
+        "train_mode": "--train",
     }[case]
     if case == "sd3_recipe_on_miniflux":
         recipe = recipes["sd3"]
@@ -397,6 +403,21 @@ def test_cli_bad_input_is_one_clear_message(case, roots, recipes, tmp_path):
         extra += ["--layers", "0-2"]
     elif case == "wan_recipe":
         recipe = "wan2.1"
+    elif case == "stages":
+        extra += ["--stages", "1,4"]
+    elif case == "data_without_3":
+        extra += ["--stages", "1,2", "--data", str(_pyramid_data(tmp_path / "data"))]
+    elif case == "wan_data":  # the Wan --calib format (no text_mask / pooled) given as PyramidFlow --data
+        from safetensors.torch import save_file
+
+        (tmp_path / "wan").mkdir()
+        save_file({"latents": torch.randn(4, 4, 8, 8), "text_embeds": torch.randn(6, 24)},
+                  str(tmp_path / "wan" / "a.safetensors"))
+        extra += ["--stages", "1,3", "--data", str(tmp_path / "wan")]
+    elif case == "resume_nowhere":
+        extra += ["--resume", str(tmp_path / "nowhere")]
+    elif case == "train_mode":
+        extra += ["--train", "everything"]
     out = tmp_path / "out"
     res = _convert(ckpt, out, recipe, *extra)
     assert res.exit_code != 0
