@@ -171,31 +171,46 @@ def convert_cmd(
     seed: int = typer.Option(0, "--seed"),
     size: Optional[str] = typer.Option(None, "--size", help="video size HxW for the FLOPs report (default: recipe)"),
     frames: Optional[int] = typer.Option(None, "--frames", help="video frames for the FLOPs report (default: recipe)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of every stage (default: recipe, per stage)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step, every stage"),
+    train: Optional[str] = typer.Option(None, "--train", help="what stage 2 trains: mmdim | all (| lora: Wan, "
+                                        "PyramidFlow)"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="steps between resumable "
+                                                   "checkpoints, every stage (0: none)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="training state folder (default: <out>.train "
+                                           "when checkpointing)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run whose state is in this folder"),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no"),
 ):
-    """Convert any backbone a recipe describes: load, swap attention for MM-DiM, distill, save, report FLOPs."""
+    """Convert any backbone a recipe describes: load, swap attention for MM-DiM, distill, save, report FLOPs.
+    (The backbone commands, e.g. `wan2.1`, take more flags.)"""
     from m4v_convert.recipes import load_recipe
 
     rec = load_recipe(recipe)
+    shared = dict(lr=lr, batch_size=batch_size, train=train, checkpoint_every=checkpoint_every, run_dir=run_dir,
+                  resume=resume, mixed_precision=mixed_precision)
     if rec.backbone == "wan":
         from m4v_convert.pipeline import ConvertOptions, convert
 
         convert(ConvertOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers,
                                distill_steps=distill_steps, calib=calib, device=device, dtype=dtype,
                                overwrite=overwrite, seed=seed, report_size=_parse_size(size or "480x832"),
-                               report_frames=frames or 81, stages=stages, stage2_steps=stage2_steps))
+                               report_frames=frames or 81, stages=stages, stage2_steps=stage2_steps, **shared))
     elif rec.backbone == "pyramidflow":
         from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
 
         convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
                                                distill_steps=distill_steps, device=device, dtype=dtype,
-                                               overwrite=overwrite, seed=seed, calib=calib))
+                                               overwrite=overwrite, seed=seed, calib=calib, stages=stages,
+                                               stage2_steps=stage2_steps, **shared))
     else:
         from m4v_convert.backbones.generic_pipeline import GenericOptions, convert_generic
 
         convert_generic(GenericOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, model=model,
                                        distill_steps=distill_steps, stage2_steps=stage2_steps, stages=stages,
                                        calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-                                       report_size=_parse_size(size) if size else None, report_frames=frames))
+                                       report_size=_parse_size(size) if size else None, report_frames=frames,
+                                       **shared))
 
 
 def _set_threads(threads: Optional[int]) -> None:

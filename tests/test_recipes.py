@@ -403,3 +403,61 @@ def test_docs_worked_example_is_a_valid_recipe(tmp_path):
     (tmp_path / "doc.yaml").write_text(yaml.safe_dump(data))
     report = check_recipe(load_recipe(tmp_path / "doc.yaml"), model="13b")
     assert len(report.layers) == 40 and report.layers[0].fused_out
+
+
+# ------------------------------------------------------------------------------ the shared distillation job
+
+def test_generic_conversion_resumes_after_an_interrupt_with_the_uninterrupted_weights(checkpoints, tmp_path,
+                                                                                       monkeypatch):
+    from m4v_convert.distill.stage2 import Stage2Task
+
+    common = ["--distill-steps", "3", "--stage2-steps", "6", "--checkpoint-every", "2", "--mixed-precision", "no",
+              "--device", "cpu"]
+
+    def run(out, *extra):
+        return runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(checkpoints["cogvideox"]), "--out",
+                                   str(out), *common, *extra])
+
+    ref = run(tmp_path / "ref", "--run-dir", str(tmp_path / "ref_run"))
+    assert ref.exit_code == 0, ref.output
+    summary = json.loads((tmp_path / "ref" / "conversion.json").read_text())
+    stages = {s["stage"]: s for s in summary["distill"]["stages"]}
+    assert stages[1]["steps"] == 3 and stages[2]["steps"] == 6
+    assert stages[2]["end_to_end_after"] < stages[2]["end_to_end_before"]
+    calls, loss = {"n": 0}, Stage2Task.loss
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return loss(self, batch)
+
+    monkeypatch.setattr(Stage2Task, "loss", interrupted)
+    state_dir = tmp_path / "run"
+    res = run(tmp_path / "out", "--run-dir", str(state_dir))
+    assert res.exit_code != 0 and not (tmp_path / "out").exists()
+    assert json.loads((state_dir / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(Stage2Task, "loss", loss)
+    res = run(tmp_path / "out", "--resume", str(state_dir))
+    assert res.exit_code == 0, res.output
+    assert "stage2 step 2" in " ".join(res.output.split())
+    a = load_file(str(tmp_path / "ref" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--train", "lora"], "--train lora: not offered for generic recipes"),
+    (["--stages", "1,3"], None),
+])
+def test_generic_conversion_refuses_or_skips_what_it_does_not_offer(extra, expect, checkpoints, tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(checkpoints["cogvideox"]), "--out", str(out),
+                              "--distill-steps", "1", "--device", "cpu", *extra])
+    if expect:
+        assert res.exit_code != 0 and expect in " ".join(res.output.split()) and "Traceback" not in res.output
+        assert not out.exists()
+    else:  # stage 3 is skipped, with the reason, and the run still lands
+        assert res.exit_code == 0, res.output
+        stages = {s["stage"]: s for s in json.loads((out / "conversion.json").read_text())["distill"]["stages"]}
+        assert "prediction type" in stages[3]["skipped"] and "stage 3" in res.output

@@ -40,6 +40,18 @@ class GenericOptions:
     seed: int = 0
     report_size: tuple[int, int] | None = None
     report_frames: int | None = None
+    # the shared distillation job's flags (m4v_convert.distill.job); None = the recipe's value
+    stage3_steps: int | None = None
+    train: str | None = None  # mmdim | all (lora: not offered for generic recipes)
+    checkpoint_every: int | None = None
+    run_dir: Path | None = None
+    resume: Path | None = None
+    mixed_precision: str = "auto"
+    feature_weight: float | None = None
+    data: Path | None = None  # refused: no stage 3 for generic recipes
+    grad_checkpointing: bool = False  # refused
+    teacher_calib: bool = False  # refused
+    calib_cache: Path | None = None
 
 
 # ============================================================================ checkpoint → config
@@ -249,7 +261,6 @@ def as_converted(model: torch.nn.Module, recipe) -> torch.nn.Module:
 
 
 def convert_generic(opts: GenericOptions, console=None) -> dict:
-    from m4v_convert.convert import parse_layers
     from m4v_convert.io.converted import save_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
     from m4v_convert.pipeline import _console, _ranges, resolve_device, resolve_dtype
@@ -262,10 +273,21 @@ def convert_generic(opts: GenericOptions, console=None) -> dict:
         raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}")
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     check_output_dir(opts.out, opts.overwrite)
-    for flag, v in (("--distill-steps", opts.distill_steps), ("--stage2-steps", opts.stage2_steps)):
-        if v is not None and v < 0:
-            raise M4VError(f"{flag}: expected >= 0, got {v}")
-    stages = _stages(opts.stages if opts.stages is not None else str(recipe.distill.get("stages", "1,2")))
+    from m4v_convert.backbones.generic_distill import FINE_TUNE_UNSUPPORTED
+    from m4v_convert.distill.job import make_plan
+
+    if opts.data is not None:
+        raise M4VError(f"--data: stage 3 (fine-tune) is not offered here ({FINE_TUNE_UNSUPPORTED})")
+    if opts.grad_checkpointing:
+        raise M4VError("--grad-checkpointing: not offered for generic recipes")
+    if opts.teacher_calib or opts.calib_cache is not None:
+        raise M4VError("--teacher-calib: not offered for generic recipes (the sampler depends on the backbone)")
+    if opts.train == "lora" or (opts.train is None and recipe.distill.get("train") == "lora"):
+        raise M4VError("--train lora: not offered for generic recipes (no recipe field names the layers to adapt); "
+                       "use mmdim or all")
+    if opts.stages is None:  # generic recipes default to stages 1,2 (no stage 3 here)
+        opts.stages = str(recipe.distill.get("stages", "1,2"))
+    plan = make_plan(recipe, opts, device)  # flags, schedule, run folder, --resume checkpoint
 
     # ---- check everything on the meta device, then load
     report = check_recipe(recipe, opts.checkpoint, opts.model, opts.layers)
@@ -292,7 +314,7 @@ def convert_generic(opts: GenericOptions, console=None) -> dict:
     student.requires_grad_(False)
     infos = G.selected_infos(teacher, recipe.spec, cfg, recipe.mmdim, layers, str(recipe.path))
 
-    distill = _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, con)
+    distill = _distill(recipe, opts, plan, teacher, student, infos, cfg, device, dtype, con)
     flops = generic_flops(recipe, report, opts.report_frames, opts.report_size)
     meta = {"toolkit": "m4v-convert", "version": m4v_convert.__version__,
             "source": str(Path(opts.checkpoint).resolve()), "recipe": recipe.name, "converted_layers": layers,
@@ -313,27 +335,19 @@ def convert_generic(opts: GenericOptions, console=None) -> dict:
     return summary
 
 
-def _stages(text: str) -> list[int]:
-    from m4v_convert.distill.job import parse_stages
-
-    return parse_stages(text)
-
-
-def _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, con) -> dict:
-    """Stage 1 (teacher-forced attention transfer) and stage 2 (end-to-end) on calibration batches."""
-    from m4v_convert.distill.calibration import (CalibSpec, check_uniform, folder_samples, noised_batch,
-                                                 synthetic_samples)
-    from m4v_convert.distill.stage1 import Stage1Settings, run_stage1
-    from m4v_convert.distill.stage2 import Stage2Task, end_to_end_error
-    from m4v_convert.distill.trainer import StageSchedule, Trainer
+def _distill(recipe, opts, plan, teacher, student, infos, cfg, device, dtype, con) -> dict:
+    """The planned stages on the shared job (:func:`m4v_convert.distill.job.run_distillation`:
+    checkpoints, ``--resume``, guards, log); stage 3 is skipped with the reason
+    (``generic_distill.FINE_TUNE_UNSUPPORTED``)."""
+    from m4v_convert.backbones.generic_distill import GenericDistillAdapter
+    from m4v_convert.distill.calibration import CalibSpec
+    from m4v_convert.distill.distributed import DistContext
+    from m4v_convert.distill.job import run_distillation
 
     spec = recipe.spec
-    d = recipe.distill
-    s1, s2 = dict(d.get("stage1", {})), dict(d.get("stage2", {}))
-    steps1 = int(opts.distill_steps if opts.distill_steps is not None else s1.get("steps", 100)) if 1 in stages else 0
-    steps2 = int(opts.stage2_steps if opts.stage2_steps is not None else s2.get("steps", 0)) if 2 in stages else 0
+    active = [k for k in plan.stages if k in (1, 2) and plan.schedules[k].steps > 0]
     if spec.inputs is None:
-        if steps1 + steps2 > 0:
+        if active:
             raise RecipeError(f"{recipe.path}: distillation needs the 'inputs' section (how calibration batches "
                               "map onto the forward's arguments); without it pass --distill-steps 0 "
                               "--stage2-steps 0")
@@ -346,75 +360,21 @@ def _distill(recipe, opts, stages, teacher, student, infos, cfg, device, dtype, 
                       latent_frames=c["latent_frames"], latent_height=c["latent_height"],
                       latent_width=c["latent_width"], text_len=c["text_len"],
                       flow_shift=float(c.get("flow_shift", 1.0)))
-    if opts.calib is not None:
-        samples, label = folder_samples(opts.calib, cspec), f"folder:{opts.calib}"
-    else:
-        samples, label = synthetic_samples(cspec, int(c.get("num_samples", 8)), seed=opts.seed), "synthetic"
-        con.print("[yellow]calibration: SYNTHETIC batches (random latents and text embeddings)[/]")
-    check_uniform(samples, "calibration", G.patch_sizes(spec, cfg))
-    bs = int(opts.batch_size or c.get("batch_size", 1))
-    n_eval = max(1, int(c.get("eval_batches", 1)))
-    if len(samples) < bs * (n_eval + 1):
-        raise M4VError(f"calibration: {len(samples)} samples, need at least {bs * (n_eval + 1)}")
-
-    def batch_of(items, g):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                for k, v in G.model_inputs(noised_batch(items, cspec, g, device, dtype), spec, cfg).items()}
-
-    g_eval = torch.Generator().manual_seed(opts.seed)
-    eval_batches = [batch_of(samples[i * bs:(i + 1) * bs], g_eval) for i in range(n_eval)]
-    pool = samples[n_eval * bs:]
-    g_train = torch.Generator().manual_seed(opts.seed + 1)
-
-    def train_batch(step):
-        idx = torch.randint(len(pool), (bs,), generator=g_train).tolist()
-        return batch_of([pool[i] for i in idx], g_train)
-
-    blocks = {info.index: student.get_submodule(info.fqn).mmdim for info in infos}
-    out = {"calibration": label, "stages": [], "error_before": {}, "error_after": {}}
-    if 1 in stages:
-        settings = Stage1Settings(steps=steps1,
-                                  lr=float(opts.lr or s1.get("lr", 1e-3)),
-                                  weight_decay=float(s1.get("weight_decay", 0.0)),
-                                  grad_clip=float(s1.get("grad_clip", 1.0)), batch_size=bs)
-        for p in student.parameters():
-            p.requires_grad_(False)
-        for blk in blocks.values():
-            blk.requires_grad_(True)
-        result = run_stage1(blocks, lambda b: G.record_teacher_layers(teacher, b, infos), train_batch,
-                            eval_batches, settings)
-        out["stages"].append({"stage": 1, "steps": settings.steps})
-        out["error_before"] = {str(k): v for k, v in result.error_before.items()}
-        out["error_after"] = {str(k): v for k, v in result.error_after.items()}
-        for k in result.error_before:
-            con.print(f"layer {k}: relative error {result.error_before[k]:.4f} -> {result.error_after[k]:.4f}")
-    if steps2 > 0:
-        by_index = {info.index: info for info in infos}
-
-        def feature_modules(model):  # fused layers: compare the fused projection's output (same width)
-            return {i: model.get_submodule(info.out[0] if info.fused_out else info.fqn) for i, info in by_index.items()}
-
-        before = end_to_end_error(student, teacher, eval_batches)
-        params = {n: p for n, p in student.named_parameters()
-                  if any(n.startswith(info.fqn + ".mmdim.") for info in infos)}
-        student.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        sched = StageSchedule(steps=steps2, lr=float(opts.lr or s2.get("lr", 1e-4)),
-                              weight_decay=float(s2.get("weight_decay", 0.0)),
-                              grad_clip=float(s2.get("grad_clip", 1.0)), batch_size=bs)
-        task = Stage2Task(teacher, student, feature_modules, train_batch, generator=g_train,
-                          feature_weight=float(s2.get("feature_weight", 0.5)),
-                          output_weight=float(s2.get("output_weight", 1.0)))
-        student.train()
-        Trainer(student, device=device, show_progress=False).fit(task, sched, params)
-        student.eval()
-        after = end_to_end_error(student, teacher, eval_batches)
-        out["stages"].append({"stage": 2, "steps": steps2, "end_to_end_before": before, "end_to_end_after": after})
-        con.print(f"end-to-end relative error: {before:.4f} -> {after:.4f}")
-    if 3 in stages:
-        out["stages"].append({"stage": 3, "skipped": "generic backbones: the fine-tune objective depends on the "
-                                                     "backbone's prediction type; not implemented"})
+    adapter = GenericDistillAdapter(recipe=recipe, config=cfg, infos=infos, spec=cspec,
+                                    num_samples=int(c.get("num_samples", 8)))
+    report = run_distillation(teacher, student, adapter, recipe, opts, plan, DistContext(), con, device, dtype)
+    out = {"calibration": report.calibration, "stages": [],
+           "error_before": {str(k): v for k, v in report.stage1.error_before.items()},
+           "error_after": {str(k): v for k, v in report.stage1.error_after.items()}}
+    for k in plan.stages:
+        r = report.results.get(f"stage{k}", {})
+        entry = {"stage": k, **{n: v for n, v in r.items() if n not in ("error_before", "error_after")}}
+        out["stages"].append(entry)
+    for k in report.stage1.error_before:
+        con.print(f"layer {k}: relative error {report.stage1.error_before[k]:.4f} -> "
+                  f"{report.stage1.error_after[k]:.4f}")
+    if report.end_to_end_before is not None:
+        con.print(f"end-to-end relative error: {report.end_to_end_before:.4f} -> {report.end_to_end_after:.4f}")
     student.requires_grad_(False)
     student.eval()
     return out

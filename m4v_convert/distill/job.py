@@ -218,7 +218,7 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
     layers = adapter.layers
     samples, calib_label = adapter.calibration_samples(recipe, opts, teacher, plan, dist, con, device, dtype)
     data = None
-    if 3 in plan.stages and opts.data is not None:
+    if 3 in plan.stages and opts.data is not None and not getattr(adapter, "fine_tune_unsupported", None):
         data = adapter.data_samples(opts.data)
     bs_eval, n_eval = int(recipe.calib.get("batch_size", 1)), int(recipe.calib.get("eval_batches", 1))
     if len(samples) < bs_eval * (n_eval + 1):
@@ -232,6 +232,8 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
 
     # LoRA before anything is saved or loaded: its parameters are part of the training state
     if plan.uses_lora:
+        if not getattr(adapter, "lora_targets", None):
+            raise M4VError("--train lora: this backbone names no layers for LoRA adapters; use mmdim or all")
         adapted = add_lora(student, adapter.lora_targets, plan.lora_rank, plan.lora_alpha)
         con.print(f"LoRA rank {plan.lora_rank} on {len(adapted)} linear layers (attn2, ffn)")
     blocks = adapter.mmdim_blocks(student)
@@ -330,8 +332,13 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
         e2e_before = results["stage2"]["end_to_end_before"]
     if 3 in plan.stages:
         sched = plan.schedules[3]
+        unsupported = getattr(adapter, "fine_tune_unsupported", None)
         if "stage3" not in trainer.completed:
-            if data is None:
+            if unsupported:
+                con.print(f"stage 3 (flow-matching fine-tune) skipped: {unsupported}")
+                trainer.log_record({"event": "stage_skipped", "stage": "stage3", "reason": unsupported})
+                trainer.finish_stage("stage3", {"steps": 0, "skipped": unsupported})
+            elif data is None:
                 con.print("stage 3 (flow-matching fine-tune) skipped: no --data folder given")
                 trainer.log_record({"event": "stage_skipped", "stage": "stage3", "reason": "no --data"})
                 trainer.finish_stage("stage3", {"steps": 0, "skipped": "no --data"})
