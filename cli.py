@@ -38,6 +38,16 @@ def user_errors(fn):
     return wrapper
 
 
+# options several commands share (one definition, one help text)
+_LR = typer.Option(None, "--lr", help="learning rate of every stage (default: recipe, per stage)")
+_CHECKPOINT_EVERY = typer.Option(None, "--checkpoint-every", help="steps between resumable checkpoints, every "
+                                 "stage (0: none)")
+_RUN_DIR = typer.Option(None, "--run-dir", help="training state folder (default: <out>.train when checkpointing)")
+_RESUME = typer.Option(None, "--resume", help="continue the run whose state is in this folder")
+_MIXED_PRECISION = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no")
+_STAGE3_STEPS = typer.Option(None, "--stage3-steps", help="stage-3 (fine-tune) steps")
+
+
 @app.command("wan2.1")
 @user_errors
 def wan21(
@@ -58,8 +68,8 @@ def wan21(
     stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages to run, e.g. 1,2,3 "
                                          "(default: recipe; stage 3 runs only with --data)"),
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps"),
-    stage3_steps: Optional[int] = typer.Option(None, "--stage3-steps", help="stage-3 (fine-tune) steps"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of every stage (default: recipe, per stage)"),
+    stage3_steps: Optional[int] = _STAGE3_STEPS,
+    lr: Optional[float] = _LR,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per process and step, every stage"),
     feature_weight: Optional[float] = typer.Option(None, "--feature-weight", help="stage-2 weight of the "
                                                    "per-layer feature loss"),
@@ -69,15 +79,13 @@ def wan21(
     teacher_calib: bool = typer.Option(False, "--teacher-calib", help="calibrate on latents sampled by the teacher"),
     calib_cache: Optional[Path] = typer.Option(None, "--calib-cache", help="cache folder of teacher-generated "
                                                "calibration, reused by later runs (implies --teacher-calib)"),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="steps between resumable "
-                                                   "checkpoints, every stage (0: none)"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="training state folder (default: <out>.train "
-                                           "when checkpointing)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run whose state is in this folder"),
+    checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
+    run_dir: Optional[Path] = _RUN_DIR,
+    resume: Optional[Path] = _RESUME,
     num_processes: int = typer.Option(1, "--num-processes", help="data-parallel processes (launched via accelerate)"),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="recompute activations in "
                                             "backward (long videos)"),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no"),
+    mixed_precision: str = _MIXED_PRECISION,
     deterministic: bool = typer.Option(False, "--deterministic", help="deterministic algorithms only"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's "
                                           "choice; 1 is fastest for small models, especially on busy cores)"),
@@ -120,21 +128,19 @@ def pyramidflow(
                                          "pyramid level (latents, text_embeds, text_mask, pooled); default: synthetic"),
     stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages to run, e.g. 1,2,3 "
                                          "(default: recipe; stage 3 runs only with --data)"),
-    stage3_steps: Optional[int] = typer.Option(None, "--stage3-steps", help="stage-3 (fine-tune) steps"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of every stage (default: recipe, per stage)"),
+    stage3_steps: Optional[int] = _STAGE3_STEPS,
+    lr: Optional[float] = _LR,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step (each holds every "
                                              "pyramid stage), every stage"),
     train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora"),
     data: Optional[Path] = typer.Option(None, "--data", help="stage-3 fine-tune data: folder in the --calib "
                                         "format (release pyramidal flow-matching objective)"),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="steps between resumable "
-                                                   "checkpoints, every stage (0: none)"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="training state folder (default: <out>.train "
-                                           "when checkpointing)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run whose state is in this folder"),
+    checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
+    run_dir: Optional[Path] = _RUN_DIR,
+    resume: Optional[Path] = _RESUME,
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="recompute activations in "
                                             "backward (the model's gradient_checkpointing_ratio of its blocks)"),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no"),
+    mixed_precision: str = _MIXED_PRECISION,
 ):
     """Convert a PyramidFlow checkpoint: single-stream (and allowed joint) attention -> MM-DiM, distill, save,
     report FLOPs."""
@@ -171,16 +177,14 @@ def convert_cmd(
     seed: int = typer.Option(0, "--seed"),
     size: Optional[str] = typer.Option(None, "--size", help="video size HxW for the FLOPs report (default: recipe)"),
     frames: Optional[int] = typer.Option(None, "--frames", help="video frames for the FLOPs report (default: recipe)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate of every stage (default: recipe, per stage)"),
+    lr: Optional[float] = _LR,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step, every stage"),
     train: Optional[str] = typer.Option(None, "--train", help="what stage 2 trains: mmdim | all (| lora: Wan, "
                                         "PyramidFlow)"),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="steps between resumable "
-                                                   "checkpoints, every stage (0: none)"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="training state folder (default: <out>.train "
-                                           "when checkpointing)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run whose state is in this folder"),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no"),
+    checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
+    run_dir: Optional[Path] = _RUN_DIR,
+    resume: Optional[Path] = _RESUME,
+    mixed_precision: str = _MIXED_PRECISION,
 ):
     """Convert any backbone a recipe describes: load, swap attention for MM-DiM, distill, save, report FLOPs.
     (The backbone commands, e.g. `wan2.1`, take more flags.)"""

@@ -145,11 +145,7 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     adapter = WanDistillAdapter(layers=layers, patch_size=tuple(cfg["patch_size"]), spec=spec)
     report = run_distillation(teacher, student, adapter, recipe, opts, plan, dist, con, device, dtype)
     result = report.stage1
-    if result.error_before:
-        _print_errors(con, result)
-    if report.end_to_end_before is not None:
-        con.print(f"end-to-end relative error ‖v_student − v_teacher‖ / ‖v_teacher‖ (held-out batch): "
-                  f"{report.end_to_end_before:.4f} before stage 2/3 → {report.end_to_end_after:.4f} after")
+    print_distill_report(con, report)
 
     # report + save
     from m4v_convert.flops.report import build_wan_flops_report, write_flops_report
@@ -247,6 +243,15 @@ def _run_stage1_with_progress(con, blocks, record, train_batch, eval_batches, se
             progress.update(task, advance=1, losses=f"loss {shown}{more}")
 
         return run_stage1(blocks, record, train_batch, eval_batches, settings, progress=on_step)
+
+
+def print_distill_report(con, report, scope: str = "") -> None:
+    """The held-out errors of a finished distillation: per layer (stage 1), end to end (stages 2/3)."""
+    if report.stage1.error_before:
+        _print_errors(con, report.stage1)
+    if report.end_to_end_before is not None:
+        con.print(f"end-to-end relative error ‖v_student − v_teacher‖ / ‖v_teacher‖ (held-out batch{scope}): "
+                  f"{report.end_to_end_before:.4f} before stage 2/3 → {report.end_to_end_after:.4f} after")
 
 
 def _print_errors(con, result) -> None:

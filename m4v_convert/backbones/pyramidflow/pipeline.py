@@ -97,7 +97,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
     from m4v_convert.io.converted import save_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
-    from m4v_convert.pipeline import _console, _print_errors, _ranges as ranges
+    from m4v_convert.pipeline import _console, _ranges as ranges, print_distill_report
     from m4v_convert.pipeline import resolve_device, resolve_dtype
     from m4v_convert.recipes import load_recipe
 
@@ -178,11 +178,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                                     num_samples=int(c.get("num_samples", 16)))
     report = run_distillation(teacher, student, adapter, recipe, opts, plan, DistContext(), con, device, dtype)
     result = report.stage1
-    if result.error_before:
-        _print_errors(con, result)
-    if report.end_to_end_before is not None:
-        con.print(f"end-to-end relative error ‖v_student − v_teacher‖ / ‖v_teacher‖ (held-out batch, all stages): "
-                  f"{report.end_to_end_before:.4f} before stage 2/3 → {report.end_to_end_after:.4f} after")
+    print_distill_report(con, report, scope=", all stages")
     calibration = report.calibration
 
     # report + save
