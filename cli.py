@@ -46,6 +46,7 @@ _RUN_DIR = typer.Option(None, "--run-dir", help="training state folder (default:
 _RESUME = typer.Option(None, "--resume", help="continue the run whose state is in this folder")
 _MIXED_PRECISION = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no")
 _STAGE3_STEPS = typer.Option(None, "--stage3-steps", help="stage-3 (fine-tune) steps")
+_NUM_PROCESSES = typer.Option(1, "--num-processes", help="data-parallel processes (launched via accelerate)")
 
 
 @app.command("wan2.1")
@@ -82,7 +83,7 @@ def wan21(
     checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
     run_dir: Optional[Path] = _RUN_DIR,
     resume: Optional[Path] = _RESUME,
-    num_processes: int = typer.Option(1, "--num-processes", help="data-parallel processes (launched via accelerate)"),
+    num_processes: int = _NUM_PROCESSES,
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="recompute activations in "
                                             "backward (long videos)"),
     mixed_precision: str = _MIXED_PRECISION,
@@ -141,6 +142,7 @@ def pyramidflow(
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="recompute activations in "
                                             "backward (the model's gradient_checkpointing_ratio of its blocks)"),
     mixed_precision: str = _MIXED_PRECISION,
+    num_processes: int = _NUM_PROCESSES,
 ):
     """Convert a PyramidFlow checkpoint: single-stream (and allowed joint) attention -> MM-DiM, distill, save,
     report FLOPs."""
@@ -153,7 +155,7 @@ def pyramidflow(
                                            stages=stages, stage3_steps=stage3_steps, lr=lr, batch_size=batch_size,
                                            train=train, data=data, checkpoint_every=checkpoint_every,
                                            run_dir=run_dir, resume=resume, grad_checkpointing=grad_checkpointing,
-                                           mixed_precision=mixed_precision))
+                                           mixed_precision=mixed_precision, num_processes=num_processes))
 
 
 @app.command("convert")

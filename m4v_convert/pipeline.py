@@ -104,7 +104,7 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     if opts.num_processes < 1:
         raise M4VError(f"--num-processes: expected >= 1, got {opts.num_processes}")
     if opts.num_processes > 1 and not in_distributed_env():
-        return _launch_processes(opts, recipe, con)
+        return launch_processes(opts, recipe, con)
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
@@ -196,8 +196,9 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     return summary
 
 
-def _launch_processes(opts: ConvertOptions, recipe, con) -> dict:
-    """``--num-processes N``: check what can be checked here, then run N processes via accelerate."""
+def launch_processes(opts, recipe, con, job: str = "wan") -> dict:
+    """``--num-processes N``: check what can be checked here, then run N processes of ``job``
+    (``wan`` / ``pyramidflow``, see ``distill/worker.py``) via accelerate."""
     import dataclasses
 
     from m4v_convert.distill.distributed import launch
@@ -206,7 +207,8 @@ def _launch_processes(opts: ConvertOptions, recipe, con) -> dict:
 
     n = opts.num_processes
     device = resolve_device(opts.device)
-    resolve_dtype(opts.dtype)
+    if opts.dtype != "auto":
+        resolve_dtype(opts.dtype)
     if device.type == "cuda" and n > torch.cuda.device_count():
         raise M4VError(f"--num-processes {n}: only {torch.cuda.device_count()} CUDA devices on this machine")
     check_output_dir(opts.out, opts.overwrite)
@@ -220,7 +222,7 @@ def _launch_processes(opts: ConvertOptions, recipe, con) -> dict:
                            "samples (calib.num_samples)")
     con.print(f"launching {n} processes through accelerate ({device.type})")
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()}
-    rc = launch(options, n)
+    rc = launch(options, n, job=job)
     if rc != 0:
         raise M4VError(f"--num-processes {n}: the processes failed (exit status {rc}; their first error is printed "
                        "above); nothing was written to --out")

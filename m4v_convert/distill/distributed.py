@@ -107,13 +107,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(options: dict, num_processes: int) -> int:
-    """Run ``convert(ConvertOptions(**options))`` in ``num_processes`` processes via accelerate's
-    launcher; returns the launcher's exit status. ``options`` must be JSON-serializable."""
+def launch(options: dict, num_processes: int, job: str = "wan") -> int:
+    """Run the ``job`` (``wan``: ``convert(ConvertOptions(**options))``; ``pyramidflow``:
+    ``convert_pyramidflow(PyramidFlowOptions(**options))``) in ``num_processes`` processes via
+    accelerate's launcher; returns the launcher's exit status. ``options`` must be JSON-serializable."""
     fd, name = tempfile.mkstemp(prefix="m4v-launch-", suffix=".json")
     spec = Path(name)
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(options, indent=2, default=str))
+        f.write(json.dumps({**options, "job": job}, indent=2, default=str))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", WORKER_MODULE, str(spec)]

@@ -1,7 +1,8 @@
 """One process of a ``--num-processes N`` run: ``python -m m4v_convert.distill.worker OPTIONS.json``.
 
-Started by :func:`m4v_convert.distill.distributed.launch` through accelerate's launcher; runs
-``convert()`` with the options the parent parsed. Only rank 0 prints user errors.
+Started by :func:`m4v_convert.distill.distributed.launch` through accelerate's launcher; runs the
+job the parent parsed (``options["job"]``: ``wan`` → ``convert()``, ``pyramidflow`` →
+``convert_pyramidflow()``) with its options. Only rank 0 prints user errors.
 """
 
 from __future__ import annotations
@@ -12,20 +13,32 @@ import sys
 from pathlib import Path
 
 
+def _job(options: dict):
+    """(run, options object) of the launched job."""
+    job = options.pop("job", "wan")
+    if job == "pyramidflow":
+        from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
+
+        return convert_pyramidflow, PyramidFlowOptions(**options)
+    from m4v_convert.pipeline import ConvertOptions, convert
+
+    options["report_size"] = tuple(options["report_size"])
+    return convert, ConvertOptions(**options)
+
+
 def main(argv: list[str] | None = None) -> int:
     from m4v_convert.errors import M4VError
-    from m4v_convert.pipeline import ConvertOptions, convert
 
     argv = sys.argv[1:] if argv is None else argv
     options = json.loads(Path(argv[0]).read_text())
     for key in ("checkpoint", "out", "calib", "data", "calib_cache", "run_dir", "resume"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
-    options["report_size"] = tuple(options["report_size"])
     options["num_processes"] = 1  # already launched
     rank = int(os.environ.get("RANK", "0"))
     try:
-        convert(ConvertOptions(**options))
+        run, opts = _job(options)
+        run(opts)
     except M4VError as e:
         if rank == 0:
             from rich.console import Console

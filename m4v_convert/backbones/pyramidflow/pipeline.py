@@ -52,6 +52,7 @@ class PyramidFlowOptions:
     feature_weight: float | None = None  # not used: stage 2 has no per-layer feature term here
     teacher_calib: bool = False  # refused (needs the pyramid sampler)
     calib_cache: Path | None = None
+    num_processes: int = 1  # data parallel, launched through accelerate (as for Wan)
 
 
 def check_layer_selection(layers: list[int], num_double: int, variant: str, allow_double_stream: bool,
@@ -90,9 +91,14 @@ def _layer_source(opts_layers, recipe) -> str:
 
 
 def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
-    """Run the whole PyramidFlow conversion; returns the summary written to ``conversion.json``."""
+    """Run the whole PyramidFlow conversion; returns the summary written to ``conversion.json``.
+
+    With ``num_processes > 1`` (outside a launched process group) it re-launches itself through
+    accelerate's launcher; inside one every process trains its share of each batch (whole
+    samples, each with all its pyramid stages) and rank 0 writes the output.
+    """
     from m4v_convert.convert import parse_layers
-    from m4v_convert.distill.distributed import DistContext
+    from m4v_convert.distill.distributed import in_distributed_env, init_distributed
     from m4v_convert.distill.job import make_plan, plot_losses, run_distillation
     from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
     from m4v_convert.io.converted import save_converted
@@ -113,11 +119,25 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     if recipe.backbone != "pyramidflow":
         raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}; this command converts "
                        "PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)")
+    if opts.num_processes < 1:
+        raise M4VError(f"--num-processes: expected >= 1, got {opts.num_processes}")
+    if opts.num_processes > 1 and not in_distributed_env():
+        from m4v_convert.pipeline import launch_processes
+
+        return launch_processes(opts, recipe, con, job="pyramidflow")
     if recipe.mmdim.get("registers", True) and int(recipe.mmdim.get("num_registers", 1)) < NUM_STAGES:
         raise M4VError(f"recipe {recipe.name!r}: mmdim.num_registers must be >= {NUM_STAGES} (one register per "
                        "pyramid stage; a frame's register is its pyramid level)")
     check_output_dir(opts.out, opts.overwrite)
     device = resolve_device(opts.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_main:
+        from rich.console import Console
+
+        con = Console(stderr=True, quiet=True)
     # the release runs in bf16 on GPUs; CPUs have no fast bf16 matmul, so float32 there
     dtype = resolve_dtype(("bfloat16" if torch.device(device).type == "cuda" else "float32")
                           if opts.dtype == "auto" else opts.dtype)
@@ -176,7 +196,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     spec.validate()
     adapter = PyramidDistillAdapter(layers=layers, spec=spec, calib=opts.calib,
                                     num_samples=int(c.get("num_samples", 16)))
-    report = run_distillation(teacher, student, adapter, recipe, opts, plan, DistContext(), con, device, dtype)
+    report = run_distillation(teacher, student, adapter, recipe, opts, plan, dist, con, device, dtype)
     result = report.stage1
     print_distill_report(con, report, scope=", all stages")
     calibration = report.calibration
@@ -189,7 +209,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         "toolkit": "m4v-convert", "version": m4v_convert.__version__, "source": str(Path(opts.checkpoint).resolve()),
         "recipe": recipe.name, "layers": layers, "calibration": calibration,
         "distill": {"stage1_steps": plan.schedules[1].steps if 1 in plan.stages else 0, "lr": plan.schedules[1].lr,
-                    "stages": plan.stages, "train": plan.train,
+                    "stages": plan.stages, "train": plan.train, "processes": dist.world,
                     "schedules": {f"stage{k}": plan.schedules[k].to_dict() for k in plan.stages},
                     "stage2": _later_stage(report.results, plan, 2), "stage3": _later_stage(report.results, plan, 3)},
     }
@@ -206,22 +226,24 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         "converted_total_flops": flops["converted_total_flops"],
         "seconds": None,
     }
-    with atomic_output_dir(opts.out, opts.overwrite) as tmp:
-        save_converted(student, tmp / folder, metadata={
-            "m4v_version": m4v_convert.__version__, "source": meta["source"], "recipe": recipe.name,
-            "layers": ",".join(map(str, layers)), "calibration": calibration,
-        })
-        (tmp / "flops.json").write_text(json.dumps(flops, indent=2))
-        (tmp / "flops.md").write_text(markdown_report(flops))
-        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in report.log))
-        plot_losses(report.log, tmp / "loss.png")
-        summary["seconds"] = round(time.time() - t_start, 1)
-        (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
-        (tmp / "README.md").write_text(_model_card(summary, flops, recipe, cfg, n_double, n_single))
-    con.print(f"[green]wrote[/] {Path(opts.out).resolve()}  ({summary['seconds']} s)")
-    con.print(f"FLOPs of the {flops['curve']['scope']} ({max_frames}×{height}×{width}): original "
-              f"{flops['original_total_flops'] / 1e12:.3f} TFLOPs → converted "
-              f"{flops['converted_total_flops'] / 1e12:.3f} TFLOPs")
+    if dist.is_main:
+        with atomic_output_dir(opts.out, opts.overwrite) as tmp:
+            save_converted(student, tmp / folder, metadata={
+                "m4v_version": m4v_convert.__version__, "source": meta["source"], "recipe": recipe.name,
+                "layers": ",".join(map(str, layers)), "calibration": calibration,
+            })
+            (tmp / "flops.json").write_text(json.dumps(flops, indent=2))
+            (tmp / "flops.md").write_text(markdown_report(flops))
+            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in report.log))
+            plot_losses(report.log, tmp / "loss.png")
+            summary["seconds"] = round(time.time() - t_start, 1)
+            (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
+            (tmp / "README.md").write_text(_model_card(summary, flops, recipe, cfg, n_double, n_single))
+        con.print(f"[green]wrote[/] {Path(opts.out).resolve()}  ({summary['seconds']} s)")
+        con.print(f"FLOPs of the {flops['curve']['scope']} ({max_frames}×{height}×{width}): original "
+                  f"{flops['original_total_flops'] / 1e12:.3f} TFLOPs → converted "
+                  f"{flops['converted_total_flops'] / 1e12:.3f} TFLOPs")
+    dist.barrier()
     return summary
 
 
