@@ -119,8 +119,9 @@ def pyramidflow(
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps "
                                                "(default: recipe; 0: skip)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, as the release runs; float32 on "
-                              "CPU) | float32 | bfloat16 (float16 is refused)"),
+    dtype: str = typer.Option("auto", "--dtype", help="weights: auto (float32, with bf16 autocast on CUDA: the "
+                              "release's precision, fp32 master weights) | float32 | bfloat16 (less memory; trains "
+                              "in bf16) (float16 is refused)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's "

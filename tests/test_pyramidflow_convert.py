@@ -865,3 +865,29 @@ def test_two_processes_equal_one_process_on_the_combined_batch(roots, recipes, t
     for k in a:  # Adam normalizes tiny gradients, so allow a little more than float rounding
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-4)
     assert json.loads((tmp_path / "two" / "conversion.json").read_text())["distill"]["processes"] == 2
+
+
+def test_default_precision_keeps_the_released_weights_exactly_and_bf16_autocast_tracks_fp32(roots, recipes, tmp_path):
+    """--dtype auto: float32 weights, so every untouched tensor is written back bit-identical to the
+    release file; bf16 autocast (what CUDA gets by default; forced here on CPU) distils about as
+    well as float32; --dtype bfloat16 rounds the stored weights."""
+    from safetensors.torch import load_file
+
+    name = "diffusion_transformer_768p/diffusion_pytorch_model.safetensors"
+    source = load_file(str(roots / "miniflux" / name))
+    runs = {}
+    for tag, extra in (("fp32", ["--mixed-precision", "no"]), ("autocast", ["--mixed-precision", "bf16"]),
+                       ("bf16", ["--dtype", "bfloat16", "--mixed-precision", "no"])):
+        res = _convert(roots / "miniflux", tmp_path / tag, recipes["miniflux"], "--stages", "1,2", "--distill-steps",
+                       "8", "--stage2-steps", "4", *extra)
+        assert res.exit_code == 0, res.output
+        runs[tag] = (load_file(str(tmp_path / tag / name)), json.loads((tmp_path / tag / "conversion.json").read_text()))
+    kept = [k for k in source if not k.startswith("single_transformer_blocks.")]
+    for tag in ("fp32", "autocast"):
+        saved = runs[tag][0]
+        assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], source[k]) for k in kept)
+    assert all(runs["bf16"][0][k].dtype == torch.bfloat16 for k in kept)
+    fp32, autocast = runs["fp32"][1], runs["autocast"][1]
+    for i in fp32["error_after"]:
+        assert fp32["error_after"][i] < fp32["error_before"][i]
+        assert abs(autocast["error_after"][i] - fp32["error_after"][i]) < 0.05 * fp32["error_after"][i]

@@ -32,7 +32,7 @@ class PyramidFlowOptions:
     layers: str | None = None
     distill_steps: int | None = None
     device: str = "auto"
-    dtype: str = "auto"  # bfloat16 on CUDA (as the release runs), float32 on CPU
+    dtype: str = "auto"  # float32 weights; bf16 autocast on CUDA (mixed_precision auto)
     overwrite: bool = False
     seed: int = 0
     calib: Path | None = None  # folder of real pyramid calibration samples (calibration.py); None: synthetic
@@ -138,9 +138,11 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         from rich.console import Console
 
         con = Console(stderr=True, quiet=True)
-    # the release runs in bf16 on GPUs; CPUs have no fast bf16 matmul, so float32 there
-    dtype = resolve_dtype(("bfloat16" if torch.device(device).type == "cuda" else "float32")
-                          if opts.dtype == "auto" else opts.dtype)
+    # auto: float32 weights, so untouched weights are saved exactly as released (fp32 on disk) and the
+    # trained MM-DiM parameters keep fp32 master values; on CUDA the passes run under bf16 autocast
+    # (--mixed-precision auto), the precision the release runs in. --dtype bfloat16 halves memory but
+    # stores and trains everything in bf16.
+    dtype = resolve_dtype("float32" if opts.dtype == "auto" else opts.dtype)
     if dtype == torch.float16:
         raise M4VError("--dtype float16: PyramidFlow's activations overflow float16; use bfloat16 or float32")
     if opts.teacher_calib or opts.calib_cache is not None:
