@@ -235,7 +235,7 @@ def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan,
         if not getattr(adapter, "lora_targets", None):
             raise M4VError("--train lora: this backbone names no layers for LoRA adapters; use mmdim or all")
         adapted = add_lora(student, adapter.lora_targets, plan.lora_rank, plan.lora_alpha)
-        con.print(f"LoRA rank {plan.lora_rank} on {len(adapted)} linear layers (attn2, ffn)")
+        con.print(f"LoRA rank {plan.lora_rank} on {len(adapted)} linear layers (the backbone's lora_targets)")
     blocks = adapter.mmdim_blocks(student)
     stage_params = {1: trainable_params(student, "mmdim", blocks)}
     for k in (2, 3):
