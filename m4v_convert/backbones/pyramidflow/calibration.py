@@ -131,20 +131,22 @@ def folder_pyramid_samples(folder: Path, spec: PyramidCalibSpec, flag: str = "--
     return out
 
 
+def _resize_frames(latents: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
+    """(B, C, F, H, W) → (B, C, F, h, w), every frame resized alone."""
+    b, c, f = latents.shape[:3]
+    x = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, *latents.shape[3:])
+    x = F.interpolate(x, size=(h, w), mode=mode)
+    return x.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
 def _halve(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, F, H, W) → bilinear half size in H and W (one pyramid level, as ``get_pyramid_latent``)."""
-    b, c, f, h, w = latents.shape
-    x = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-    x = F.interpolate(x, size=(h // 2, w // 2), mode="bilinear")
-    return x.reshape(b, f, c, h // 2, w // 2).permute(0, 2, 1, 3, 4)
+    """Bilinear half size in H and W (one pyramid level, as ``get_pyramid_latent``)."""
+    return _resize_frames(latents, latents.shape[3] // 2, latents.shape[4] // 2, "bilinear")
 
 
 def _double_nearest(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, F, H, W) → nearest-neighbour double size (the release's upsampling of a stage's start)."""
-    b, c, f, h, w = latents.shape
-    x = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-    x = F.interpolate(x, size=(2 * h, 2 * w), mode="nearest")
-    return x.reshape(b, f, c, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+    """Nearest-neighbour double size (the release's upsampling of a stage's start)."""
+    return _resize_frames(latents, 2 * latents.shape[3], 2 * latents.shape[4], "nearest")
 
 
 def pyramid_levels(latents: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
