@@ -229,24 +229,6 @@ def launch_processes(opts, recipe, con, job: str = "wan") -> dict:
     return json.loads((Path(opts.out) / "conversion.json").read_text())
 
 
-def _run_stage1_with_progress(con, blocks, record, train_batch, eval_batches, settings):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from m4v_convert.distill.stage1 import run_stage1
-
-    with Progress(TextColumn("stage 1 (attention transfer)"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
-                  console=con, transient=False) as progress:
-        task = progress.add_task("stage1", total=settings.steps, losses="")
-
-        def on_step(step, losses):
-            shown = " ".join(f"L{i}:{v:.3f}" for i, v in list(losses.items())[:6])
-            more = f" (+{len(losses) - 6})" if len(losses) > 6 else ""
-            progress.update(task, advance=1, losses=f"loss {shown}{more}")
-
-        return run_stage1(blocks, record, train_batch, eval_batches, settings, progress=on_step)
-
-
 def print_distill_report(con, report, scope: str = "") -> None:
     """The held-out errors of a finished distillation: per layer (stage 1), end to end (stages 2/3)."""
     if report.stage1.error_before:

@@ -45,9 +45,6 @@ class Recipe:
     spec: RecipeFile | None = None  # the validated file (generic backbones read their sections here)
     raw: dict | None = None  # the YAML as loaded (recorded in converted configs)
 
-    def stage1(self) -> dict:
-        return dict(self.distill.get("stage1", {}))
-
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("spec", "raw")}
         d["path"] = str(self.path)

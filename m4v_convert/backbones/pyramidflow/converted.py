@@ -80,7 +80,7 @@ from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
 from m4v_convert.layers.recompose import FrameBlock, VideoLayout
 
 from .attention import _context_norms
-from .layout import StageLayout, build_stage_layouts
+from .layout import StageLayout
 from .miniflux import PyramidFluxTransformer
 from .sd3 import PyramidDiffusionMMDiT
 

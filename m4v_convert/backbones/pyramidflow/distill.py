@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from m4v_convert.errors import M4VError
-
 from .calibration import (PyramidCalibSpec, folder_pyramid_samples, pyramid_batch, shard_pyramid_batch,
                           synthetic_pyramid_samples)
 from .converted import FlatPrediction, Stage1Target, calibrate_output_norms, record_teacher_layers
@@ -34,24 +32,21 @@ LORA_TARGETS = (r"(single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
 class PyramidDistillAdapter:
     layers: list[int]
     spec: PyramidCalibSpec
-    calib: Path | None = None  # --calib folder; None: synthetic pyramid batches
-    num_samples: int = 16  # synthetic calibration samples
     lora_targets: str = LORA_TARGETS
     _targets: dict[int, Stage1Target] = field(default_factory=dict, repr=False)
 
     # ---- data
     def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype) -> tuple[list, str]:
-        if getattr(opts, "teacher_calib", False) or getattr(opts, "calib_cache", None) is not None:
-            raise M4VError("--teacher-calib: not available for PyramidFlow (sampling the teacher needs the whole "
-                           "pyramid sampler); pass --calib DIR with real latents")
-        if self.calib is not None:
-            samples = folder_pyramid_samples(self.calib, self.spec)
-            con.print(f"calibration: {len(samples)} samples from {self.calib} (latents "
+        """``--calib`` folder, else synthetic pyramid samples (``--teacher-calib`` is refused by the job)."""
+        if opts.calib is not None:
+            samples = folder_pyramid_samples(opts.calib, self.spec)
+            con.print(f"calibration: {len(samples)} samples from {opts.calib} (latents "
                       f"{tuple(samples[0].latents.shape)}, all {self.spec.num_stages} pyramid stages per call)")
-            return samples, f"folder:{self.calib}"
+            return samples, f"folder:{opts.calib}"
         con.print("[yellow]calibration: SYNTHETIC pyramid batches (random latents, T5-like text with padding); "
                   "they carry no video content[/]")
-        return synthetic_pyramid_samples(self.spec, self.num_samples, seed=opts.seed), "synthetic"
+        return synthetic_pyramid_samples(self.spec, int(recipe.calib.get("num_samples", 16)), seed=opts.seed), \
+            "synthetic"
 
     def data_samples(self, folder: Path) -> list:
         return folder_pyramid_samples(folder, self.spec, flag="--data")

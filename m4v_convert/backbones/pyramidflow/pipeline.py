@@ -196,8 +196,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                             flow_shift=float(c.get("flow_shift", 1.0)),
                             corrupt_ratio=float(c.get("corrupt_ratio", 1 / 3)))
     spec.validate()
-    adapter = PyramidDistillAdapter(layers=layers, spec=spec, calib=opts.calib,
-                                    num_samples=int(c.get("num_samples", 16)))
+    adapter = PyramidDistillAdapter(layers=layers, spec=spec)
     report = run_distillation(teacher, student, adapter, recipe, opts, plan, dist, con, device, dtype)
     result = report.stage1
     print_distill_report(con, report, scope=", all stages")
