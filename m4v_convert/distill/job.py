@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -57,6 +58,50 @@ class DistillReport:
     end_to_end_after: float | None
     log: list[dict]
     plan: DistillPlan
+
+
+class DistillAdapter(Protocol):
+    """What :func:`run_distillation` needs of a backbone. Implemented by
+    ``backbones/wan_distill.py``, ``backbones/pyramidflow/distill.py`` and
+    ``backbones/generic_distill.py``; optional attributes: ``fine_tune_unsupported`` (a reason:
+    stage 3 is skipped with it) and ``lora_targets`` (None: ``--train lora`` is refused)."""
+
+    layers: list[int]
+
+    def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype) -> tuple[list, str]:
+        """(clean samples, calibration label for the output)."""
+
+    def data_samples(self, folder: Path) -> list:
+        """The ``--data`` samples of stage 3."""
+
+    def batch(self, samples: list, generator: torch.Generator, device, dtype, with_target: bool = False):
+        """Forward kwargs of one noised batch (and, ``with_target``, the flow target)."""
+
+    def shard(self, batch, rows: slice, device, dtype, with_target: bool = False):
+        """Samples ``rows`` of ``batch`` (this process's share), on ``device``."""
+
+    def record(self, teacher, batch: dict) -> dict:
+        """Run the teacher once: per layer, the attention input, context and output (``LayerRecord``)."""
+
+    def mmdim_blocks(self, student) -> dict:
+        """Layer → module stage 1 trains (called as ``module(record.hidden_states, **record.context)``)."""
+
+    def calibrate_output_norms(self, blocks: dict, records: dict) -> None:
+        """Per-head output-scale calibration of ``blocks`` before stage 1."""
+
+    def feature_modules(self, model) -> dict:
+        """Layer → module whose output is stage 2's per-layer feature ({} for none)."""
+
+    def predictor(self, model):
+        """``model`` callable as ``m(**batch, return_dict=False)[0]`` → one prediction tensor."""
+
+    def enable_gradient_checkpointing(self, student) -> None: ...
+
+    def count(self, batch) -> tuple[int, int]:
+        """(samples, video tokens) of a batch, for throughput."""
+
+    def identity(self, config: dict) -> dict:
+        """The model facts a ``--resume`` must match."""
 
 
 def parse_stages(text: str) -> list[int]:
@@ -202,14 +247,14 @@ def calibration_samples(recipe, opts, spec: CalibSpec, teacher, plan: DistillPla
 # ---------------------------------------------------------------------------------------------- run
 
 
-def run_distillation(teacher, student, adapter, recipe, opts, plan: DistillPlan, dist: DistContext, con, device,
+def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, plan: DistillPlan, dist: DistContext, con, device,
                      dtype) -> DistillReport:
     """Run the planned stages on ``student`` in place (see the module docstring).
 
-    ``adapter`` is what the job knows of the backbone (``backbones/wan_distill.py``,
-    ``backbones/pyramidflow/distill.py``): calibration / ``--data`` samples and how to batch,
-    noise and shard them; the teacher's per-layer records and the stage-1 modules; feature
-    modules, predictions, LoRA targets, gradient checkpointing, and sample/token counts.
+    ``adapter`` (:class:`DistillAdapter`) is what the job knows of the backbone: calibration /
+    ``--data`` samples and how to batch, noise and shard them; the teacher's per-layer records and
+    the stage-1 modules; feature modules, predictions, LoRA targets, gradient checkpointing, and
+    sample/token counts.
     """
     from m4v_convert.distill import stage1 as stage1_mod
     from m4v_convert.distill.stage2 import Stage2Task, end_to_end_error
