@@ -90,7 +90,7 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     from m4v_convert.backbones.wan_io import load_wan_transformer
     from m4v_convert.convert import parse_layers
     from m4v_convert.distill.calibration import CalibSpec
-    from m4v_convert.distill.distributed import in_distributed_env, init_distributed
+    from m4v_convert.distill.distributed import in_distributed_env
     from m4v_convert.distill.job import make_plan, plot_losses, run_distillation
     from m4v_convert.io.converted import save_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
@@ -106,14 +106,7 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     if opts.num_processes > 1 and not in_distributed_env():
         return launch_processes(opts, recipe, con)
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
-    dist = init_distributed(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_main:
-        from rich.console import Console
-
-        con = Console(stderr=True, quiet=True)
+    dist, device, con = join_process_group(device, con)
     check_output_dir(opts.out, opts.overwrite)
     if opts.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -194,6 +187,22 @@ def convert(opts: ConvertOptions, console=None) -> dict:
                   f"TFLOPs → converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs")
     dist.barrier()
     return summary
+
+
+def join_process_group(device: torch.device, con):
+    """(dist context, this process's device, its console) inside a launched run (no-op outside one):
+    each process takes its local GPU, and only rank 0 prints."""
+    from m4v_convert.distill.distributed import init_distributed
+
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_main:
+        from rich.console import Console
+
+        con = Console(stderr=True, quiet=True)
+    return dist, device, con
 
 
 def launch_processes(opts, recipe, con, job: str = "wan") -> dict:

@@ -98,13 +98,13 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     samples, each with all its pyramid stages) and rank 0 writes the output.
     """
     from m4v_convert.convert import parse_layers
-    from m4v_convert.distill.distributed import in_distributed_env, init_distributed
+    from m4v_convert.distill.distributed import in_distributed_env
     from m4v_convert.distill.job import make_plan, plot_losses, run_distillation
     from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
     from m4v_convert.io.converted import save_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
     from m4v_convert.pipeline import _console, _ranges as ranges, print_distill_report
-    from m4v_convert.pipeline import resolve_device, resolve_dtype
+    from m4v_convert.pipeline import join_process_group, resolve_device, resolve_dtype
     from m4v_convert.recipes import load_recipe
 
     from .calibration import NUM_STAGES, PyramidCalibSpec
@@ -129,15 +129,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
         raise M4VError(f"recipe {recipe.name!r}: mmdim.num_registers must be >= {NUM_STAGES} (one register per "
                        "pyramid stage; a frame's register is its pyramid level)")
     check_output_dir(opts.out, opts.overwrite)
-    device = resolve_device(opts.device)
-    dist = init_distributed(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_main:
-        from rich.console import Console
-
-        con = Console(stderr=True, quiet=True)
+    dist, device, con = join_process_group(resolve_device(opts.device), con)
     # auto: float32 weights, so untouched weights are saved exactly as released (fp32 on disk) and the
     # trained MM-DiM parameters keep fp32 master values; on CUDA the passes run under bf16 autocast
     # (--mixed-precision auto), the precision the release runs in. --dtype bfloat16 halves memory but
