@@ -7,3 +7,31 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses started by tests
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def interrupt_stage2(monkeypatch):
+    """``interrupt_stage2(n)``: the n-th stage-2 loss call raises KeyboardInterrupt (a Ctrl-C mid-stage);
+    ``interrupt_stage2(None)`` restores the real loss."""
+    from m4v_convert.distill.stage2 import Stage2Task
+
+    loss = Stage2Task.loss
+
+    def arm(n):
+        if n is None:
+            monkeypatch.setattr(Stage2Task, "loss", loss)
+            return
+        calls = {"n": 0}
+
+        def interrupted(self, batch):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return loss(self, batch)
+
+        monkeypatch.setattr(Stage2Task, "loss", interrupted)
+
+    return arm

@@ -784,31 +784,22 @@ def test_cli_lora_trains_the_mlps_and_merges(roots, recipes, tmp_path):
     assert load_converted(out).converted_layers == [1, 2]
 
 
-def test_cli_resume_after_an_interrupt_ends_with_the_uninterrupted_weights(roots, recipes, tmp_path, monkeypatch):
+def test_cli_resume_after_an_interrupt_ends_with_the_uninterrupted_weights(roots, recipes, tmp_path,
+                                                                          interrupt_stage2):
     from safetensors.torch import load_file
-
-    from m4v_convert.distill.stage2 import Stage2Task
 
     common = ["--stages", "1,2", "--distill-steps", "3", "--stage2-steps", "8", "--checkpoint-every", "2",
               "--mixed-precision", "no"]
     ref = _convert(roots / "miniflux", tmp_path / "ref", recipes["miniflux"], *common,
                    "--run-dir", str(tmp_path / "ref_run"))
     assert ref.exit_code == 0, ref.output
-    calls, loss = {"n": 0}, Stage2Task.loss
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return loss(self, batch)
-
-    monkeypatch.setattr(Stage2Task, "loss", interrupted)
+    interrupt_stage2(6)
     run = tmp_path / "run"
     res = _convert(roots / "miniflux", tmp_path / "out", recipes["miniflux"], *common, "--run-dir", str(run))
     assert res.exit_code != 0 and not (tmp_path / "out").exists()
     state = json.loads((run / "state.json").read_text())
     assert state["stage"] == "stage2" and state["step"] == 4
-    monkeypatch.setattr(Stage2Task, "loss", loss)
+    interrupt_stage2(None)
     res = _convert(roots / "miniflux", tmp_path / "out", recipes["miniflux"], *common, "--resume", str(run))
     assert res.exit_code == 0, res.output
     assert "resuming" in res.output and "stage2 step 4" in " ".join(res.output.split())

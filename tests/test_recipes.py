@@ -408,9 +408,7 @@ def test_docs_worked_example_is_a_valid_recipe(tmp_path):
 # ------------------------------------------------------------------------------ the shared distillation job
 
 def test_generic_conversion_resumes_after_an_interrupt_with_the_uninterrupted_weights(checkpoints, tmp_path,
-                                                                                       monkeypatch):
-    from m4v_convert.distill.stage2 import Stage2Task
-
+                                                                                       interrupt_stage2):
     common = ["--distill-steps", "3", "--stage2-steps", "6", "--checkpoint-every", "2", "--mixed-precision", "no",
               "--device", "cpu"]
 
@@ -424,20 +422,12 @@ def test_generic_conversion_resumes_after_an_interrupt_with_the_uninterrupted_we
     stages = {s["stage"]: s for s in summary["distill"]["stages"]}
     assert stages[1]["steps"] == 3 and stages[2]["steps"] == 6
     assert stages[2]["end_to_end_after"] < stages[2]["end_to_end_before"]
-    calls, loss = {"n": 0}, Stage2Task.loss
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return loss(self, batch)
-
-    monkeypatch.setattr(Stage2Task, "loss", interrupted)
+    interrupt_stage2(4)
     state_dir = tmp_path / "run"
     res = run(tmp_path / "out", "--run-dir", str(state_dir))
     assert res.exit_code != 0 and not (tmp_path / "out").exists()
     assert json.loads((state_dir / "state.json").read_text())["step"] == 2
-    monkeypatch.setattr(Stage2Task, "loss", loss)
+    interrupt_stage2(None)
     res = run(tmp_path / "out", "--resume", str(state_dir))
     assert res.exit_code == 0, res.output
     assert "stage2 step 2" in " ".join(res.output.split())
