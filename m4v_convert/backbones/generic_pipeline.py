@@ -8,6 +8,7 @@ the diffusers layout with ``conversion.json``, ``README.md`` and ``flops.{json,m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -286,7 +287,7 @@ def convert_generic(opts: GenericOptions, console=None) -> dict:
         raise M4VError("--train lora: not offered for generic recipes (no recipe field names the layers to adapt); "
                        "use mmdim or all")
     if opts.stages is None:  # generic recipes default to stages 1,2 (no stage 3 here)
-        opts.stages = str(recipe.distill.get("stages", "1,2"))
+        opts = dataclasses.replace(opts, stages=str(recipe.distill.get("stages", "1,2")))
     plan = make_plan(recipe, opts, device)  # flags, schedule, run folder, --resume checkpoint
 
     # ---- check everything on the meta device, then load
