@@ -638,6 +638,12 @@ def test_flops_768p_241_frames_against_the_paper(tmp_path):
     assert abs(orig - 51.4) < 0.1 and abs(orig / 55.44 - 1) < 0.1
     assert 20 < pure < conv < 35 and abs(pure / 26.64 - 1) < 0.15
     assert r["paper"]["mixed_layer_converted_tflops"] == 29.52 and r["paper_comparable"]
+    # the paper's temporal branch (29.52 − 26.64 TFLOPs) in full-width d×d projections (2·d² each) per block
+    tb = r["temporal_branch_vs_paper"]
+    assert tb["history_tokens"] == 28 * 240 + 960 + 3840 and abs(tb["paper_flops"] - 2.88e12) < 1e6
+    assert abs(tb["paper_projections_per_history_token"] - 2.88e12 / (16 * 2 * 1920 ** 2 * 11520)) < 1e-9
+    assert abs(tb["paper_projections_per_token"] - 2.88e12 / (16 * 2 * 1920 ** 2 * 15488)) < 1e-9
+    assert tb["ours_flops"] == r["mixed_layer"]["converted"] - r["mixed_layer"]["pure_mamba"] < 0.02 * tb["paper_flops"]
     assert r["attention_sublayer"]["original"] / 1e12 < orig and r["attention_sublayer"]["converted"] / 1e12 < conv
     g = r["generation"]
     assert g["units"] == 31 and g["model_calls"] == 3 * 20 + 30 * 3 * 10
