@@ -323,7 +323,7 @@ def test_cli_flops_for_published_config(tmp_path):
                               "--json", str(tmp_path / "f.json"), "--no-crosscheck"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "f.json").read_text())
-    n, d = 32760, 1536
+    n = 32760
     assert report["tokens"] == n and len(report["layers"]) == 30
     assert report["original_total_flops"] > report["converted_total_flops"] > 0
     bad = runner.invoke(app, ["flops", "wan2.1", "--model", "7b"])

@@ -23,7 +23,6 @@ from m4v_convert.io.safetensors_io import read_header, read_metadata, read_state
 from m4v_convert.testing import (
     LAYOUTS,
     make_tiny_wan,
-    original_wan_state_dict,
     save_tiny_wan,
     tiny_wan_inputs,
 )
