@@ -6,7 +6,8 @@ and to score prompt adherence of generated latents. No VAE is involved: samples 
 directly as latents of shape (C, F, H, W).
 
 **Videos.** Every sample is one constant background latent vector ``bg`` (drawn per sample,
-``bg ~ N(0, background_std²)`` per channel) with one object pasted over it: a square (side
+``bg ~ N(0, background_std²)`` per channel; plus, with ``background_texture`` > 0, a static
+per-pixel texture of that std, the same in every frame) with one object pasted over it: a square (side
 ``size``) or a disc (diameter ``size``) whose pixels hold the colour's latent vector, moving
 ``speed`` latent pixels per frame in the prompt's direction. Start positions are multiples of
 ``align`` (on Wan's 2×2 patch grid by default), keep the whole track inside the frame, and lie
@@ -141,6 +142,7 @@ class TaskConfig:
     jitter: int = 0  # start positions within this many px of the central one (0: fixed layout per prompt)
     cross_jitter: int = -1  # the same across the motion (-1: = jitter)
     texture: float = 0.0  # std of a random per-video texture the object carries (moves with it)
+    background_texture: float = 0.0  # std of a random per-video texture on the background (static)
     colour_scale: float = 1.0  # per-channel RMS of a colour vector
     background_std: float = 0.5
     seed: int = 0  # fixes colour vectors and the word table
@@ -248,6 +250,8 @@ class ShapesTask:
             patch = patch + c.texture * torch.randn(c.channels, c.size, c.size, generator=generator)
         m = self.object_mask(labels.shape, 0, 0)[: c.size, : c.size]
         out = bg.view(-1, 1, 1, 1).repeat(1, c.frames, c.height, c.width)
+        if c.background_texture > 0:  # the same pixels in every frame: a static scene behind the object
+            out += c.background_texture * torch.randn(c.channels, 1, c.height, c.width, generator=generator)
         for f in range(c.frames):
             y, x = y0 + dy * c.speed * f, x0 + dx * c.speed * f
             region = out[:, f, y:y + c.size, x:x + c.size]

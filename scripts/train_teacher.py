@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--layers", type=int, default=MODEL["num_layers"])
     p.add_argument("--heads", type=int, default=MODEL["num_attention_heads"])
+    p.add_argument("--head-dim", type=int, default=MODEL["attention_head_dim"],
+                   help="attention head width (Wan's 3D RoPE splits it into time/height/width frequencies)")
     p.add_argument("--task", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a TaskConfig field, e.g. --task speed=1 (repeatable)")
     p.add_argument("--log-every", type=int, default=25)
@@ -87,6 +89,29 @@ def sample_quality(model, task: ShapesTask, labels, seeds_per_prompt: int, steps
     return res
 
 
+@torch.no_grad()
+def temporal_influence(model, task: ShapesTask, timesteps=(900, 500, 100), samples: int = 4) -> dict:
+    """How much each frame's prediction moves when only frame 0 of the input is redrawn, relative to
+    the prediction's RMS, per timestep (mean over ``samples`` seeded pure-noise inputs and prompts).
+    A model that tracks an object from frame to frame is moved more at the next frame than at the
+    last; a model that only pools global facts over time is moved the same at every distance."""
+    c = task.config
+    labels = heldout_labels()[:samples]
+    text = task.encode(labels)
+    g = torch.Generator().manual_seed(3_000_000)
+    x = torch.randn(samples, c.channels, c.frames, c.height, c.width, generator=g)
+    x2 = x.clone()
+    x2[:, :, 0] = torch.randn(samples, c.channels, c.height, c.width, generator=g)
+    out = {}
+    for t in timesteps:
+        ts = torch.full((samples,), float(t))
+        y = model(hidden_states=x, timestep=ts, encoder_hidden_states=text, return_dict=False)[0]
+        y2 = model(hidden_states=x2, timestep=ts, encoder_hidden_states=text, return_dict=False)[0]
+        rel = (y2 - y).pow(2).mean((1, 3, 4)).sqrt() / y.pow(2).mean((1, 2, 3, 4)).sqrt()[:, None]
+        out[str(t)] = [round(v, 4) for v in rel.mean(0).tolist()]
+    return out
+
+
 def write_calib(out: Path, task: ShapesTask, n: int, seed: int, dtype: str = "float32") -> None:
     """``out/calib/shapes-calib.safetensors``: ``n`` clean latents of training prompts + text embeddings,
     drawn from their own generator (``seed + 200``), so they do not depend on how training went."""
@@ -105,7 +130,15 @@ def write_calib(out: Path, task: ShapesTask, n: int, seed: int, dtype: str = "fl
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.card_only:
-        (args.out / "README.md").write_text(card(json.loads((args.out / "training.json").read_text())))
+        record = json.loads((args.out / "training.json").read_text())
+        if "temporal_influence" not in record:  # measured on the saved teacher, kept in training.json
+            from diffusers import WanTransformer3DModel
+
+            torch.set_num_threads(args.threads)
+            model = WanTransformer3DModel.from_pretrained(args.out).eval()
+            record["temporal_influence"] = temporal_influence(model, ShapesTask(TaskConfig.load(args.out / "task.json")))
+            (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        (args.out / "README.md").write_text(card(record))
         return
     if args.calib_only:
         record = json.loads((args.out / "training.json").read_text())
@@ -127,7 +160,7 @@ def main(argv=None) -> None:
         overrides[key] = type(getattr(TaskConfig(), key))(value)
     task_cfg = TaskConfig(**{"text_dim": MODEL["text_dim"], "channels": MODEL["in_channels"], **overrides})
     task = ShapesTask(task_cfg)
-    cfg = dict(MODEL, num_layers=args.layers, num_attention_heads=args.heads)
+    cfg = dict(MODEL, num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim)
     model = WanTransformer3DModel(**cfg).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
@@ -193,6 +226,8 @@ def main(argv=None) -> None:
     held = sample_quality(ema, task, heldout_labels(), args.eval_seeds, args.sample_steps, args.sample_shift)
     seen = sample_quality(ema, task, labels[::5], args.eval_seeds, args.sample_steps, args.sample_shift)
     print(f"held-out adherence {held}  training-prompt adherence {seen}  ({time.time() - t1:.0f} s)", flush=True)
+    influence = temporal_influence(ema, task)
+    print(f"temporal influence of frame 0 on frames 0..{task_cfg.frames - 1}: {influence}", flush=True)
 
     # write the checkpoint
     out = args.out
@@ -208,7 +243,7 @@ def main(argv=None) -> None:
         "train_seconds": round(train_seconds, 1), "probe_seconds": round(probe_seconds, 1), "final_loss": curve[-1]["loss"] if curve else None,
         "params": n_params, "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "task": task_cfg.to_dict(), "sample_steps": args.sample_steps, "sample_shift": args.sample_shift,
-        "quality_heldout": held, "quality_train_prompts": seen, "eval_seeds_per_prompt": args.eval_seeds,
+        "quality_heldout": held, "quality_train_prompts": seen, "temporal_influence": influence, "eval_seeds_per_prompt": args.eval_seeds,
         "torch": torch.__version__, "calib_samples": args.calib_samples, "loss_curve": curve,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -65,6 +65,26 @@ def test_adherence_recovers_labels_on_clean_latents_and_fails_on_shuffled():
     assert task.adherence(x, shuffled)["score"] < 50.0
 
 
+def test_background_texture_is_static_and_under_the_object():
+    base = TaskConfig(jitter=0)
+    plain, textured = ShapesTask(base), ShapesTask(TaskConfig(jitter=0, background_texture=0.3))
+    lab = Labels("red", "square", "right")
+    x0 = plain.video(lab, torch.Generator().manual_seed(5))
+    x1 = textured.video(lab, torch.Generator().manual_seed(5))
+    colour = textured.colour_vectors[textured.colour_names.index("red")]
+    on_object = (x0 - colour.view(-1, 1, 1, 1)).abs().amax(0) == 0  # (F, H, W); plain: background is constant
+    # the object's pixels are untouched; everywhere else the texture is the same in every frame
+    assert torch.equal(x1[:, on_object], x0[:, on_object])
+    never = ~on_object.any(0)  # pixels no frame's object covers
+    tex = x1 - x0  # the texture alone, off the object
+    assert torch.equal(tex[:, :, never], tex[:, :1, never].expand(-1, base.frames, -1))
+    assert abs(tex[:, 0, never].std().item() - 0.3) < 0.05 and tex[:, 0, never].abs().min() > 0
+    # adherence still reads the object back on textured clean latents
+    labs = all_labels()
+    x, _ = textured.batch(labs, torch.Generator().manual_seed(0))
+    assert textured.adherence(x, labs)["score"] == 100.0
+
+
 # ------------------------------------------------------------------ PSNR / SSIM
 
 
