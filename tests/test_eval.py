@@ -264,3 +264,28 @@ def test_cli_ablate_switches_each_component_off(folders, tiny_recipe, tmp_path):
 def test_cli_ablate_bad_variant(folders, tmp_path):
     res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(tmp_path / "o"), "--variants", "nope"])
     assert res.exit_code != 0 and "unknown 'nope'" in res.output and not (tmp_path / "o").exists()
+
+
+def test_teacher_temporal_influence_probe_tells_tracking_from_pooling():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_teacher", Path(__file__).parents[1] / "scripts" / "train_teacher.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class Shift(torch.nn.Module):  # each frame predicts from the previous one: a one-frame track
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            return (torch.cat([hidden_states[:, :, :1], hidden_states[:, :, :-1]], 2),)
+
+    class Pool(torch.nn.Module):  # every frame sees the mean over time: global pooling only
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            return (hidden_states + hidden_states.mean(2, keepdim=True),)
+
+    task = ShapesTask(TaskConfig())
+    shift = mod.temporal_influence(Shift(), task, timesteps=(500,))["500"]
+    assert shift[0] > 1 and shift[1] > 1 and max(shift[2:]) == 0
+    pool = mod.temporal_influence(Pool(), task, timesteps=(500,))["500"]
+    assert min(pool[1:]) > 0.1 and max(pool[1:]) - min(pool[1:]) < 0.02
+    table = mod.influence_table({"temporal_influence": {"500": pool}})
+    assert "| 500 | " in table and all(f"| frame {f} |" in table for f in range(task.config.frames))
