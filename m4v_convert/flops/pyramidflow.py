@@ -262,6 +262,7 @@ def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int,
             "mixed_layer_converted_tflops": mixed["converted"] / T,
             "mixed_layer_pure_mamba_tflops": mixed["pure_mamba"] / T}
     comparable = (frames, height, width) == (241, 768, 1280) and (dims["d_model"], nd, ns) == (1920, 8, 16)
+    temporal = temporal_branch_vs_paper(dims, tokens, history_tokens, mixed) if comparable else None
     # FLOPs vs frames at the last unit (Wan's "curve"): one analytic pass per 8k+1 frame count
     curve_frames = sorted({1 + VAE_TEMPORAL * (u - 1) for u in range(1, units + 1, max(1, units // 16))} | {frames})
     curve = {"frames": curve_frames, "original": [], "converted": []}
@@ -311,9 +312,9 @@ def pyramidflow_flops_report(config: dict, frames: int, height: int, width: int,
         "generation": generation,
         "paper": PAPER,
         "paper_comparable": comparable,
-        "temporal_branch_vs_paper": temporal_branch_vs_paper(dims, tokens, history_tokens, mixed) if comparable else None,
+        "temporal_branch_vs_paper": temporal,
         "ours_vs_paper": {k: {"ours": v, "paper": PAPER[k], "ratio": v / PAPER[k]} for k, v in ours.items()},
-        "notes": counting_notes(dims, tokens, mixed, history_tokens) if comparable else [
+        "notes": counting_notes(dims, tokens, mixed, temporal) if comparable else [
             f"The paper's figures are for the full-size miniFLUX at 768x1280, 241 frames ({PAPER['setting']}); "
             f"this report is for {frames} frames at {height}x{width} with d={dims['d_model']}, {nd}+{ns} blocks, "
             "so they are listed for reference only."],
@@ -347,14 +348,13 @@ def temporal_branch_vs_paper(dims: dict, tokens: int, history_tokens: int, tot: 
             "paper_projections_per_history_token": paper / (projection * history_tokens)}
 
 
-def counting_notes(dims: dict, tokens: int, tot: dict, history_tokens: int) -> list[str]:
+def counting_notes(dims: dict, tokens: int, tot: dict, tb: dict) -> list[str]:
     """Why our numbers and the paper's differ (computed, not asserted)."""
     d, m, n_blocks = dims["d_model"], dims["mlp"], dims["num_single"]
     # tokens N at which 16 blocks of 8·N·d² + 4·N²·d + 4·N·d·m + 6·d² reach the paper's figure
     target = PAPER["mixed_layer_original_tflops"] * T / n_blocks
     a, b, c = 4 * d, 8 * d * d + 4 * d * m, 6 * d * d - target
     n_match = (-b + (b * b - 4 * a * c) ** 0.5) / (2 * a)
-    tb = temporal_branch_vs_paper(dims, tokens, history_tokens, tot)
     paper_temporal, ours_temporal = tb["paper_flops"], tb["ours_flops"]
     per_token, per_history_token = tb["paper_projections_per_token"], tb["paper_projections_per_history_token"]
     return [
@@ -376,7 +376,7 @@ def counting_notes(dims: dict, tokens: int, tot: dict, history_tokens: int) -> l
         f"{ours_temporal / T:.3f}. Ours pools each frame to grid² regions before any projection, so its cost "
         f"grows with the number of frames, not tokens. The paper's figure equals {per_token:.2f} full-width "
         f"(d×d) projections of every one of the {tokens:,} tokens per block, or {per_history_token:.2f} of "
-        f"each of the {history_tokens:,} history tokens that feed the branch: a branch working per token at "
+        f"each of the {tb['history_tokens']:,} history tokens that feed the branch: a branch working per token at "
         "full width (e.g. an input and an output projection of each history token), which the paper does "
         "not describe further. The difference is the branch's design, not the counting rule.",
     ]
