@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--sigma", choices=("logit-normal", "uniform"), default="uniform",
                    help="training σ distribution: uniform (Wan) or logit-normal(0, 1) (SD3), then shifted")
+    p.add_argument("--frame-sigma-prob", type=float, default=0.0,
+                   help="probability that a training sample draws its own σ for every frame (diffusion forcing: "
+                        "a noisier frame must be predicted from cleaner ones, which rewards tracking over time); "
+                        "sampling always uses one σ")
     p.add_argument("--train-shift", type=float, default=3.0,
                    help="σ shift in training (= the sampler's: the sampler spends most steps near σ = 1)")
     p.add_argument("--probe-every", type=int, default=500, help="quick held-out adherence probe of the EMA")
@@ -184,15 +188,28 @@ def main(argv=None) -> None:
             grp["lr"] = lr_at(step)
         idx = torch.randint(len(labels), (args.batch,), generator=data_gen).tolist()
         x0, text = task.batch([labels[i] for i in idx], data_gen)
+        # per-frame σ (diffusion forcing) draws (B, F) values; otherwise the draws stay those of one σ
+        # per sample, so the shipped teacher's command still reproduces it
+        shape = (args.batch, x0.shape[2]) if args.frame_sigma_prob > 0 else (args.batch,)
         if args.sigma == "uniform":
-            u = torch.rand(args.batch, generator=data_gen)
+            u = torch.rand(shape, generator=data_gen)
         else:
-            u = torch.sigmoid(torch.randn(args.batch, generator=data_gen))
-        sigma = shift_sigma(u, args.train_shift)
+            u = torch.sigmoid(torch.randn(shape, generator=data_gen))
+        if args.frame_sigma_prob > 0:  # some samples draw a σ per frame, the rest keep one
+            own = torch.rand(args.batch, 1, generator=data_gen) < args.frame_sigma_prob
+            u = torch.where(own, u, u[:, :1])
+        else:
+            u = u[:, None]
+        sigma = shift_sigma(u, args.train_shift)  # (B, 1) or (B, F)
         noise = torch.randn(x0.shape, generator=data_gen)
-        s = sigma.view(-1, 1, 1, 1, 1)
+        s = sigma.view(args.batch, 1, -1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
-        pred = model(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        if sigma.shape[1] == 1:
+            timestep = sigma[:, 0] * 1000
+        else:  # per-token timesteps (Wan 2.2's (batch, seq_len) form), tokens frame-major
+            _, ph, pw = cfg["patch_size"]
+            timestep = (sigma * 1000).repeat_interleave(x0.shape[3] * x0.shape[4] // (ph * pw), dim=1)
+        pred = model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
         loss = (pred - (noise - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,7 +256,7 @@ def main(argv=None) -> None:
     command = "python scripts/train_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
     record = {
         "command": command.strip(), "seed": args.seed, "steps": steps_done, "batch": args.batch, "lr": args.lr,
-        "warmup": args.warmup, "ema": args.ema, "sigma": args.sigma, "train_shift": args.train_shift, "threads": args.threads,
+        "warmup": args.warmup, "ema": args.ema, "sigma": args.sigma, "frame_sigma_prob": args.frame_sigma_prob, "train_shift": args.train_shift, "threads": args.threads,
         "train_seconds": round(train_seconds, 1), "probe_seconds": round(probe_seconds, 1), "final_loss": curve[-1]["loss"] if curve else None,
         "params": n_params, "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "task": task_cfg.to_dict(), "sample_steps": args.sample_steps, "sample_shift": args.sample_shift,
