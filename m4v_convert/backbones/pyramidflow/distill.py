@@ -37,7 +37,7 @@ class PyramidDistillAdapter:
 
     # ---- data
     def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype) -> tuple[list, str]:
-        """``--calib`` folder, else synthetic pyramid samples (``--teacher-calib`` is refused by the job)."""
+        """``--calib`` folder, else synthetic pyramid samples (``--teacher-calib`` is refused earlier, by ``convert_pyramidflow``)."""
         if opts.calib is not None:
             samples = folder_pyramid_samples(opts.calib, self.spec)
             con.print(f"calibration: {len(samples)} samples from {opts.calib} (latents "
