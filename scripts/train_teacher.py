@@ -93,8 +93,11 @@ def sample_quality(model, task: ShapesTask, labels, seeds_per_prompt: int, steps
     return res
 
 
+INFLUENCE_SAMPLES = 4  # pure-noise inputs the temporal-influence probe averages over
+
+
 @torch.no_grad()
-def temporal_influence(model, task: ShapesTask, timesteps=(900, 500, 100), samples: int = 4) -> dict:
+def temporal_influence(model, task: ShapesTask, timesteps=(900, 500, 100), samples: int = INFLUENCE_SAMPLES) -> dict:
     """How much each frame's prediction moves when only frame 0 of the input is redrawn, relative to
     the prediction's RMS, per timestep (mean over ``samples`` seeded pure-noise inputs and prompts).
     A model that tracks an object from frame to frame is moved more at the next frame than at the
@@ -281,7 +284,7 @@ def influence_table(r: dict) -> str:
     head = "| timestep | " + " | ".join(f"frame {f}" for f in range(frames)) + " |"
     rows = [f"| {t} | " + " | ".join(f"{v:.3f}" for v in vals) + " |" for t, vals in inf.items()]
     return ("Change of the prediction at each frame, relative to its RMS, when frame 0 of the input is redrawn "
-            "(`temporal_influence`, 4 pure-noise inputs):\n\n" + "\n".join([head, "|---|" + "---:|" * frames] + rows))
+            f"(`temporal_influence`, {INFLUENCE_SAMPLES} pure-noise inputs):\n\n" + "\n".join([head, "|---|" + "---:|" * frames] + rows))
 
 
 def motion_paragraph(r: dict) -> str:
