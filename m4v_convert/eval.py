@@ -25,6 +25,7 @@ the same distillation budget (same layers, steps, calibration data, seed) throug
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -132,20 +133,24 @@ def _forward(model, x, t, text):
 
 
 @torch.no_grad()
-def sample(model, task: ShapesTask, settings: EvalSettings) -> tuple[torch.Tensor, list[Labels]]:
-    """Samples of ``model`` for every (prompt, seed) of ``settings``: (B, C, F, H, W) latents."""
+def sample(model, task: ShapesTask, settings: EvalSettings, on_batch=None) -> tuple[torch.Tensor, list[Labels]]:
+    """Samples of ``model`` for every (prompt, seed) of ``settings``: (B, C, F, H, W) latents.
+
+    ``on_batch(n)``: called after every sampled batch of ``n`` (progress display)."""
     labels = [lab for lab in settings.labels for _ in range(settings.seeds)]
     c = task.config
     noise = torch.stack([torch.randn(c.channels, c.frames, c.height, c.width,
                                      generator=torch.Generator().manual_seed(SAMPLE_NOISE_BASE + i))
                          for i in range(len(labels))])
     text = task.encode(labels)
-    out = euler_sample(model, noise, text, steps=settings.steps, shift=settings.shift, batch_size=settings.batch_size)
+    out = euler_sample(model, noise, text, steps=settings.steps, shift=settings.shift, batch_size=settings.batch_size,
+                       on_batch=on_batch)
     return out, labels
 
 
 @torch.no_grad()
-def prediction_errors(teacher, student, task: ShapesTask, settings: EvalSettings) -> dict[str, float]:
+def prediction_errors(teacher, student, task: ShapesTask, settings: EvalSettings,
+                      on_timestep=None) -> dict[str, float]:
     """Per-timestep ``‖v_S − v_T‖ / ‖v_T‖`` on the same noised held-out inputs."""
     labels = [lab for lab in settings.labels for _ in range(settings.seeds)]
     x0, text = task.eval_batch(labels, [i for _ in settings.labels for i in range(settings.seeds)])
@@ -162,26 +167,53 @@ def prediction_errors(teacher, student, task: ShapesTask, settings: EvalSettings
             v_t.append(_forward(teacher, x_t[sl], ts[sl], text[sl]))
             v_s.append(_forward(student, x_t[sl], ts[sl], text[sl]))
         out[str(t)] = relative_error(torch.cat(v_s), torch.cat(v_t))
+        if on_timestep is not None:
+            on_timestep()
     return out
 
 
+def eval_work(settings: EvalSettings, teacher_sampled: bool = False) -> dict[str, int]:
+    """Totals of the ``progress`` phases of :func:`evaluate`."""
+    n = len(settings.labels) * settings.seeds
+    work = {"prediction error": len(settings.timesteps)}
+    if not teacher_sampled:
+        work["teacher samples"] = n
+    work["student samples"] = n
+    return work
+
+
+@contextlib.contextmanager
+def eval_progress(console, settings: EvalSettings, teacher_sampled: bool = False):
+    """A rich progress display for :func:`evaluate`; yields its ``progress`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        ids = {phase: bar.add_task(phase, total=total) for phase, total in eval_work(settings, teacher_sampled).items()}
+        yield lambda phase, n: bar.advance(ids[phase], n)
+
+
 def evaluate(teacher, student, task: ShapesTask, settings: EvalSettings | None = None,
-             teacher_samples: tuple[torch.Tensor, dict] | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+             teacher_samples: tuple[torch.Tensor, dict] | None = None,
+             progress=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """All metrics of ``student`` against ``teacher``; returns (metrics, teacher samples, student samples).
 
     ``teacher_samples``: (samples, adherence) from an earlier call with the same settings, reused
-    (``ablate`` samples the teacher once).
+    (``ablate`` samples the teacher once). ``progress(phase, n)``: called as work is done, ``phase``
+    "prediction error" (``n`` timesteps) or "teacher samples" / "student samples" (``n`` samples);
+    :func:`eval_work` gives the totals.
     """
     settings = settings or EvalSettings()
     t0 = time.time()
-    errors = prediction_errors(teacher, student, task, settings)
+    tick = progress or (lambda phase, n: None)
+    errors = prediction_errors(teacher, student, task, settings, on_timestep=lambda: tick("prediction error", 1))
     if teacher_samples is None:
-        xs_t, labels = sample(teacher, task, settings)
+        xs_t, labels = sample(teacher, task, settings, on_batch=lambda n: tick("teacher samples", n))
         adh_t = task.adherence(xs_t, labels)
     else:
         xs_t, adh_t = teacher_samples
         labels = [lab for lab in settings.labels for _ in range(settings.seeds)]
-    xs_s, _ = sample(student, task, settings)
+    xs_s, _ = sample(student, task, settings, on_batch=lambda n: tick("student samples", n))
     adh_s = task.adherence(xs_s, labels)
     mses, ssims = [], []
     for a, b in zip(xs_t, xs_s):
@@ -393,7 +425,8 @@ def run_eval(opts: EvalOptions, console=None) -> dict:
                   "distillation trained them, --train all/lora; otherwise it was converted from another checkpoint)[/]")
     con.print(f"eval: {len(settings.labels)} prompts × {settings.seeds} seeds, {settings.steps} Euler steps "
               f"(task: {task_source})")
-    metrics, xs_t, xs_s = evaluate(teacher, student, task, settings)
+    with eval_progress(con, settings) as progress:
+        metrics, xs_t, xs_s = evaluate(teacher, student, task, settings, progress=progress)
     metrics.update(teacher=str(Path(opts.teacher).resolve()), student=str(Path(opts.student).resolve()),
                    task=task_source, shared_weights_equal=same,
                    converted_layers=list(getattr(student, "converted_layers", [])))
@@ -548,8 +581,9 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                                              report_size=(8 * task.config.height, 8 * task.config.width),
                                              report_frames=4 * (task.config.frames - 1) + 1), console=con)
             student = load_converted(out, device=device).requires_grad_(False)
-            metrics, xs_t_new, xs_s = evaluate(teacher, student, task, settings,
-                                               teacher_samples=None if xs_t is None else (xs_t, adh_t))
+            with eval_progress(con, settings, teacher_sampled=xs_t is not None) as progress:
+                metrics, xs_t_new, xs_s = evaluate(teacher, student, task, settings, progress=progress,
+                                                   teacher_samples=None if xs_t is None else (xs_t, adh_t))
             if xs_t is None:
                 xs_t, adh_t = xs_t_new, {**metrics["adherence_teacher"], "read": metrics["read_teacher"]}
             metrics.update(variant=name, label=label, mmdim_overrides=overrides,

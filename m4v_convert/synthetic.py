@@ -341,8 +341,11 @@ def sample_sigmas(steps: int, shift: float) -> torch.Tensor:
 
 @torch.no_grad()
 def euler_sample(model, noise: torch.Tensor, text: torch.Tensor, steps: int = 20, shift: float = 3.0,
-                 batch_size: int | None = None) -> torch.Tensor:
-    """Flow-match Euler sampler: x ← x + (σ_next − σ)·v(x, 1000σ), from σ = 1 to 0."""
+                 batch_size: int | None = None, on_batch=None) -> torch.Tensor:
+    """Flow-match Euler sampler: x ← x + (σ_next − σ)·v(x, 1000σ), from σ = 1 to 0.
+
+    ``on_batch(n)``: called after each batch of ``n`` samples is done (progress display).
+    """
     sigmas = sample_sigmas(steps, shift)
     outs = []
     bs = batch_size or noise.shape[0]
@@ -356,4 +359,6 @@ def euler_sample(model, noise: torch.Tensor, text: torch.Tensor, steps: int = 20
                       return_dict=False)[0].float()
             x = x + (sigmas[i + 1] - sigmas[i]) * v
         outs.append(x)
+        if on_batch is not None:
+            on_batch(x.shape[0])
     return torch.cat(outs)

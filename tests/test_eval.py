@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cli import app
 from m4v_convert.backbones.wan import M4VWanTransformer3DModel
 from m4v_convert.errors import M4VError
-from m4v_convert.eval import EvalSettings, evaluate, normalize_to, psnr, ssim
+from m4v_convert.eval import EvalSettings, eval_work, evaluate, normalize_to, psnr, sample, ssim
 from m4v_convert.io.converted import save_converted
 from m4v_convert.synthetic import (
     Labels, ShapesTask, TaskConfig, all_labels, heldout_labels, parse_prompt, read_prompts, train_labels,
@@ -143,6 +143,20 @@ def test_eval_teacher_vs_itself_is_exact_and_vs_converted_is_not(teacher):
     other, _, _ = evaluate(teacher, _student(teacher, [0, 1]), task, settings)
     assert math.isfinite(other["psnr_db"]) and other["ssim"] < 1.0
     assert all(v > 0.0 for v in other["pred_rel_error"].values())
+
+
+def test_eval_progress_reaches_the_declared_totals(teacher):
+    task = ShapesTask(TINY_TASK)
+    # 3 prompts x 3 seeds in batches of 4: the last batch is short, the counts must still add up
+    settings = EvalSettings(labels=heldout_labels()[:3], seeds=3, steps=2, batch_size=4)
+    for sampled in (False, True):
+        done: dict[str, int] = {}
+        xs = None if not sampled else sample(teacher, task, settings)[0]
+        adh = None if xs is None else {**task.adherence(xs, [lab for lab in settings.labels for _ in range(3)])}
+        evaluate(teacher, _student(teacher, [0]), task, settings, teacher_samples=None if xs is None else (xs, adh),
+                 progress=lambda phase, n: done.__setitem__(phase, done.get(phase, 0) + n))
+        assert done == eval_work(settings, teacher_sampled=sampled)
+        assert done["student samples"] == 9 and ("teacher samples" in done) is not sampled
 
 
 @pytest.fixture(scope="module")
