@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cli import app
 from m4v_convert.backbones.wan import M4VWanTransformer3DModel
 from m4v_convert.errors import M4VError
-from m4v_convert.eval import EvalSettings, eval_work, evaluate, normalize_to, psnr, sample, ssim
+from m4v_convert.eval import EvalSettings, bootstrap_ci95, eval_work, evaluate, normalize_to, psnr, sample, ssim
 from m4v_convert.io.converted import save_converted
 from m4v_convert.synthetic import (
     Labels, ShapesTask, TaskConfig, all_labels, heldout_labels, parse_prompt, read_prompts, train_labels,
@@ -145,6 +145,25 @@ def test_eval_teacher_vs_itself_is_exact_and_vs_converted_is_not(teacher):
     assert all(v > 0.0 for v in other["pred_rel_error"].values())
 
 
+def test_bootstrap_intervals_match_the_sampling_distribution():
+    # identical pairs: PSNR is infinite in every resample, Δ adherence exactly 0
+    same = bootstrap_ci95([0.0] * 8, [50.0] * 8, [50.0] * 8)
+    assert same["psnr_db_ci95"] == [math.inf, math.inf] and same["adherence_delta_ci95"] == [0.0, 0.0]
+    # the same MSE everywhere: no spread, the interval is the point
+    flat = bootstrap_ci95([1e-3] * 50, [0.0] * 50, [0.0] * 50)
+    assert flat["psnr_db_ci95"] == pytest.approx([30.0, 30.0])
+    # half the pairs differ by +50 points: the mean 25 has standard error 25/sqrt(n), so the 95%
+    # interval is 25 ± 1.96·25/sqrt(n) (normal approximation, n = 400: ± 2.45)
+    n = 400
+    ci = bootstrap_ci95([1e-3] * n, [0.0] * n, [50.0 * (i % 2) for i in range(n)], resamples=4000)
+    half = 1.96 * 25 / math.sqrt(n)
+    assert ci["adherence_delta_ci95"] == pytest.approx([25 - half, 25 + half], abs=0.4)
+    # and PSNR: a mixture of two MSEs, the interval brackets the pooled value and is not empty
+    mixed = bootstrap_ci95([1e-3, 4e-3] * 100, [0.0] * 200, [0.0] * 200)
+    pooled = 10 * math.log10(1 / 2.5e-3)
+    assert mixed["psnr_db_ci95"][0] < pooled < mixed["psnr_db_ci95"][1] < pooled + 0.5
+
+
 def test_eval_progress_reaches_the_declared_totals(teacher):
     task = ShapesTask(TINY_TASK)
     # 3 prompts x 3 seeds in batches of 4: the last batch is short, the counts must still add up
@@ -153,9 +172,11 @@ def test_eval_progress_reaches_the_declared_totals(teacher):
         done: dict[str, int] = {}
         xs = None if not sampled else sample(teacher, task, settings)[0]
         adh = None if xs is None else {**task.adherence(xs, [lab for lab in settings.labels for _ in range(3)])}
-        evaluate(teacher, _student(teacher, [0]), task, settings, teacher_samples=None if xs is None else (xs, adh),
-                 progress=lambda phase, n: done.__setitem__(phase, done.get(phase, 0) + n))
+        m, _, _ = evaluate(teacher, _student(teacher, [0]), task, settings,
+                           teacher_samples=None if xs is None else (xs, adh),
+                           progress=lambda phase, n: done.__setitem__(phase, done.get(phase, 0) + n))
         assert done == eval_work(settings, teacher_sampled=sampled)
+        assert m["psnr_db_ci95"][0] <= m["psnr_db"] <= m["psnr_db_ci95"][1]
         assert done["student samples"] == 9 and ("teacher samples" in done) is not sampled
 
 
