@@ -9,7 +9,10 @@ directly as latents of shape (C, F, H, W).
 ``bg ~ N(0, background_std²)`` per channel; plus, with ``background_texture`` > 0, a static
 per-pixel texture of that std, the same in every frame) with one object pasted over it: a square (side
 ``size``) or a disc (diameter ``size``) whose pixels hold the colour's latent vector, moving
-``speed`` latent pixels per frame in the prompt's direction. Start positions are multiples of
+``speed`` latent pixels per frame in the prompt's direction (with ``vae_time_stride`` s > 1, as
+from Wan2.1's causal VAE, latent frame 0 is one instant and every later latent frame the average of
+s instants since the previous one: the object blurred along its motion, pasted at fractional
+positions by bilinear weights). Start positions are multiples of
 ``align`` (on Wan's 2×2 patch grid by default), keep the whole track inside the frame, and lie
 within ``jitter`` pixels of the central admissible one (default 0: the layout is fixed per prompt
 and only the background varies between seeds — a teacher trained for minutes on 2 CPU cores learns
@@ -143,6 +146,9 @@ class TaskConfig:
     cross_jitter: int = -1  # the same across the motion (-1: = jitter)
     texture: float = 0.0  # std of a random per-video texture the object carries (moves with it)
     background_texture: float = 0.0  # std of a random per-video texture on the background (static)
+    # video frames per latent frame after the first, as in Wan2.1's causal VAE (4): latent frame 0 is
+    # one sharp instant, every later one the average of the object over its video frames (motion blur)
+    vae_time_stride: int = 1
     colour_scale: float = 1.0  # per-channel RMS of a colour vector
     background_std: float = 0.5
     seed: int = 0  # fixes colour vectors and the word table
@@ -182,6 +188,8 @@ class ShapesTask:
                            f"leaves a {c.height}x{c.width} frame")
         if c.align < 1 or not any(v % c.align == 0 for v in range(track - c.size, min(c.height, c.width) - c.size + 1)):
             raise M4VError(f"task: no start position is a multiple of align={c.align}")
+        if c.vae_time_stride < 1:
+            raise M4VError(f"task: vae_time_stride must be >= 1, got {c.vae_time_stride}")
         if c.text_len < 5:
             raise M4VError(f"task: text_len must be >= 5 (words per prompt), got {c.text_len}")
         g = torch.Generator().manual_seed(c.seed)
@@ -252,10 +260,18 @@ class ShapesTask:
         out = bg.view(-1, 1, 1, 1).repeat(1, c.frames, c.height, c.width)
         if c.background_texture > 0:  # the same pixels in every frame: a static scene behind the object
             out += c.background_texture * torch.randn(c.channels, 1, c.height, c.width, generator=generator)
+        stride = c.vae_time_stride
         for f in range(c.frames):
-            y, x = y0 + dy * c.speed * f, x0 + dx * c.speed * f
-            region = out[:, f, y:y + c.size, x:x + c.size]
-            out[:, f, y:y + c.size, x:x + c.size] = region * (1 - m) + patch * m
+            # the instants this latent frame averages, in latent frames: f alone for the first frame
+            # (or without a VAE stride), else the stride's video frames since latent frame f − 1
+            instants = [float(f)] if f == 0 or stride == 1 else [f - 1 + j / stride for j in range(1, stride + 1)]
+            cover = torch.zeros(c.height, c.width)
+            paint = torch.zeros(c.channels, c.height, c.width)
+            for t in instants:
+                for (y, x), wgt in _bilinear(y0 + dy * c.speed * t, x0 + dx * c.speed * t):
+                    cover[y:y + c.size, x:x + c.size] += wgt * m / len(instants)
+                    paint[:, y:y + c.size, x:x + c.size] += wgt * patch * m / len(instants)
+            out[:, f] = out[:, f] * (1 - cover) + paint
         return out
 
     def batch(self, labels: list[Labels], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,6 +341,15 @@ class ShapesTask:
         p = self.rgb_projection()
         rgb = torch.einsum("kc,...cfhw->...fhwk", p, latents.float())
         return (0.5 + 0.5 * rgb).clamp(0, 1)
+
+
+def _bilinear(y: float, x: float) -> list[tuple[tuple[int, int], float]]:
+    """A paste at fractional (y, x) as weighted pastes at integer corners (weights sum to 1)."""
+    y_lo, x_lo = math.floor(y), math.floor(x)
+    fy, fx = y - y_lo, x - x_lo
+    corners = [((y_lo, x_lo), (1 - fy) * (1 - fx)), ((y_lo + 1, x_lo), fy * (1 - fx)),
+               ((y_lo, x_lo + 1), (1 - fy) * fx), ((y_lo + 1, x_lo + 1), fy * fx)]
+    return [(yx, w) for yx, w in corners if w > 0]
 
 
 # ---------------------------------------------------------------------- flow matching

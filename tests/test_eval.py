@@ -324,3 +324,27 @@ def test_teacher_temporal_influence_probe_tells_tracking_from_pooling():
     assert min(pool[1:]) > 0.1 and max(pool[1:]) - min(pool[1:]) < 0.02
     table = mod.influence_table({"temporal_influence": {"500": pool}})
     assert "| 500 | " in table and all(f"| frame {f} |" in table for f in range(task.config.frames))
+
+
+def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
+    # the same draws with and without the stride: frame 0 is the same instant, later frames average
+    # the object over 4 instants since the previous latent frame (Wan2.1's causal VAE)
+    sharp_task, blur_task = ShapesTask(TaskConfig()), ShapesTask(TaskConfig(vae_time_stride=4))
+    c = blur_task.config
+    lab = Labels("green", "square", "right")
+    sharp = sharp_task.video(lab, torch.Generator().manual_seed(3))
+    blur = blur_task.video(lab, torch.Generator().manual_seed(3))
+    assert torch.equal(sharp[:, 0], blur[:, 0]) and not torch.equal(sharp[:, 1:], blur[:, 1:])
+    colour = blur_task.colour_vectors[blur_task.colour_names.index("green")]
+    bg = blur[:, 0, 0, 0]
+    # coverage of the colour at each pixel: x = bg + cover·(colour − bg)
+    cover = torch.einsum("cfhw,c->fhw", blur - bg.view(-1, 1, 1, 1), colour - bg) / (colour - bg).pow(2).sum()
+    assert cover.sum((1, 2)) == pytest.approx(torch.full((c.frames,), float(c.size ** 2)), abs=1e-4)  # mass kept
+    xx = torch.arange(c.width, dtype=torch.float32)
+    cx = (cover.sum(1) * xx).sum(-1) / cover.sum((1, 2))
+    x0 = float(cx[0])  # the sharp frame's centroid; later ones sit at the mean of their instants
+    expected = [x0] + [x0 + c.speed * (f - 1 + (1 + 2 + 3 + 4) / 16) for f in range(1, c.frames)]
+    assert cx.tolist() == pytest.approx(expected, abs=1e-4)
+    assert blur_task.adherence(blur[None], [lab])["score"] == 100.0
+    with pytest.raises(M4VError, match="vae_time_stride"):
+        ShapesTask(TaskConfig(vae_time_stride=0))
