@@ -326,6 +326,38 @@ def test_teacher_temporal_influence_probe_tells_tracking_from_pooling():
     assert "| 500 | " in table and all(f"| frame {f} |" in table for f in range(task.config.frames))
 
 
+def test_teacher_frame_awareness_probe_against_blind_and_frame_aware_oracles():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_teacher", Path(__file__).parents[1] / "scripts" / "train_teacher.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class Blind(torch.nn.Module):  # a per-token function of the input: cannot tell identical frames apart
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            return (0.5 * hidden_states,)
+
+    class Clock(torch.nn.Module):  # predicts x̂_0 = f (the frame index) everywhere
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            f = torch.arange(hidden_states.shape[2], dtype=hidden_states.dtype).view(1, 1, -1, 1, 1)
+            return (hidden_states - f,)
+
+    task = ShapesTask(TaskConfig())
+    assert mod.frame_awareness(Blind(), task, data_samples=4)["model"] == [0.0] * 5
+    # x̂_0 = f: distance |f − 2| over the middle frame's RMS 2
+    assert mod.frame_awareness(Clock(), task, data_samples=4)["model"] == pytest.approx([1.0, 0.5, 0.0, 0.5, 1.0])
+    # the data reference: a moving object spreads the frame means, a still one (speed 0) does not
+    moving = mod.frame_awareness(Blind(), task, data_samples=16)["data"]
+    assert min(moving[:2] + moving[3:]) > 0.3 and moving[2] == 0.0
+    still = mod.frame_awareness(Blind(), ShapesTask(TaskConfig(speed=0)), data_samples=16)["data"]
+    assert max(still) < 1e-6
+    table = mod.awareness_table({"frame_awareness": {"model": [0.2] * 5, "data": moving}})
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    # header, rule, 2 rows, each with 5 frame columns + the label (7 cell borders: the | in E[x₀ | ...] is escaped)
+    assert len(rows) == 4 and all(line.replace("\\|", "").count("|") == 7 for line in rows)
+
+
 def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
     # the same draws with and without the stride: frame 0 is the same instant, later frames average
     # the object over 4 instants since the previous latent frame (Wan2.1's causal VAE)
