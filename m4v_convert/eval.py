@@ -500,6 +500,26 @@ def metrics_table(rows: list[tuple[str, dict]], title: str, teacher_row: bool = 
     return table
 
 
+def paired_psnr_delta(reference: dict, other: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """PSNR of ``other`` minus ``reference`` (two evals of the same samples, e.g. two ablation
+    variants), with a paired percentile-bootstrap 95% interval: a resample draws the same samples
+    for both, so the noise both share cancels and differences far below either interval show."""
+    same = (len(reference["psnr_db_per_sample"]) == len(other["psnr_db_per_sample"])
+            and reference["prompts"] == other["prompts"] and reference["seeds_per_prompt"] == other["seeds_per_prompt"])
+    if not same:
+        raise M4VError("paired PSNR: the two evals are not on the same samples")
+
+    def mses(m):
+        return torch.tensor([10 ** (-p / 10) for p in m["psnr_db_per_sample"]], dtype=torch.float64)
+
+    a, b = mses(reference), mses(other)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(a), (resamples, len(a)), generator=g)
+    delta = 10 * torch.log10(a[idx].mean(1) / b[idx].mean(1))
+    q = torch.quantile(delta, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return {"psnr_delta_db": float(10 * torch.log10(a.mean() / b.mean())), "psnr_delta_db_ci95": q.tolist()}
+
+
 def interval_text(m: dict) -> str:
     """The bootstrap intervals of one eval, in words."""
     lo, hi = m["psnr_db_ci95"]
@@ -507,6 +527,14 @@ def interval_text(m: dict) -> str:
     psnr = "inf" if math.isinf(lo) else f"[{lo:.2f}, {hi:.2f}] dB" if math.isfinite(hi) else f"[{lo:.2f}, inf] dB"
     return (f"95% intervals over {m['samples']} samples (bootstrap): PSNR {psnr}, "
             f"Δ adherence [{dlo:+.1f}, {dhi:+.1f}] points")
+
+
+def vs_full_text(m: dict) -> str:
+    if "vs_full" not in m:
+        return ""
+    v = m["vs_full"]
+    lo, hi = v["psnr_delta_db_ci95"]
+    return f"; PSNR vs all components {v['psnr_delta_db']:+.2f} dB [{lo:+.2f}, {hi:+.2f}] (paired)"
 
 
 MD_COLUMNS = ("pred. rel. error ↓", "sample PSNR dB ↑", "sample SSIM ↑", "colour acc. % ↑", "direction acc. % ↑",
@@ -631,6 +659,10 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             (out / "metrics.json").write_text(_json(metrics) + "\n")
             results[name] = metrics
             rows.append((label, metrics))
+        if "full" in results:  # each variant against all components, on the same samples
+            for name, metrics in results.items():
+                if name != "full":
+                    metrics["vs_full"] = paired_psnr_delta(results["full"], metrics)
         report = {
             "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
             "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,
@@ -647,10 +679,10 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             f"{opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, calibration "
             f"{calib_label}, seed {opts.seed}); eval on {len(settings.labels)} prompts × {settings.seeds} seeds, "
             f"{settings.steps} Euler steps.\n\n{markdown_table(rows)}\n\n"
-            + "".join(f"- {name}: {interval_text(m)}\n" for name, m in rows))
+            + "".join(f"- {name}: {interval_text(m)}{vs_full_text(m)}\n" for name, m in rows))
     con.print(metrics_table(rows, title="MM-DiM component ablation (equal distillation budget)"),
               width=max(con.width, 120))  # a log file (80 columns by default) keeps the whole table
     for name, m in rows:
-        con.print(f"{name}: {interval_text(m)}")
+        con.print(f"{name}: {interval_text(m)}{vs_full_text(m)}")
     con.print(f"[green]wrote[/] {Path(opts.out).resolve()} (ablation.json, ablation.md, variants/*)")
     return report

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cli import app
 from m4v_convert.backbones.wan import M4VWanTransformer3DModel
 from m4v_convert.errors import M4VError
-from m4v_convert.eval import EvalSettings, bootstrap_ci95, eval_work, evaluate, normalize_to, psnr, sample, ssim
+from m4v_convert.eval import EvalSettings, bootstrap_ci95, paired_psnr_delta, eval_work, evaluate, normalize_to, psnr, sample, ssim
 from m4v_convert.io.converted import save_converted
 from m4v_convert.synthetic import (
     Labels, ShapesTask, TaskConfig, all_labels, heldout_labels, parse_prompt, read_prompts, train_labels,
@@ -164,6 +164,23 @@ def test_bootstrap_intervals_match_the_sampling_distribution():
     assert mixed["psnr_db_ci95"][0] < pooled < mixed["psnr_db_ci95"][1] < pooled + 0.5
 
 
+def test_paired_psnr_delta_cancels_the_noise_both_evals_share():
+    # per-sample MSEs spread over two decades, the other eval exactly 10% lower MSE on every sample:
+    # the pooled difference is 10·log10(1/0.9) and every paired resample gives the same number,
+    # while each eval's own interval is wide
+    mse = [10 ** (-2 - 2 * (i % 7) / 6) for i in range(70)]
+    meta = {"prompts": ["a red square moving left"], "seeds_per_prompt": 70}
+    ref = {**meta, "psnr_db_per_sample": [10 * math.log10(1 / m) for m in mse]}
+    other = {**meta, "psnr_db_per_sample": [10 * math.log10(1 / (0.9 * m)) for m in mse]}
+    d = paired_psnr_delta(ref, other)
+    assert d["psnr_delta_db"] == pytest.approx(10 * math.log10(1 / 0.9))
+    assert d["psnr_delta_db_ci95"] == pytest.approx([10 * math.log10(1 / 0.9)] * 2)
+    lo, hi = bootstrap_ci95(mse, [0.0] * 70, [0.0] * 70)["psnr_db_ci95"]
+    assert hi - lo > 1.0
+    with pytest.raises(M4VError, match="same samples"):
+        paired_psnr_delta(ref, {**other, "seeds_per_prompt": 35})
+
+
 def test_eval_progress_reaches_the_declared_totals(teacher):
     task = ShapesTask(TINY_TASK)
     # 3 prompts x 3 seeds in batches of 4: the last batch is short, the counts must still add up
@@ -293,6 +310,14 @@ def test_cli_ablate_switches_each_component_off(folders, tiny_recipe, tmp_path):
         assert distill["stage1_steps"] == 1 and distill["schedules"]["stage2"]["steps"] == 1
     table = (out / "ablation.md").read_text()
     assert "w/o text sandwich" in table and "PSNR" in table and "teacher (attention)" in table
+    # every variant against the full block on the same samples; the point is the PSNR difference
+    full = report["variants"]["full"]
+    assert "vs_full" not in full
+    for name in list(switched)[1:]:
+        v = report["variants"][name]
+        if math.isfinite(v["psnr_db"]) and math.isfinite(full["psnr_db"]):
+            assert v["vs_full"]["psnr_delta_db"] == pytest.approx(v["psnr_db"] - full["psnr_db"], abs=1e-9)
+    assert table.count("PSNR vs all components") == len(switched) - 1
     assert "w/o temporal branch" in res.output
 
 
