@@ -377,7 +377,8 @@ moves 18% more than frames 2–4: 0.040 vs 0.034) but not yet the motion: direct
 the samples so trained, colour fell (75% on the training-time probe at 3150 steps, stopped). On
 this teacher's task (fixed layout), `--frame-sigma-prob 0.5` for 6500 steps (30 min) makes the
 model half frame-aware (0.35–0.69 against the data's 0.83–1.17, this teacher 0.07–0.20), yet
-direction is 37.5% held-out / 31% on training prompts. Mimicking Wan2.1's causal VAE
+direction is 37.5% held-out / 31% on training prompts; the same with 2 heads of width 64 (more
+temporal RoPE frequencies): 21.9%, frame awareness 0.10–0.29. Mimicking Wan2.1's causal VAE
 (`--task vae_time_stride=4`: latent frame 0 one sharp instant, every later frame the object
 blurred over its 4 video frames, so frame 0 can be told apart), 6000 steps: 21.9%, frame awareness
 0.04–0.24: the anchor is not used.
