@@ -253,17 +253,24 @@ def sample_scores(read: list, labels: list[Labels]) -> list[float]:
     return [50.0 * (r[0] == lab.colour) + 50.0 * (r[1] == lab.direction) for r, lab in zip(read, labels)]
 
 
+CI95 = (0.025, 0.975)
+
+
+def resampled_means(rows: list, resamples: int = 2000, seed: int = 0) -> torch.Tensor:
+    """(k, resamples) bootstrap means of k per-sample series of the same samples: every resample
+    draws one set of sample indices (with replacement, seeded) for all k, so pairs stay together."""
+    x = torch.tensor(rows, dtype=torch.float64)
+    idx = torch.randint(x.shape[1], (resamples, x.shape[1]), generator=torch.Generator().manual_seed(seed))
+    return x[:, idx].mean(dim=-1)
+
+
 def bootstrap_ci95(mses: list[float], scores_teacher: list[float], scores_student: list[float],
                    resamples: int = 2000, seed: int = 0) -> dict:
     """Percentile-bootstrap 95% intervals of the pooled PSNR and of Δ adherence, resampling samples
     with replacement (each keeps its teacher/student pair)."""
-    n = len(mses)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(n, (resamples, n), generator=g)
-    mse = torch.tensor(mses, dtype=torch.float64)[idx].mean(dim=1)
-    diff = (torch.tensor(scores_student, dtype=torch.float64) - torch.tensor(scores_teacher, dtype=torch.float64))
-    delta = diff[idx].mean(dim=1)
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    diff = [s - t for s, t in zip(scores_student, scores_teacher)]
+    mse, delta = resampled_means([mses, diff], resamples, seed)
+    q = torch.tensor(CI95, dtype=torch.float64)
     # PSNR falls as MSE rises: its 2.5% point is the MSE's 97.5% point (inf where MSE is 0)
     psnr = 10 * torch.log10(1.0 / torch.quantile(mse, q.flip(0)))
     return {"psnr_db_ci95": psnr.tolist(), "adherence_delta_ci95": torch.quantile(delta, q).tolist(),
@@ -509,15 +516,10 @@ def paired_psnr_delta(reference: dict, other: dict, resamples: int = 2000, seed:
     if not same:
         raise M4VError("paired PSNR: the two evals are not on the same samples")
 
-    def mses(m):
-        return torch.tensor([10 ** (-p / 10) for p in m["psnr_db_per_sample"]], dtype=torch.float64)
-
-    a, b = mses(reference), mses(other)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(a), (resamples, len(a)), generator=g)
-    delta = 10 * torch.log10(a[idx].mean(1) / b[idx].mean(1))
-    q = torch.quantile(delta, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return {"psnr_delta_db": float(10 * torch.log10(a.mean() / b.mean())), "psnr_delta_db_ci95": q.tolist()}
+    a, b = ([10 ** (-p / 10) for p in m["psnr_db_per_sample"]] for m in (reference, other))  # MSEs
+    mse_a, mse_b = resampled_means([a, b], resamples, seed)
+    q = torch.quantile(10 * torch.log10(mse_a / mse_b), torch.tensor(CI95, dtype=torch.float64))
+    return {"psnr_delta_db": 10 * math.log10(sum(a) / sum(b)), "psnr_delta_db_ci95": q.tolist()}
 
 
 def interval_text(m: dict) -> str:
@@ -656,13 +658,12 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             metrics.update(variant=name, label=label, mmdim_overrides=overrides,
                            convert_seconds=summary["seconds"], distill=summary["distill"],
                            converted_flops=summary["converted_total_flops"])
-            (out / "metrics.json").write_text(_json(metrics) + "\n")
             results[name] = metrics
             rows.append((label, metrics))
-        if "full" in results:  # each variant against all components, on the same samples
-            for name, metrics in results.items():
-                if name != "full":
-                    metrics["vs_full"] = paired_psnr_delta(results["full"], metrics)
+        for name, metrics in results.items():
+            if "full" in results and name != "full":  # against all components, on the same samples
+                metrics["vs_full"] = paired_psnr_delta(results["full"], metrics)
+            (tmp / "variants" / name / "metrics.json").write_text(_json(metrics) + "\n")
         report = {
             "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
             "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,

@@ -317,6 +317,7 @@ def test_cli_ablate_switches_each_component_off(folders, tiny_recipe, tmp_path):
         v = report["variants"][name]
         if math.isfinite(v["psnr_db"]) and math.isfinite(full["psnr_db"]):
             assert v["vs_full"]["psnr_delta_db"] == pytest.approx(v["psnr_db"] - full["psnr_db"], abs=1e-9)
+        assert json.loads((out / "variants" / name / "metrics.json").read_text())["vs_full"] == v["vs_full"]
     assert table.count("PSNR vs all components") == len(switched) - 1
     assert "w/o temporal branch" in res.output
 
@@ -326,14 +327,20 @@ def test_cli_ablate_bad_variant(folders, tmp_path):
     assert res.exit_code != 0 and "unknown 'nope'" in res.output and not (tmp_path / "o").exists()
 
 
-def test_teacher_temporal_influence_probe_tells_tracking_from_pooling():
+@pytest.fixture(scope="module")
+def train_teacher():
+    """scripts/train_teacher.py as a module (a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("train_teacher", Path(__file__).parents[1] / "scripts" / "train_teacher.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
 
+
+def test_teacher_temporal_influence_probe_tells_tracking_from_pooling(train_teacher):
+    mod = train_teacher
     class Shift(torch.nn.Module):  # each frame predicts from the previous one: a one-frame track
         def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
             return (torch.cat([hidden_states[:, :, :1], hidden_states[:, :, :-1]], 2),)
@@ -351,14 +358,8 @@ def test_teacher_temporal_influence_probe_tells_tracking_from_pooling():
     assert "| 500 | " in table and all(f"| frame {f} |" in table for f in range(task.config.frames))
 
 
-def test_teacher_frame_awareness_probe_against_blind_and_frame_aware_oracles():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("train_teacher", Path(__file__).parents[1] / "scripts" / "train_teacher.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-
+def test_teacher_frame_awareness_probe_against_blind_and_frame_aware_oracles(train_teacher):
+    mod = train_teacher
     class Blind(torch.nn.Module):  # a per-token function of the input: cannot tell identical frames apart
         def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
             return (0.5 * hidden_states,)
