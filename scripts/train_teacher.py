@@ -173,8 +173,9 @@ def main(argv=None) -> None:
             torch.set_num_threads(args.threads)
             model = WanTransformer3DModel.from_pretrained(args.out).eval()
             task = ShapesTask(TaskConfig.load(args.out / "task.json"))
-            record.setdefault("temporal_influence", temporal_influence(model, task))
-            record.setdefault("frame_awareness", frame_awareness(model, task))
+            for key, probe in (("temporal_influence", temporal_influence), ("frame_awareness", frame_awareness)):
+                if key not in record:
+                    record[key] = probe(model, task)
             (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         (args.out / "README.md").write_text(card(record))
         return
