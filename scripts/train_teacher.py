@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--card-only", action="store_true", help="rewrite --out/README.md from its training.json")
     p.add_argument("--max-minutes", type=float, default=30.0, help="stop training early past this wall time")
+    p.add_argument("--stop-step", type=int, default=0,
+                   help="stop after this many steps of the --steps schedule (0: run it all); a run that "
+                        "--max-minutes cut short is reproduced exactly with --stop-step at the step it reached")
     return p.parse_args(argv)
 
 
@@ -217,7 +220,7 @@ def main(argv=None) -> None:
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * q)))
 
     curve, t0, window = [], time.time(), []
-    steps_done, probe_seconds = 0, 0.0
+    steps_done, probe_seconds, stopped = 0, 0.0, None
     for step in range(args.steps):
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step)
@@ -268,8 +271,12 @@ def main(argv=None) -> None:
             if curve:
                 curve[-1]["probe_heldout"] = q
             print(f"  probe (EMA, held-out, 1 seed, 10 steps): {q}  ({time.time() - tp:.0f} s)", flush=True)
-        if time.time() - t0 - probe_seconds > args.max_minutes * 60:
+        if args.stop_step and steps_done >= args.stop_step and steps_done < args.steps:
+            stopped = "stop-step"
+            break
+        if time.time() - t0 - probe_seconds > args.max_minutes * 60 and steps_done < args.steps:
             print(f"stopping at step {steps_done}: past --max-minutes {args.max_minutes}", flush=True)
+            stopped = "max-minutes"
             break
     train_seconds = time.time() - t0 - probe_seconds
 
@@ -292,7 +299,8 @@ def main(argv=None) -> None:
     write_calib(out, task, args.calib_samples, args.seed, args.calib_dtype)
     command = "python scripts/train_teacher.py " + " ".join(sys.argv[1:] if argv is None else argv)
     record = {
-        "command": command.strip(), "seed": args.seed, "steps": steps_done, "batch": args.batch, "lr": args.lr,
+        "command": command.strip(), "seed": args.seed, "steps": steps_done, "schedule_steps": args.steps,
+        "stopped": stopped, "batch": args.batch, "lr": args.lr,
         "warmup": args.warmup, "ema": args.ema, "sigma": args.sigma, "frame_sigma_prob": args.frame_sigma_prob, "train_shift": args.train_shift, "threads": args.threads,
         "train_seconds": round(train_seconds, 1), "probe_seconds": round(probe_seconds, 1), "final_loss": curve[-1]["loss"] if curve else None,
         "params": n_params, "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
@@ -303,6 +311,23 @@ def main(argv=None) -> None:
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "README.md").write_text(card(record))
     print(f"wrote {out}", flush=True)
+
+
+def threads_text(r: dict) -> str:
+    n = r.get("threads", 1)
+    return "single thread" if n == 1 else f"{n} threads"
+
+
+def stop_note(r: dict) -> str:
+    if r.get("stopped") != "max-minutes":
+        return ""
+    return (f"; `--max-minutes` cut it at step {r['steps']}, so the same command with `--stop-step {r['steps']}` "
+            "reproduces it (same torch build and thread count)")
+
+
+def schedule_note(r: dict) -> str:
+    total = r.get("schedule_steps", r["steps"])
+    return "" if total == r["steps"] else f" over a {total}-step schedule"
 
 
 def calib_note(r: dict) -> str:
@@ -411,8 +436,8 @@ command converts, and what `m4v-convert eval` / `ablate` measure against.
 
 ## Training
 
-- command: `{r['command']}` (single thread, `torch {r['torch']}`)
-- seed {r['seed']}; {r['steps']} steps of batch {r['batch']}; AdamW lr {r['lr']} (warm-up {r['warmup']}, cosine to 5%),
+- command: `{r['command']}` ({threads_text(r)}, `torch {r['torch']}`){stop_note(r)}
+- seed {r['seed']}; {r['steps']} steps of batch {r['batch']}; AdamW lr {r['lr']} (warm-up {r['warmup']}, cosine to 5%{schedule_note(r)}),
   weight decay 0.01, grad clip 1; saved weights = EMA {r['ema']}
 - objective: rectified flow, Wan convention: `x_t = (1 − σ)·x_0 + σ·ε`, `timestep = 1000·σ`,
   target `v = ε − x_0`, MSE; σ {r['sigma']} (shift {r['train_shift']})

@@ -406,3 +406,32 @@ def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
     assert blur_task.adherence(blur[None], [lab])["score"] == 100.0
     with pytest.raises(M4VError, match="vae_time_stride"):
         ShapesTask(TaskConfig(vae_time_stride=0))
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()  # train_teacher.main sets its --threads for the process
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_teacher_run_cut_by_time_is_reproduced_by_stop_step(train_teacher, tmp_path, keep_threads):
+    from safetensors.torch import load_file
+
+    fast = ["--steps", "6", "--warmup", "2", "--probe-every", "0", "--eval-seeds", "1", "--sample-steps", "1",
+            "--calib-samples", "2", "--log-every", "1"]
+    train_teacher.main(["--out", str(tmp_path / "cut"), *fast, "--max-minutes", "0"])  # cut after step 1
+    cut = json.loads((tmp_path / "cut" / "training.json").read_text())
+    assert cut["stopped"] == "max-minutes" and cut["steps"] == 1 and cut["schedule_steps"] == 6
+    card = (tmp_path / "cut" / "README.md").read_text()
+    assert "`--stop-step 1` reproduces it" in card and "over a 6-step schedule" in card
+    train_teacher.main(["--out", str(tmp_path / "again"), *fast, "--stop-step", "1"])
+    again = json.loads((tmp_path / "again" / "training.json").read_text())
+    assert again["stopped"] == "stop-step" and again["steps"] == 1
+    a = load_file(str(tmp_path / "cut" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the cut run is not simply the full one: two steps of the same schedule give other weights
+    train_teacher.main(["--out", str(tmp_path / "two"), *fast, "--stop-step", "2"])
+    c = load_file(str(tmp_path / "two" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
