@@ -145,7 +145,11 @@ def frame_awareness(model, task: ShapesTask, prompts: int = INFLUENCE_SAMPLES, d
     apart, through RoPE's relative offsets and the sequence ends) and predicts x̂_0 = x − v. Per
     frame: ``model`` = RMS(x̂_0,f − x̂_0,mid) / RMS(x̂_0,mid), ``data`` = the same of the data means
     (``data_samples`` training-distribution videos per prompt); mean over ``prompts`` held-out prompts.
-    A model that places the object frame by frame reaches ``data``; a frame-blind one stays near 0."""
+    A model that places the object frame by frame reaches ``data``; a frame-blind one stays near 0.
+    ``model_mirror`` / ``data_mirror``: the same distance between frame f and frame F − 1 − f (its
+    mirror in time). RoPE's relative offsets and the two sequence ends can tell a model how far a
+    frame is from the middle; telling frame 0 from the last one, which ordering the track needs,
+    takes a score that is not symmetric in the offset."""
     c = task.config
     labels = heldout_labels()[:prompts]
     mid = c.frames // 2
@@ -158,12 +162,13 @@ def frame_awareness(model, task: ShapesTask, prompts: int = INFLUENCE_SAMPLES, d
     gd = torch.Generator().manual_seed(3_000_002)
     means = torch.stack([task.batch([lab] * data_samples, gd)[0].mean(0) for lab in labels])  # (P, C, F, H, W)
 
-    def spread(y):  # (P, C, F, H, W) -> per-frame relative distance from the middle frame, mean over P
+    def spread(y, other):  # (P, C, F, H, W): per-frame RMS(y − other) / RMS(middle frame), mean over P
         ref = y[:, :, mid:mid + 1]
-        rel = (y - ref).pow(2).mean((1, 3, 4)).sqrt() / ref.pow(2).mean((1, 2, 3, 4)).sqrt()[:, None]
+        rel = (y - other).pow(2).mean((1, 3, 4)).sqrt() / ref.pow(2).mean((1, 2, 3, 4)).sqrt()[:, None]
         return [round(r, 4) for r in rel.mean(0).tolist()]
 
-    return {"model": spread(x0), "data": spread(means)}
+    return {"model": spread(x0, x0[:, :, mid:mid + 1]), "data": spread(means, means[:, :, mid:mid + 1]),
+            "model_mirror": spread(x0, x0.flip(2)), "data_mirror": spread(means, means.flip(2))}
 
 
 def main(argv=None) -> None:
@@ -353,11 +358,13 @@ def awareness_table(r: dict) -> str:
         return "(frame awareness not measured: run `--card-only` to measure it on the saved teacher)"
     frames = len(fa["model"])
     head = "| | " + " | ".join(f"frame {f}" for f in range(frames)) + " |"
-    rows = [f"| {name} | " + " | ".join(f"{v:.3f}" for v in fa[key]) + " |"
-            for key, name in (("model", "teacher's prediction x̂₀ = x − v"), ("data", "data means E[x₀ \\| prompt, frame]"))]
-    return ("Distance of each frame from the middle frame, relative to its RMS, at σ = 1 with the *same* noise "
-            f"in every frame (`frame_awareness`, {INFLUENCE_SAMPLES} held-out prompts; the ideal prediction is the "
-            "data mean, whatever the noise):\n\n" + "\n".join([head, "|---|" + "---:|" * frames] + rows))
+    names = (("model", "teacher x̂₀ = x − v, from the middle frame"), ("data", "data means E[x₀ \\| prompt, frame], from the middle frame"),
+             ("model_mirror", "teacher x̂₀, from its mirror frame F − 1 − f"), ("data_mirror", "data means, from the mirror frame"))
+    rows = [f"| {name} | " + " | ".join(f"{v:.3f}" for v in fa[key]) + " |" for key, name in names if key in fa]
+    return ("Distance of each frame's prediction from the middle frame's and from its mirror frame's (frame 0 ↔ "
+            f"frame {frames - 1}), relative to the middle frame's RMS, at σ = 1 with the *same* noise in every "
+            f"frame (`frame_awareness`, {INFLUENCE_SAMPLES} held-out prompts; the ideal prediction is the data "
+            "mean, whatever the noise):\n\n" + "\n".join([head, "|---|" + "---:|" * frames] + rows))
 
 
 def motion_paragraph(r: dict) -> str:
@@ -376,7 +383,8 @@ two skills, and the two probes below show it has neither. (1) Knowing which fram
 a fixed trajectory per prompt, frame f's object sits at a place of its own. 3D RoPE gives attention
 only relative offsets, so the frame index is visible only through the sequence's ends; given the
 same noise in every frame at σ = 1, where the ideal prediction of each frame is the data's mean of
-that frame, its predictions differ between frames by a fraction of what the data's means do.
+that frame, its predictions differ between frames by a fraction of what the data's means do, and
+mirror frames (0 and 4, 1 and 3) hardly at all.
 (2) Tracking: attention to a neighbouring frame at a given offset. Redrawing only frame 0 of a
 pure-noise input moves the prediction at every other frame by the same amount, whatever its
 distance from frame 0: its self-attention pools facts shared by the whole video (background,
@@ -402,12 +410,18 @@ with the moving texture, 5000 steps) gives the first offset dependence (at times
 moves 18% more than frames 2–4: 0.040 vs 0.034) but not yet the motion: direction 34%; with 90% of
 the samples so trained, colour fell (75% on the training-time probe at 3150 steps, stopped). On
 this teacher's task (fixed layout), `--frame-sigma-prob 0.5` for 6500 steps (30 min) makes the
-model half frame-aware (0.35–0.69 against the data's 0.83–1.17, this teacher 0.07–0.20), yet
-direction is 37.5% held-out / 31% on training prompts; the same with 2 heads of width 64 (more
-temporal RoPE frequencies): 21.9%, frame awareness 0.10–0.29. Mimicking Wan2.1's causal VAE
+model half frame-aware (distance from the middle frame 0.35–0.69 against the data's 0.83–1.17,
+this teacher 0.07–0.20) but symmetric in time: its frame 0 and frame 4 predictions differ by 0.04
+where the data's differ by 1.39. It learned how far a frame is from the middle of the clip, not on
+which side, so it cannot order the track: direction 37.5% held-out / 31% on training prompts; the
+same on 2 threads, cut by the 30 minutes at step 6921 of a 10000-step schedule: 34.4% / 37.5%,
+middle-frame distance 0.32–0.68, frame 0 vs 4 0.04; with 2 heads of width 64 (more temporal RoPE
+frequencies): 21.9%, middle-frame distance 0.10–0.29. Mimicking Wan2.1's causal VAE
 (`--task vae_time_stride=4`: latent frame 0 one sharp instant, every later frame the object
 blurred over its 4 video frames, so frame 0 can be told apart), 6000 steps: 21.9%, frame awareness
-0.04–0.24: the anchor is not used.
+0.04–0.24, frame 0 vs 4 0.13 (data 1.43): the anchor is barely used. What these point to: the missing skill is breaking the time
+symmetry (an attention score that is not symmetric in the temporal offset, or an anchor the model
+uses), which none of these budgets found.
 Fidelity measurements against this teacher are still meaningful — the student must reproduce the
 teacher's samples, whatever they are — but its direction accuracy is noise, not a skill.
 """

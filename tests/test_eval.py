@@ -369,19 +369,31 @@ def test_teacher_frame_awareness_probe_against_blind_and_frame_aware_oracles(tra
             f = torch.arange(hidden_states.shape[2], dtype=hidden_states.dtype).view(1, 1, -1, 1, 1)
             return (hidden_states - f,)
 
+    class Fold(torch.nn.Module):  # x̂_0 = 1 + |f − 2|: knows how far from the middle, not on which side
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            f = torch.arange(hidden_states.shape[2], dtype=hidden_states.dtype).view(1, 1, -1, 1, 1)
+            return (hidden_states - 1 - (f - 2).abs(),)
+
     task = ShapesTask(TaskConfig())
-    assert mod.frame_awareness(Blind(), task, data_samples=4)["model"] == [0.0] * 5
-    # x̂_0 = f: distance |f − 2| over the middle frame's RMS 2
-    assert mod.frame_awareness(Clock(), task, data_samples=4)["model"] == pytest.approx([1.0, 0.5, 0.0, 0.5, 1.0])
+    blind = mod.frame_awareness(Blind(), task, data_samples=4)
+    assert blind["model"] == [0.0] * 5 and blind["model_mirror"] == [0.0] * 5
+    # x̂_0 = f: distance |f − 2| from the middle frame, |2f − 4| from the mirror frame, over the middle's RMS 2
+    clock = mod.frame_awareness(Clock(), task, data_samples=4)
+    assert clock["model"] == pytest.approx([1.0, 0.5, 0.0, 0.5, 1.0])
+    assert clock["model_mirror"] == pytest.approx([2.0, 1.0, 0.0, 1.0, 2.0])
+    fold = mod.frame_awareness(Fold(), task, data_samples=4)
+    assert fold["model"] == pytest.approx([2.0, 1.0, 0.0, 1.0, 2.0]) and fold["model_mirror"] == [0.0] * 5
     # the data reference: a moving object spreads the frame means, a still one (speed 0) does not
     moving = mod.frame_awareness(Blind(), task, data_samples=16)["data"]
     assert min(moving[:2] + moving[3:]) > 0.3 and moving[2] == 0.0
     still = mod.frame_awareness(Blind(), ShapesTask(TaskConfig(speed=0)), data_samples=16)["data"]
     assert max(still) < 1e-6
-    table = mod.awareness_table({"frame_awareness": {"model": [0.2] * 5, "data": moving}})
+    # the data's mirror frames differ too: the track runs one way
+    assert min(mod.frame_awareness(Blind(), task, data_samples=16)["data_mirror"][:2]) > 0.3
+    table = mod.awareness_table({"frame_awareness": {**blind, "data": moving}})
     rows = [line for line in table.splitlines() if line.startswith("|")]
-    # header, rule, 2 rows, each with 5 frame columns + the label (7 cell borders: the | in E[x₀ | ...] is escaped)
-    assert len(rows) == 4 and all(line.replace("\\|", "").count("|") == 7 for line in rows)
+    # header, rule, 4 rows, each with 5 frame columns + the label (7 cell borders: the | in E[x₀ | ...] is escaped)
+    assert len(rows) == 6 and all(line.replace("\\|", "").count("|") == 7 for line in rows)
 
 
 def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
