@@ -394,9 +394,9 @@ colour) over time and depends on no temporal offset.
 
 {influence_table(r)}
 
-Tries at making a teacher learn the motion, each with random start positions (`--task jitter=16`),
-at most 30 minutes on one thread, direction accuracy on the 32 held-out samples (chance 25%):
-object sizes 4–6, speeds 1–2, with and without a moving texture, 800–3000 steps: 16–38%;
+Tries at making a teacher learn the motion, at most 30 minutes each on one thread unless stated,
+direction accuracy on the 32 held-out samples (chance 25%). With random start positions
+(`--task jitter=16`): object sizes 4–6, speeds 1–2, with and without a moving texture, 800–3000 steps: 16–38%;
 size 4, speed 2, 6000 steps (27 min): 31%; the same with 6 layers × 6 heads (2.7 M parameters,
 3270 steps): 28%; with a moving object texture 0.5 (5000 steps): 28%; at half the colour contrast
 and background spread: 34%; over a static background texture 0.25 (`background_texture`), with and
