@@ -99,6 +99,13 @@ def sample_quality(model, task: ShapesTask, labels, seeds_per_prompt: int, steps
 INFLUENCE_SAMPLES = 4  # pure-noise inputs the temporal-influence probe averages over
 
 
+def frame_rms_ratio(diff: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """Per frame of (B, C, F, H, W) ``diff``: its RMS over the RMS of ``ref`` (each sample's own,
+    over all of ``ref``), mean over the batch, rounded: the probes' common measure."""
+    rel = diff.pow(2).mean((1, 3, 4)).sqrt() / ref.pow(2).mean((1, 2, 3, 4)).sqrt()[:, None]
+    return [round(v, 4) for v in rel.mean(0).tolist()]
+
+
 @torch.no_grad()
 def temporal_influence(model, task: ShapesTask, timesteps=(900, 500, 100), samples: int = INFLUENCE_SAMPLES) -> dict:
     """How much each frame's prediction moves when only frame 0 of the input is redrawn, relative to
@@ -117,8 +124,7 @@ def temporal_influence(model, task: ShapesTask, timesteps=(900, 500, 100), sampl
         ts = torch.full((samples,), float(t))
         y = model(hidden_states=x, timestep=ts, encoder_hidden_states=text, return_dict=False)[0]
         y2 = model(hidden_states=x2, timestep=ts, encoder_hidden_states=text, return_dict=False)[0]
-        rel = (y2 - y).pow(2).mean((1, 3, 4)).sqrt() / y.pow(2).mean((1, 2, 3, 4)).sqrt()[:, None]
-        out[str(t)] = [round(v, 4) for v in rel.mean(0).tolist()]
+        out[str(t)] = frame_rms_ratio(y2 - y, y)
     return out
 
 
@@ -162,10 +168,8 @@ def frame_awareness(model, task: ShapesTask, prompts: int = INFLUENCE_SAMPLES, d
     gd = torch.Generator().manual_seed(3_000_002)
     means = torch.stack([task.batch([lab] * data_samples, gd)[0].mean(0) for lab in labels])  # (P, C, F, H, W)
 
-    def spread(y, other):  # (P, C, F, H, W): per-frame RMS(y − other) / RMS(middle frame), mean over P
-        ref = y[:, :, mid:mid + 1]
-        rel = (y - other).pow(2).mean((1, 3, 4)).sqrt() / ref.pow(2).mean((1, 2, 3, 4)).sqrt()[:, None]
-        return [round(r, 4) for r in rel.mean(0).tolist()]
+    def spread(y, other):  # per frame: RMS(y − other) / RMS(y's middle frame)
+        return frame_rms_ratio(y - other, y[:, :, mid:mid + 1])
 
     return {"model": spread(x0, x0[:, :, mid:mid + 1]), "data": spread(means, means[:, :, mid:mid + 1]),
             "model_mirror": spread(x0, x0.flip(2)), "data_mirror": spread(means, means.flip(2))}
