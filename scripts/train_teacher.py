@@ -55,6 +55,9 @@ def parse_args(argv=None):
                    help="probability that a training sample draws its own σ for every frame (diffusion forcing: "
                         "a noisier frame must be predicted from cleaner ones, which rewards tracking over time); "
                         "sampling always uses one σ")
+    p.add_argument("--clean-frame-prob", type=float, default=0.0,
+                   help="probability that a training sample shows one random frame clean (σ = 0, left out of the "
+                        "loss): the other frames must then be placed relative to it, at signed offsets in time")
     p.add_argument("--train-shift", type=float, default=3.0,
                    help="σ shift in training (= the sampler's: the sampler spends most steps near σ = 1)")
     p.add_argument("--probe-every", type=int, default=500, help="quick held-out adherence probe of the EMA")
@@ -249,6 +252,14 @@ def main(argv=None) -> None:
             u = u[:, None]
         sigma = shift_sigma(u, args.train_shift)  # (B, 1) or (B, F)
         noise = torch.randn(x0.shape, generator=data_gen)
+        weight = None
+        if args.clean_frame_prob > 0:  # drawn only then, so runs without it keep their draws
+            frames = x0.shape[2]
+            shown = torch.rand(args.batch, generator=data_gen) < args.clean_frame_prob
+            which = torch.randint(frames, (args.batch,), generator=data_gen)
+            clean = shown[:, None] & (torch.arange(frames)[None] == which[:, None])  # (B, F)
+            sigma = torch.where(clean, torch.zeros(()), sigma.expand(args.batch, frames))
+            weight = (~clean).float().view(args.batch, 1, frames, 1, 1)
         s = sigma.view(args.batch, 1, -1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         if sigma.shape[1] == 1:
@@ -257,7 +268,8 @@ def main(argv=None) -> None:
             _, ph, pw = cfg["patch_size"]
             timestep = (sigma * 1000).repeat_interleave(x0.shape[3] * x0.shape[4] // (ph * pw), dim=1)
         pred = model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
-        loss = (pred - (noise - x0)).pow(2).mean()
+        err = (pred - (noise - x0)).pow(2)
+        loss = err.mean() if weight is None else (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[3] * err.shape[4])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -310,7 +322,7 @@ def main(argv=None) -> None:
     record = {
         "command": command.strip(), "seed": args.seed, "steps": steps_done, "schedule_steps": args.steps,
         "stopped": stopped, "batch": args.batch, "lr": args.lr,
-        "warmup": args.warmup, "ema": args.ema, "sigma": args.sigma, "frame_sigma_prob": args.frame_sigma_prob, "train_shift": args.train_shift, "threads": args.threads,
+        "warmup": args.warmup, "ema": args.ema, "sigma": args.sigma, "frame_sigma_prob": args.frame_sigma_prob, "clean_frame_prob": args.clean_frame_prob, "train_shift": args.train_shift, "threads": args.threads,
         "train_seconds": round(train_seconds, 1), "probe_seconds": round(probe_seconds, 1), "final_loss": curve[-1]["loss"] if curve else None,
         "params": n_params, "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "task": task_cfg.to_dict(), "sample_steps": args.sample_steps, "sample_shift": args.sample_shift,
