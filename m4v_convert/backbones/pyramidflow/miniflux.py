@@ -51,7 +51,55 @@ def _check_conditioning(n_stages: int, batch: int, **tensors: torch.Tensor) -> N
             )
 
 
-class PyramidFluxTransformer(ModelMixin, ConfigMixin):
+class PyramidStagesForward:
+    """The forward both PyramidFlow variants share: embed time and text once for all stages, then
+    run each pyramid stage as its own sequence (no attention across stages). The model supplies
+    ``time_text_embed``, ``context_embedder``, ``token_layouts`` and ``_forward_stage``."""
+
+    def forward(
+        self,
+        sample: Sequence,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep_ratio: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """Predict the flow of every stage's last clip.
+
+        Args:
+            sample: list over pyramid stages (S of them, low → high resolution). Each stage is a
+                tensor ``(B, 16, T, H, W)`` or a list of such clips, oldest first: history
+                (older clips may be at lower resolution), the last conditional frame, and last
+                the noisy clip. ``H, W`` are VAE latent sizes (even).
+            encoder_hidden_states: T5 embeddings ``(B·S, Lz, joint_attention_dim)``.
+            encoder_attention_mask: ``(B·S, Lz)``, 1 for valid text tokens.
+            pooled_projections: CLIP pooled embeddings ``(B·S, pooled_projection_dim)``.
+            timestep_ratio: ``(B·S,)`` timesteps, fed to the sinusoidal embedding as given.
+            Rows of the text/time inputs are ordered (sample, stage) with the stage fastest
+            (row ``b·S + s``), as in the release.
+
+        Returns:
+            list over stages of ``(B, 16, T_noisy, H, W)`` predictions for the noisy clip.
+        """
+        stages = [as_clip_list(s) for s in sample]
+        n, batch = len(stages), stages[0][-1].shape[0]
+        _check_conditioning(
+            n,
+            batch,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            pooled_projections=pooled_projections,
+            timestep_ratio=timestep_ratio,
+        )
+        temb = self.time_text_embed(timestep_ratio, pooled_projections)
+        text = self.context_embedder(encoder_hidden_states)
+        layouts = self.token_layouts(stages, encoder_attention_mask)
+        return [
+            self._forward_stage(clips, text[s::n], temb[s::n], layouts[s]) for s, clips in enumerate(stages)
+        ]
+
+
+class PyramidFluxTransformer(PyramidStagesForward, ModelMixin, ConfigMixin):
     """The PyramidFlow miniFLUX DiT (8 double-stream + 16 single-stream blocks, 30 heads × 64).
 
     Config fields are the release's ``config.json`` fields. ``patch_size`` is recorded but, as in
@@ -143,46 +191,3 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
         video = video[:, video.shape[1] - noisy.num_tokens :]
         video = self.proj_out(self.norm_out(video, temb))
         return unpatchify(video, noisy.num_frames, noisy.height, noisy.width)
-
-    # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        sample: Sequence,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep_ratio: torch.Tensor,
-    ) -> list[torch.Tensor]:
-        """Predict the flow of every stage's last clip.
-
-        Args:
-            sample: list over pyramid stages (S of them, low → high resolution). Each stage is a
-                tensor ``(B, 16, T, H, W)`` or a list of such clips, oldest first: history
-                (older clips may be at lower resolution), the last conditional frame, and last
-                the noisy clip. ``H, W`` are VAE latent sizes (even).
-            encoder_hidden_states: T5 embeddings ``(B·S, Lz, joint_attention_dim)``.
-            encoder_attention_mask: ``(B·S, Lz)``, 1 for valid text tokens.
-            pooled_projections: CLIP pooled embeddings ``(B·S, pooled_projection_dim)``.
-            timestep_ratio: ``(B·S,)`` timesteps, fed to the sinusoidal embedding as given.
-            Rows of the text/time inputs are ordered (sample, stage) with the stage fastest
-            (row ``b·S + s``), as in the release.
-
-        Returns:
-            list over stages of ``(B, 16, T_noisy, H, W)`` predictions for the noisy clip.
-        """
-        stages = [as_clip_list(s) for s in sample]
-        n, batch = len(stages), stages[0][-1].shape[0]
-        _check_conditioning(
-            n,
-            batch,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            pooled_projections=pooled_projections,
-            timestep_ratio=timestep_ratio,
-        )
-        temb = self.time_text_embed(timestep_ratio, pooled_projections)
-        text = self.context_embedder(encoder_hidden_states)
-        layouts = self.token_layouts(stages, encoder_attention_mask)
-        return [
-            self._forward_stage(clips, text[s::n], temb[s::n], layouts[s]) for s, clips in enumerate(stages)
-        ]

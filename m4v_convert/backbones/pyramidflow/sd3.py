@@ -20,7 +20,6 @@ released file.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -35,18 +34,21 @@ from torch.utils.checkpoint import checkpoint
 from .attention import PyramidJointAttention
 from .layout import (
     StageLayout,
-    as_clip_list,
     attention_mask,
     build_stage_layouts,
     frame_index,
     rope_tables,
     unpatchify,
 )
-from .miniflux import _check_conditioning
+from .miniflux import PyramidStagesForward
 
 
-class PyramidDiffusionMMDiT(ModelMixin, ConfigMixin):
-    """The PyramidFlow SD3-medium based DiT (release class name kept for ``config.json``)."""
+class PyramidDiffusionMMDiT(PyramidStagesForward, ModelMixin, ConfigMixin):
+    """The PyramidFlow SD3-medium based DiT (release class name kept for ``config.json``).
+
+    Forward as :meth:`PyramidStagesForward.forward`; here ``encoder_hidden_states`` are
+    ``(B·S, Lz, 4096)`` T5 states and ``pooled_projections`` ``(B·S, 2048)`` CLIP-L + CLIP-G pooled.
+    """
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["JointTransformerBlock"]
@@ -155,33 +157,3 @@ class PyramidDiffusionMMDiT(ModelMixin, ConfigMixin):
         video = video[:, video.shape[1] - noisy.num_tokens :]
         video = self.proj_out(self.norm_out(video, temb))
         return unpatchify(video, noisy.num_frames, noisy.height, noisy.width, self.config.patch_size)
-
-    def forward(
-        self,
-        sample: Sequence,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor,
-        pooled_projections: torch.Tensor,
-        timestep_ratio: torch.Tensor,
-    ) -> list[torch.Tensor]:
-        """Same inputs and outputs as :meth:`PyramidFluxTransformer.forward`.
-
-        ``encoder_hidden_states``: ``(B·S, Lz, 4096)`` T5 states; ``pooled_projections``:
-        ``(B·S, 2048)`` CLIP-L + CLIP-G pooled; latents ``(B, 16, T, H, W)``.
-        """
-        stages = [as_clip_list(s) for s in sample]
-        n, batch = len(stages), stages[0][-1].shape[0]
-        _check_conditioning(
-            n,
-            batch,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            pooled_projections=pooled_projections,
-            timestep_ratio=timestep_ratio,
-        )
-        temb = self.time_text_embed(timestep_ratio, pooled_projections)
-        text = self.context_embedder(encoder_hidden_states)
-        layouts = self.token_layouts(stages, encoder_attention_mask)
-        return [
-            self._forward_stage(clips, text[s::n], temb[s::n], layouts[s]) for s, clips in enumerate(stages)
-        ]
