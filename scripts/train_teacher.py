@@ -99,6 +99,23 @@ def sample_quality(model, task: ShapesTask, labels, seeds_per_prompt: int, steps
     return res
 
 
+def clean_frames(batch: int, frames: int, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """(batch, frames) bool: with probability ``prob`` a sample shows one random frame clean."""
+    shown = torch.rand(batch, generator=gen) < prob
+    which = torch.randint(frames, (batch,), generator=gen)
+    return shown[:, None] & (torch.arange(frames)[None] == which[:, None])
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE over (B, C, F, H, W), leaving out the frames ``clean`` marks: shown at σ = 0 their target
+    ε − x₀ holds noise the input does not, so they would only add irreducible loss."""
+    err = (pred - target).pow(2)
+    if clean is None:
+        return err.mean()
+    keep = (~clean).to(err.dtype)[:, None, :, None, None].expand_as(err)
+    return (err * keep).sum() / keep.sum()
+
+
 INFLUENCE_SAMPLES = 4  # pure-noise inputs the temporal-influence probe averages over
 
 
@@ -252,14 +269,10 @@ def main(argv=None) -> None:
             u = u[:, None]
         sigma = shift_sigma(u, args.train_shift)  # (B, 1) or (B, F)
         noise = torch.randn(x0.shape, generator=data_gen)
-        weight = None
+        clean = None
         if args.clean_frame_prob > 0:  # drawn only then, so runs without it keep their draws
-            frames = x0.shape[2]
-            shown = torch.rand(args.batch, generator=data_gen) < args.clean_frame_prob
-            which = torch.randint(frames, (args.batch,), generator=data_gen)
-            clean = shown[:, None] & (torch.arange(frames)[None] == which[:, None])  # (B, F)
-            sigma = torch.where(clean, torch.zeros(()), sigma.expand(args.batch, frames))
-            weight = (~clean).float().view(args.batch, 1, frames, 1, 1)
+            clean = clean_frames(args.batch, x0.shape[2], args.clean_frame_prob, data_gen)
+            sigma = torch.where(clean, torch.zeros(()), sigma.expand_as(clean))
         s = sigma.view(args.batch, 1, -1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         if sigma.shape[1] == 1:
@@ -268,8 +281,7 @@ def main(argv=None) -> None:
             _, ph, pw = cfg["patch_size"]
             timestep = (sigma * 1000).repeat_interleave(x0.shape[3] * x0.shape[4] // (ph * pw), dim=1)
         pred = model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
-        err = (pred - (noise - x0)).pow(2)
-        loss = err.mean() if weight is None else (err * weight).sum() / (weight.sum() * err.shape[1] * err.shape[3] * err.shape[4])
+        loss = flow_loss(pred, noise - x0, clean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -447,3 +447,24 @@ def test_train_teacher_run_cut_by_time_is_reproduced_by_stop_step(train_teacher,
     train_teacher.main(["--out", str(tmp_path / "two"), *fast, "--stop-step", "2"])
     c = load_file(str(tmp_path / "two" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_clean_frame_pretext_marks_one_frame_and_leaves_it_out_of_the_loss(train_teacher):
+    mod = train_teacher
+    clean = mod.clean_frames(64, 5, 1.0, torch.Generator().manual_seed(0))
+    assert clean.sum(1).eq(1).all() and clean.any(0).all()  # one frame each, every frame drawn
+    assert not mod.clean_frames(64, 5, 0.0, torch.Generator().manual_seed(0)).any()
+    half = mod.clean_frames(4000, 5, 0.5, torch.Generator().manual_seed(1)).any(1).float().mean()
+    assert abs(half - 0.5) < 0.03
+    g = torch.Generator().manual_seed(2)
+    target, pred = torch.randn(3, 2, 5, 4, 4, generator=g), torch.randn(3, 2, 5, 4, 4, generator=g)
+    clean = torch.zeros(3, 5, dtype=torch.bool)
+    clean[0, 1] = clean[2, 4] = True
+    keep = [(b, f) for b in range(3) for f in range(5) if not clean[b, f]]
+    by_hand = torch.stack([(pred[b, :, f] - target[b, :, f]).pow(2).mean() for b, f in keep]).mean()
+    torch.testing.assert_close(mod.flow_loss(pred, target, clean), by_hand)
+    wrong_where_clean = target.clone()
+    wrong_where_clean[0, :, 1] += 5.0
+    wrong_where_clean[2, :, 4] -= 5.0
+    assert mod.flow_loss(wrong_where_clean, target, clean) == 0
+    torch.testing.assert_close(mod.flow_loss(pred, target), (pred - target).pow(2).mean())
