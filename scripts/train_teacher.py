@@ -58,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--clean-frame-prob", type=float, default=0.0,
                    help="probability that a training sample shows one random frame clean (σ = 0, left out of the "
                         "loss): the other frames must then be placed relative to it, at signed offsets in time")
+    p.add_argument("--shift-init", type=float, default=0.0, metavar="A",
+                   help="start heads 0 and 1 of every self-attention as previous-frame / next-frame heads: q/k "
+                        "biases of size A on the first temporal and spatial RoPE pairs, the key's temporal pair "
+                        "turned by ±1 rad (0: plain init)")
     p.add_argument("--train-shift", type=float, default=3.0,
                    help="σ shift in training (= the sampler's: the sampler spends most steps near σ = 1)")
     p.add_argument("--probe-every", type=int, default=500, help="quick held-out adherence probe of the EMA")
@@ -97,6 +101,30 @@ def sample_quality(model, task: ShapesTask, labels, seeds_per_prompt: int, steps
     res = task.adherence(out, labs)
     res.pop("read")
     return res
+
+
+@torch.no_grad()
+def temporal_shift_init(model, size: float) -> None:
+    """Make heads 0 and 1 of every self-attention attend to the same place one frame back / ahead.
+
+    Wan rotates each (2i, 2i+1) pair of a head by its frequency × position, so a pair's score is
+    |q||k|·cos(θ·(p_q − p_k) − φ) with φ the key's angle against the query's: constant q/k biases on
+    the first temporal pair (θ = 1 rad per frame) with φ = ±1 peak at the previous / next frame, and
+    equal biases on the first h and w pairs peak at the same patch. Content terms add to them, so
+    training can reshape these heads like any other."""
+    rope = model.rope
+    t0, h0, w0 = 0, rope.t_dim, rope.t_dim + rope.h_dim  # first pair of each axis within a head
+    head_dim = rope.t_dim + rope.h_dim + rope.w_dim
+    for block in model.blocks:
+        attn = block.attn1
+        for head, phi in ((0, 1.0), (1, -1.0)):
+            base = head * head_dim
+            for bias in (attn.to_q.bias, attn.to_k.bias):
+                for d in (h0, w0):
+                    bias[base + d], bias[base + d + 1] = size, 0.0
+            attn.to_q.bias[base + t0], attn.to_q.bias[base + t0 + 1] = size, 0.0
+            attn.to_k.bias[base + t0] = size * math.cos(phi)
+            attn.to_k.bias[base + t0 + 1] = size * math.sin(phi)
 
 
 def clean_frames(batch: int, frames: int, prob: float, gen: torch.Generator) -> torch.Tensor:
@@ -233,6 +261,8 @@ def main(argv=None) -> None:
     task = ShapesTask(task_cfg)
     cfg = dict(MODEL, num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim)
     model = WanTransformer3DModel(**cfg).train()
+    if args.shift_init:
+        temporal_shift_init(model, args.shift_init)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"teacher: {n_params / 1e6:.3f} M params, {cfg['num_layers']} layers, {cfg['num_attention_heads']} heads",
@@ -334,7 +364,7 @@ def main(argv=None) -> None:
     record = {
         "command": command.strip(), "seed": args.seed, "steps": steps_done, "schedule_steps": args.steps,
         "stopped": stopped, "batch": args.batch, "lr": args.lr,
-        "warmup": args.warmup, "ema": args.ema, "sigma": args.sigma, "frame_sigma_prob": args.frame_sigma_prob, "clean_frame_prob": args.clean_frame_prob, "train_shift": args.train_shift, "threads": args.threads,
+        "warmup": args.warmup, "ema": args.ema, "sigma": args.sigma, "frame_sigma_prob": args.frame_sigma_prob, "clean_frame_prob": args.clean_frame_prob, "shift_init": args.shift_init, "train_shift": args.train_shift, "threads": args.threads,
         "train_seconds": round(train_seconds, 1), "probe_seconds": round(probe_seconds, 1), "final_loss": curve[-1]["loss"] if curve else None,
         "params": n_params, "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "task": task_cfg.to_dict(), "sample_steps": args.sample_steps, "sample_shift": args.sample_shift,
