@@ -149,6 +149,10 @@ class TaskConfig:
     # video frames per latent frame after the first, as in Wan2.1's causal VAE (4): latent frame 0 is
     # one sharp instant, every later one the average of the object over its video frames (motion blur)
     vae_time_stride: int = 1
+    # strength of a fading copy of the object where it was one latent frame earlier (frames after the
+    # first): a streak behind it, so a single frame shows which way it moves and a clip played
+    # backwards is no longer a clip of the task
+    trail: float = 0.0
     colour_scale: float = 1.0  # per-channel RMS of a colour vector
     background_std: float = 0.5
     seed: int = 0  # fixes colour vectors and the word table
@@ -262,6 +266,13 @@ class ShapesTask:
             out += c.background_texture * torch.randn(c.channels, 1, c.height, c.width, generator=generator)
         stride = c.vae_time_stride
         for f in range(c.frames):
+            if c.trail > 0 and f > 0:  # the streak first, the object painted over it
+                cover = torch.zeros(c.height, c.width)
+                paint = torch.zeros(c.channels, c.height, c.width)
+                for (y, x), wgt in _bilinear(y0 + dy * c.speed * (f - 1), x0 + dx * c.speed * (f - 1)):
+                    cover[y:y + c.size, x:x + c.size] += wgt * m
+                    paint[:, y:y + c.size, x:x + c.size] += wgt * patch * m
+                out[:, f] = out[:, f] * (1 - c.trail * cover) + c.trail * paint
             # the instants this latent frame averages, in latent frames: f alone for the first frame
             # (or without a VAE stride), else the stride's video frames since latent frame f − 1
             instants = [float(f)] if f == 0 or stride == 1 else [f - 1 + j / stride for j in range(1, stride + 1)]

@@ -491,16 +491,28 @@ class _Forwards(_FrameWise):
         return super().forward(prev, timestep, encoder_hidden_states)
 
 
+class _TextReader(_FrameWise):
+    """Adds a function of the prompt to every frame: reads the text, blind to time."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+        y = super().forward(hidden_states, timestep, encoder_hidden_states)[0]
+        return (y + encoder_hidden_states.sum(1)[:, :16, None, None, None],)
+
+
 def test_time_reversal_probe_tells_an_equivariant_model_from_a_time_ordered_one(train_teacher):
     from m4v_convert.synthetic import ShapesTask, TaskConfig
 
     task = ShapesTask(TaskConfig())
     torch.manual_seed(0)
     blind = train_teacher.time_reversal(_FrameWise(), task, samples=8)
-    for row in blind.values():  # the same map per frame: a clip played backwards costs the same
-        assert row["forward"] == pytest.approx(row["reversed"], rel=1e-5) and abs(row["excess_pct"]) < 1e-3
+    for row in blind.values():  # the same map per frame, text unread: neither mismatch costs anything
+        assert row["forward"] == pytest.approx(row["reversed"], rel=1e-5) and abs(row["reversed_excess_pct"]) < 1e-3
+        assert row["opposite_prompt"] == row["forward"] and row["opposite_prompt_excess_pct"] == 0
     torch.manual_seed(0)
     ordered = train_teacher.time_reversal(_Forwards(), task, samples=8)
     assert all(abs(row["forward"] - row["reversed"]) > 1e-4 for row in ordered.values())
     for row in ordered.values():
-        assert row["excess_pct"] == pytest.approx(100 * (row["reversed"] / row["forward"] - 1), abs=0.02)
+        assert row["reversed_excess_pct"] == pytest.approx(100 * (row["reversed"] / row["forward"] - 1), abs=0.02)
+    torch.manual_seed(0)
+    reader = train_teacher.time_reversal(_TextReader(), task, samples=8)
+    assert all(row["opposite_prompt"] != row["forward"] for row in reader.values())
