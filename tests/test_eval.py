@@ -420,6 +420,25 @@ def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
         ShapesTask(TaskConfig(vae_time_stride=0))
 
 
+def test_trail_is_a_fading_copy_one_frame_behind_the_object():
+    plain_task, trail_task = ShapesTask(TaskConfig()), ShapesTask(TaskConfig(trail=0.4))
+    c = trail_task.config
+    lab = Labels("blue", "square", "left")
+    plain = plain_task.video(lab, torch.Generator().manual_seed(4))
+    trail = trail_task.video(lab, torch.Generator().manual_seed(4))
+    colour = trail_task.colour_vectors[trail_task.colour_names.index("blue")]
+    bg = plain[:, 0, 0, 0]
+    assert torch.equal(plain[:, 0], trail[:, 0])  # nothing behind the object before it moves
+    on = (plain - bg.view(-1, 1, 1, 1)).norm(dim=0) > 1e-6  # (F, H, W) where the object is
+    for f in range(1, c.frames):
+        streak = on[f - 1] & ~on[f]  # where it was and no longer is: on the side it comes from
+        assert streak.sum() == c.size * c.speed
+        assert int(streak.nonzero()[:, 1].min()) > int(on[f].nonzero()[:, 1].max())  # moving left: streak right
+        torch.testing.assert_close(trail[:, f][:, streak], (0.6 * bg + 0.4 * colour)[:, None].expand(-1, int(streak.sum())))
+        assert torch.equal(trail[:, f][:, ~streak], plain[:, f][:, ~streak])  # the object and the rest unchanged
+    assert trail_task.adherence(trail[None], [lab])["score"] == 100.0
+
+
 @pytest.fixture
 def keep_threads():
     n = torch.get_num_threads()  # train_teacher.main sets its --threads for the process
