@@ -535,3 +535,22 @@ def test_time_reversal_probe_tells_an_equivariant_model_from_a_time_ordered_one(
     torch.manual_seed(0)
     reader = train_teacher.time_reversal(_TextReader(), task, samples=8)
     assert all(row["opposite_prompt"] != row["forward"] for row in reader.values())
+
+
+def test_teacher_card_names_the_checkpoint_and_what_differs_from_the_default(train_teacher):
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "checkpoints"
+    shipped = json.loads((root / "wan2.1-tiny-shapes" / "training.json").read_text())
+    assert train_teacher.variant_note(shipped) == ""
+    card = train_teacher.card(shipped)
+    assert card.startswith("# wan2.1-tiny-shapes\n") and "default checkpoint the README's run" in card
+    trail = json.loads((root / "wan2.1-tiny-shapes-trail" / "training.json").read_text())
+    note = train_teacher.variant_note(trail)
+    assert "`trail=0.4`" in note and "`--shift-init 3.0`" in note and "jitter" not in note
+    card = train_teacher.card(trail, "wan2.1-tiny-shapes-trail")
+    assert card.startswith("# wan2.1-tiny-shapes-trail\n") and "alternative to the default teacher" in card
+    assert "knows which way time runs" in card  # its time_reversal shows the asymmetry
+    assert (root / "wan2.1-tiny-shapes-trail" / "README.md").read_text() == card  # the shipped card is current
+    assert (root / "wan2.1-tiny-shapes" / "README.md").read_text() == train_teacher.card(shipped)
