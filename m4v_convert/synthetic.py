@@ -265,23 +265,25 @@ class ShapesTask:
         if c.background_texture > 0:  # the same pixels in every frame: a static scene behind the object
             out += c.background_texture * torch.randn(c.channels, 1, c.height, c.width, generator=generator)
         stride = c.vae_time_stride
-        for f in range(c.frames):
-            if c.trail > 0 and f > 0:  # the streak first, the object painted over it
-                cover = torch.zeros(c.height, c.width)
-                paint = torch.zeros(c.channels, c.height, c.width)
-                for (y, x), wgt in _bilinear(y0 + dy * c.speed * (f - 1), x0 + dx * c.speed * (f - 1)):
-                    cover[y:y + c.size, x:x + c.size] += wgt * m
-                    paint[:, y:y + c.size, x:x + c.size] += wgt * patch * m
-                out[:, f] = out[:, f] * (1 - c.trail * cover) + c.trail * paint
-            # the instants this latent frame averages, in latent frames: f alone for the first frame
-            # (or without a VAE stride), else the stride's video frames since latent frame f − 1
-            instants = [float(f)] if f == 0 or stride == 1 else [f - 1 + j / stride for j in range(1, stride + 1)]
+
+        def coverage(instants: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+            """(H, W) cover and (C, H, W) paint of the object averaged over ``instants`` (frames)."""
             cover = torch.zeros(c.height, c.width)
             paint = torch.zeros(c.channels, c.height, c.width)
             for t in instants:
                 for (y, x), wgt in _bilinear(y0 + dy * c.speed * t, x0 + dx * c.speed * t):
                     cover[y:y + c.size, x:x + c.size] += wgt * m / len(instants)
                     paint[:, y:y + c.size, x:x + c.size] += wgt * patch * m / len(instants)
+            return cover, paint
+
+        for f in range(c.frames):
+            if c.trail > 0 and f > 0:  # the streak first, the object painted over it
+                cover, paint = coverage([float(f - 1)])
+                out[:, f] = out[:, f] * (1 - c.trail * cover) + c.trail * paint
+            # the instants this latent frame averages, in latent frames: f alone for the first frame
+            # (or without a VAE stride), else the stride's video frames since latent frame f − 1
+            instants = [float(f)] if f == 0 or stride == 1 else [f - 1 + j / stride for j in range(1, stride + 1)]
+            cover, paint = coverage(instants)
             out[:, f] = out[:, f] * (1 - cover) + paint
         return out
 
