@@ -396,14 +396,20 @@ def test_teacher_frame_awareness_probe_against_blind_and_frame_aware_oracles(tra
     assert len(rows) == 6 and all(line.replace("\\|", "").count("|") == 7 for line in rows)
 
 
+def _with_and_without(lab: Labels, seed: int, **option):
+    """One clip of ``lab`` drawn with the same seed by the default task and by one with ``option``:
+    (default clip, optioned clip, optioned task)."""
+    task = ShapesTask(TaskConfig(**option))
+    return (ShapesTask(TaskConfig()).video(lab, torch.Generator().manual_seed(seed)),
+            task.video(lab, torch.Generator().manual_seed(seed)), task)
+
+
 def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
     # the same draws with and without the stride: frame 0 is the same instant, later frames average
     # the object over 4 instants since the previous latent frame (Wan2.1's causal VAE)
-    sharp_task, blur_task = ShapesTask(TaskConfig()), ShapesTask(TaskConfig(vae_time_stride=4))
-    c = blur_task.config
     lab = Labels("green", "square", "right")
-    sharp = sharp_task.video(lab, torch.Generator().manual_seed(3))
-    blur = blur_task.video(lab, torch.Generator().manual_seed(3))
+    sharp, blur, blur_task = _with_and_without(lab, 3, vae_time_stride=4)
+    c = blur_task.config
     assert torch.equal(sharp[:, 0], blur[:, 0]) and not torch.equal(sharp[:, 1:], blur[:, 1:])
     colour = blur_task.colour_vectors[blur_task.colour_names.index("green")]
     bg = blur[:, 0, 0, 0]
@@ -421,11 +427,9 @@ def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
 
 
 def test_trail_is_a_fading_copy_one_frame_behind_the_object():
-    plain_task, trail_task = ShapesTask(TaskConfig()), ShapesTask(TaskConfig(trail=0.4))
-    c = trail_task.config
     lab = Labels("blue", "square", "left")
-    plain = plain_task.video(lab, torch.Generator().manual_seed(4))
-    trail = trail_task.video(lab, torch.Generator().manual_seed(4))
+    plain, trail, trail_task = _with_and_without(lab, 4, trail=0.4)
+    c = trail_task.config
     colour = trail_task.colour_vectors[trail_task.colour_names.index("blue")]
     bg = plain[:, 0, 0, 0]
     assert torch.equal(plain[:, 0], trail[:, 0])  # nothing behind the object before it moves
