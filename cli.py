@@ -47,6 +47,19 @@ _RESUME = typer.Option(None, "--resume", help="continue the run whose state is i
 _MIXED_PRECISION = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no")
 _STAGE3_STEPS = typer.Option(None, "--stage3-steps", help="stage-3 (fine-tune) steps")
 _NUM_PROCESSES = typer.Option(1, "--num-processes", help="data-parallel processes (launched via accelerate)")
+_OUT = typer.Option(..., "--out", help="output folder (written atomically)")
+_LAYERS = typer.Option(None, "--layers", help="'all', '0-9', '0,2,4' or mixes (default: recipe)")
+_DISTILL_STEPS = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)")
+_STAGES = typer.Option(None, "--stages", help="distillation stages to run, e.g. 1,2,3 (default: recipe; stage 3 "
+                       "runs only with --data)")
+_CALIB = typer.Option(None, "--calib", help="folder of calibration safetensors (latents + text_embeds); default: "
+                      "synthetic")
+_DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
+_DTYPE = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
+_OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing --out folder")
+_SEED = typer.Option(0, "--seed")
+_THREADS = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's choice; 1 is fastest "
+                        "for small models, especially on busy cores)")
 
 
 @app.command("wan2.1")
@@ -54,20 +67,18 @@ _NUM_PROCESSES = typer.Option(1, "--num-processes", help="data-parallel processe
 def wan21(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Wan2.1 checkpoint: diffusers folder, pipeline folder, "
                                     "original-layout folder or .safetensors file"),
-    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="'all', '0-9', '0,2,4' or mixes (default: recipe)"),
+    out: Path = _OUT,
+    layers: Optional[str] = _LAYERS,
     recipe: str = typer.Option("wan2.1", "--recipe", help="recipe name or YAML file"),
-    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors "
-                                         "(latents + text_embeds); default: synthetic"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
-    seed: int = typer.Option(0, "--seed"),
+    distill_steps: Optional[int] = _DISTILL_STEPS,
+    calib: Optional[Path] = _CALIB,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
+    overwrite: bool = _OVERWRITE,
+    seed: int = _SEED,
     size: str = typer.Option("480x832", "--size", help="video size HxW for the FLOPs report"),
     frames: int = typer.Option(81, "--frames", help="video frames for the FLOPs report"),
-    stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages to run, e.g. 1,2,3 "
-                                         "(default: recipe; stage 3 runs only with --data)"),
+    stages: Optional[str] = _STAGES,
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps"),
     stage3_steps: Optional[int] = _STAGE3_STEPS,
     lr: Optional[float] = _LR,
@@ -88,8 +99,7 @@ def wan21(
                                             "backward (long videos)"),
     mixed_precision: str = _MIXED_PRECISION,
     deterministic: bool = typer.Option(False, "--deterministic", help="deterministic algorithms only"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's "
-                                          "choice; 1 is fastest for small models, especially on busy cores)"),
+    threads: Optional[int] = _THREADS,
 ):
     """Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, save, report FLOPs."""
     from m4v_convert.pipeline import ConvertOptions, convert
@@ -111,25 +121,23 @@ def wan21(
 def pyramidflow(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="PyramidFlow release folder (holding "
                                     "diffusion_transformer_768p/ or _384p/) or one such folder"),
-    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
+    out: Path = _OUT,
     recipe: str = typer.Option("pyramidflow-miniflux-768p", "--recipe", help="recipe name or YAML file"),
     layers: Optional[str] = typer.Option(None, "--layers", help="global layer numbers, e.g. '8-23' (the "
                                          "single-stream blocks at full size; default: recipe)"),
-    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)"),
+    distill_steps: Optional[int] = _DISTILL_STEPS,
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps "
                                                "(default: recipe; 0: skip)"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    device: str = _DEVICE,
     dtype: str = typer.Option("auto", "--dtype", help="weights: auto (float32, with bf16 autocast on CUDA: the "
                               "release's precision, fp32 master weights) | float32 | bfloat16 (less memory; trains "
                               "in bf16) (float16 is refused)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
-    seed: int = typer.Option(0, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's "
-                                          "choice)"),
+    overwrite: bool = _OVERWRITE,
+    seed: int = _SEED,
+    threads: Optional[int] = _THREADS,
     calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors at the top "
                                          "pyramid level (latents, text_embeds, text_mask, pooled); default: synthetic"),
-    stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages to run, e.g. 1,2,3 "
-                                         "(default: recipe; stage 3 runs only with --data)"),
+    stages: Optional[str] = _STAGES,
     stage3_steps: Optional[int] = _STAGE3_STEPS,
     lr: Optional[float] = _LR,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step (each holds every "
@@ -165,19 +173,18 @@ def convert_cmd(
     recipe: str = typer.Argument(..., help="recipe name or YAML file (any backbone: wan, pyramidflow, generic)"),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="the model to convert (a diffusers folder for "
                                     "generic recipes; see the backbone's own command otherwise)"),
-    out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="'all', '0-9', '0,2,4' or mixes (default: recipe)"),
+    out: Path = _OUT,
+    layers: Optional[str] = _LAYERS,
     model: Optional[str] = typer.Option(None, "--model", help="published config of the recipe for a single-file "
                                         "--checkpoint"),
-    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)"),
+    distill_steps: Optional[int] = _DISTILL_STEPS,
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps"),
     stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages, e.g. 1,2 (default: recipe)"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors "
-                                         "(latents + text_embeds); default: synthetic"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
-    seed: int = typer.Option(0, "--seed"),
+    calib: Optional[Path] = _CALIB,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
+    overwrite: bool = _OVERWRITE,
+    seed: int = _SEED,
     size: Optional[str] = typer.Option(None, "--size", help="video size HxW for the FLOPs report (default: recipe)"),
     frames: Optional[int] = typer.Option(None, "--frames", help="video frames for the FLOPs report (default: recipe)"),
     lr: Optional[float] = _LR,
@@ -360,9 +367,9 @@ def eval_cmd(
     steps: int = typer.Option(20, "--steps", help="flow-match Euler sampling steps"),
     shift: float = typer.Option(3.0, "--shift", help="sampler timestep shift"),
     task: Optional[Path] = typer.Option(None, "--task", help="synthetic task JSON (default: TEACHER/task.json)"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads"),
+    device: str = _DEVICE,
+    overwrite: bool = _OVERWRITE,
+    threads: Optional[int] = _THREADS,
 ):
     """Fidelity of STUDENT against TEACHER: prediction error per timestep, sample PSNR/SSIM, prompt adherence."""
     from m4v_convert.eval import EvalOptions, run_eval
@@ -390,10 +397,10 @@ def ablate(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="eval prompts file (default: held-out set)"),
     seeds: int = typer.Option(4, "--seeds", help="eval noise seeds per prompt"),
     steps: int = typer.Option(20, "--steps", help="eval sampling steps"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    seed: int = typer.Option(0, "--seed"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU intra-op threads"),
+    device: str = _DEVICE,
+    seed: int = _SEED,
+    overwrite: bool = _OVERWRITE,
+    threads: Optional[int] = _THREADS,
 ):
     """Convert TEACHER once per MM-DiM variant (one component off) at an equal budget and tabulate eval metrics."""
     from m4v_convert.eval import AblateOptions, run_ablate
