@@ -399,10 +399,12 @@ def ablate(
     steps: int = typer.Option(20, "--steps", help="eval sampling steps"),
     device: str = _DEVICE,
     seed: int = _SEED,
-    overwrite: bool = _OVERWRITE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder, and discard "
+                                   "an unfinished run's <out>.work folder if its settings differ"),
     threads: Optional[int] = _THREADS,
 ):
-    """Convert TEACHER once per MM-DiM variant (one component off) at an equal budget and tabulate eval metrics."""
+    """Convert TEACHER once per MM-DiM variant (one component off) at an equal budget and tabulate eval metrics.
+    Finished variants are kept in <out>.work until the end: the same command continues an interrupted run."""
     from m4v_convert.eval import AblateOptions, run_ablate
 
     _set_threads(threads)

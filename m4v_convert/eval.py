@@ -603,7 +603,72 @@ def variant_recipe(recipe: str, overrides: dict, name: str, folder: Path) -> Pat
     return path
 
 
+def ablate_work_dir(out: Path) -> Path:
+    """Where ``ablate`` keeps finished variants until the whole run succeeds (a sibling of ``out``)."""
+    out = Path(out)
+    return out.parent / f"{out.name}.work"
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(_json(obj) + "\n")
+    tmp.replace(path)
+
+
+def _ablate_settings(opts: AblateOptions, settings: EvalSettings, calib_label: str, task_source: str,
+                     device) -> dict:
+    """Everything a finished variant's numbers depend on; a resumed run must match it exactly."""
+    import hashlib
+
+    from m4v_convert.recipes import load_recipe
+
+    teacher = Path(opts.teacher).resolve()
+    files = [teacher] if teacher.is_file() else sorted(f for f in teacher.rglob("*") if f.is_file()
+                                                        and f.suffix in (".json", ".safetensors"))
+    rec = load_recipe(opts.recipe)
+    return {
+        "teacher": str(teacher), "teacher_files": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
+        "task": task_source, "recipe": str(rec.path.resolve()),
+        "recipe_sha256": hashlib.sha256(rec.path.read_bytes()).hexdigest(), "layers": opts.layers,
+        "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps, "calibration": calib_label,
+        "seed": opts.seed, "device": str(device),
+        "eval": {"prompts": [lab.prompt for lab in settings.labels], "seeds_per_prompt": settings.seeds,
+                 "sampler_steps": settings.steps, "shift": settings.shift},
+    }
+
+
+def _open_ablate_work(work: Path, wanted: dict, overwrite: bool, con) -> list[str]:
+    """Create ``work`` or reuse it when it holds a run with the same settings; names of its finished variants."""
+    import shutil
+
+    path = work / "settings.json"
+    if work.exists():
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError):
+            found = None
+        if found != wanted:
+            differ = sorted(k for k in wanted if found is None or found.get(k) != wanted[k])
+            if not overwrite:
+                raise M4VError(f"{work} holds an unfinished ablation with other settings "
+                               f"({', '.join(differ) or 'unreadable'}); remove it, or pass --overwrite to discard it")
+            con.print(f"discarding {work} (an unfinished ablation with other settings: {', '.join(differ)})")
+            shutil.rmtree(work)
+    (work / "variants").mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        _write_json_atomic(path, wanted)
+    return sorted(d.name for d in (work / "variants").iterdir() if (d / "metrics.json").exists())
+
+
 def run_ablate(opts: AblateOptions, console=None) -> dict:
+    """Convert and evaluate the teacher once per variant. Each finished variant (converted model and
+    its metrics) and the teacher's samples are kept in :func:`ablate_work_dir` as they finish, so a
+    crashed or interrupted run continues where it stopped when run again with the same settings;
+    the folder is removed once ``out`` is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from m4v_convert.backbones.wan_io import load_wan_transformer
     from m4v_convert.io.converted import load_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
@@ -621,66 +686,92 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
     device = resolve_device(opts.device)
     teacher = load_wan_transformer(opts.teacher, device=device).requires_grad_(False)
     task, task_source = load_task(opts.teacher, dict(teacher.config), opts.task)
+    calib = opts.calib
+    if calib is None and (Path(opts.teacher) / "calib").is_dir():
+        calib = Path(opts.teacher) / "calib"
+    calib_label = "task (generated)" if calib is None else str(Path(calib).resolve())
+    work_dir = ablate_work_dir(opts.out)
+    finished = _open_ablate_work(work_dir, _ablate_settings(opts, settings, calib_label, task_source, device),
+                                 opts.overwrite, con)
+    resumed = [v for v in opts.variants if v in finished]
     t0 = time.time()
-    with atomic_output_dir(opts.out, opts.overwrite) as tmp, tempfile.TemporaryDirectory() as work:
-        work = Path(work)
-        calib = opts.calib
-        if calib is None and (Path(opts.teacher) / "calib").is_dir():
-            calib = Path(opts.teacher) / "calib"
-        if calib is None:
-            calib = write_task_calib(task, work / "calib", seed=opts.seed)
-            calib_label = "task (generated)"
+    try:
+        with atomic_output_dir(opts.out, opts.overwrite) as tmp, tempfile.TemporaryDirectory() as work:
+            work = Path(work)
+            if calib is None:  # regenerated bit for bit by a resumed run (seeded)
+                calib = write_task_calib(task, work / "calib", seed=opts.seed)
+            con.print(f"ablate: {len(opts.variants)} variants, equal budget: layers {opts.layers or 'recipe default'}, "
+                      f"stage-1 steps {opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, "
+                      f"stage-2 steps {opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, "
+                      f"calibration {calib_label}, seed {opts.seed}; finished variants are kept in {work_dir} "
+                      "until the end" + (f" (continuing: {', '.join(resumed)} done)" if resumed else ""))
+            cached = work_dir / "teacher_samples.safetensors"
+            xs_t = adh_t = None
+            if cached.exists() and (work_dir / "teacher_adherence.json").exists():
+                xs_t = load_file(str(cached))["samples"].to(device)
+                adh_t = json.loads((work_dir / "teacher_adherence.json").read_text())
+            rows, results = [], {}
+            for name in opts.variants:
+                overrides, label = VARIANTS[name]
+                con.rule(f"{name}: {label}")
+                vdir = work_dir / "variants" / name
+                if name in finished:
+                    con.print(f"finished in an earlier run: {vdir}")
+                    metrics = json.loads((vdir / "metrics.json").read_text())
+                else:
+                    if not (vdir / "conversion.json").exists():  # convert writes the folder atomically
+                        convert(ConvertOptions(recipe=str(variant_recipe(opts.recipe, overrides, name, work)),
+                                               checkpoint=Path(opts.teacher), out=vdir, layers=opts.layers,
+                                               distill_steps=opts.distill_steps, stage2_steps=opts.stage2_steps,
+                                               calib=calib, device=opts.device, seed=opts.seed, overwrite=True,
+                                               report_size=(8 * task.config.height, 8 * task.config.width),
+                                               report_frames=4 * (task.config.frames - 1) + 1), console=con)
+                    summary = json.loads((vdir / "conversion.json").read_text())
+                    student = load_converted(vdir, device=device).requires_grad_(False)
+                    with eval_progress(con, settings, teacher_sampled=xs_t is not None) as progress:
+                        metrics, xs_t_new, _ = evaluate(teacher, student, task, settings, progress=progress,
+                                                        teacher_samples=None if xs_t is None else (xs_t, adh_t))
+                    if xs_t is None:
+                        xs_t, adh_t = xs_t_new, {**metrics["adherence_teacher"], "read": metrics["read_teacher"]}
+                        save_file({"samples": xs_t.detach().cpu().contiguous()}, str(cached))
+                        _write_json_atomic(work_dir / "teacher_adherence.json", adh_t)
+                    metrics.update(variant=name, label=label, mmdim_overrides=overrides,
+                                   convert_seconds=summary["seconds"], distill=summary["distill"],
+                                   converted_flops=summary["converted_total_flops"])
+                    _write_json_atomic(vdir / "metrics.json", metrics)  # this variant is finished
+                results[name] = metrics
+                rows.append((label, metrics))
+            for name, metrics in results.items():
+                shutil.copytree(work_dir / "variants" / name, tmp / "variants" / name)
+                if "full" in results and name != "full":  # against all components, on the same samples
+                    metrics["vs_full"] = paired_psnr_delta(results["full"], metrics)
+                (tmp / "variants" / name / "metrics.json").write_text(_json(metrics) + "\n")
+            report = {
+                "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
+                "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,
+                "calibration": calib_label, "seed": opts.seed,
+                "eval": {"prompts": [lab.prompt for lab in settings.labels], "seeds_per_prompt": settings.seeds,
+                         "sampler_steps": settings.steps, "shift": settings.shift},
+                "variants": results, "resumed_variants": resumed, "seconds": round(time.time() - t0, 1),
+            }
+            (tmp / "ablation.json").write_text(_json(report) + "\n")
+            (tmp / "ablation.md").write_text(
+                f"# MM-DiM component ablation\n\nteacher `{opts.teacher}`, equal distillation budget per variant "
+                f"(layers {opts.layers or 'recipe default'}, stage-1 steps "
+                f"{opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, stage-2 steps "
+                f"{opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, calibration "
+                f"{calib_label}, seed {opts.seed}); eval on {len(settings.labels)} prompts × {settings.seeds} seeds, "
+                f"{settings.steps} Euler steps.\n\n{markdown_table(rows)}\n\n"
+                + "".join(f"- {name}: {interval_text(m)}{vs_full_text(m)}\n" for name, m in rows))
+    except BaseException:
+        kept = sorted(d.name for d in (work_dir / "variants").iterdir())  # converted (folders appear whole)
+        if not kept:
+            shutil.rmtree(work_dir, ignore_errors=True)
         else:
-            calib_label = str(calib)
-        con.print(f"ablate: {len(opts.variants)} variants, equal budget: layers {opts.layers or 'recipe default'}, "
-                  f"stage-1 steps {opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, "
-                  f"stage-2 steps {opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, "
-                  f"calibration {calib_label}, seed {opts.seed}")
-        xs_t = adh_t = None
-        rows, results = [], {}
-        for name in opts.variants:
-            overrides, label = VARIANTS[name]
-            con.rule(f"{name}: {label}")
-            recipe_path = variant_recipe(opts.recipe, overrides, name, work)
-            out = tmp / "variants" / name
-            summary = convert(ConvertOptions(recipe=str(recipe_path), checkpoint=Path(opts.teacher), out=out,
-                                             layers=opts.layers, distill_steps=opts.distill_steps,
-                                             stage2_steps=opts.stage2_steps, calib=calib,
-                                             device=opts.device, seed=opts.seed,
-                                             report_size=(8 * task.config.height, 8 * task.config.width),
-                                             report_frames=4 * (task.config.frames - 1) + 1), console=con)
-            student = load_converted(out, device=device).requires_grad_(False)
-            with eval_progress(con, settings, teacher_sampled=xs_t is not None) as progress:
-                metrics, xs_t_new, xs_s = evaluate(teacher, student, task, settings, progress=progress,
-                                                   teacher_samples=None if xs_t is None else (xs_t, adh_t))
-            if xs_t is None:
-                xs_t, adh_t = xs_t_new, {**metrics["adherence_teacher"], "read": metrics["read_teacher"]}
-            metrics.update(variant=name, label=label, mmdim_overrides=overrides,
-                           convert_seconds=summary["seconds"], distill=summary["distill"],
-                           converted_flops=summary["converted_total_flops"])
-            results[name] = metrics
-            rows.append((label, metrics))
-        for name, metrics in results.items():
-            if "full" in results and name != "full":  # against all components, on the same samples
-                metrics["vs_full"] = paired_psnr_delta(results["full"], metrics)
-            (tmp / "variants" / name / "metrics.json").write_text(_json(metrics) + "\n")
-        report = {
-            "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
-            "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,
-            "calibration": calib_label, "seed": opts.seed,
-            "eval": {"prompts": [lab.prompt for lab in settings.labels], "seeds_per_prompt": settings.seeds,
-                     "sampler_steps": settings.steps, "shift": settings.shift},
-            "variants": results, "seconds": round(time.time() - t0, 1),
-        }
-        (tmp / "ablation.json").write_text(_json(report) + "\n")
-        (tmp / "ablation.md").write_text(
-            f"# MM-DiM component ablation\n\nteacher `{opts.teacher}`, equal distillation budget per variant "
-            f"(layers {opts.layers or 'recipe default'}, stage-1 steps "
-            f"{opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, stage-2 steps "
-            f"{opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, calibration "
-            f"{calib_label}, seed {opts.seed}); eval on {len(settings.labels)} prompts × {settings.seeds} seeds, "
-            f"{settings.steps} Euler steps.\n\n{markdown_table(rows)}\n\n"
-            + "".join(f"- {name}: {interval_text(m)}{vs_full_text(m)}\n" for name, m in rows))
+            con.print(f"ablate stopped; converted variants ({', '.join(kept)}) are kept in {work_dir}: "
+                      "the same command continues from them")
+        raise
+    shutil.rmtree(work_dir, ignore_errors=True)
     con.print(metrics_table(rows, title="MM-DiM component ablation (equal distillation budget)"),
               width=max(con.width, 120))  # a log file (80 columns by default) keeps the whole table
     for name, m in rows:

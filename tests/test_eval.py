@@ -322,6 +322,64 @@ def test_cli_ablate_switches_each_component_off(folders, tiny_recipe, tmp_path):
     assert "w/o temporal branch" in res.output
 
 
+def test_cli_ablate_continues_an_interrupted_run_with_the_same_numbers(folders, tiny_recipe, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import m4v_convert.eval as ev
+    import m4v_convert.pipeline as pl
+
+    def run(out, *extra):
+        return runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(out), "--recipe", str(tiny_recipe),
+                                   "--variants", "full,no-registers,raster", "--distill-steps", "2", "--stage2-steps",
+                                   "1", "--layers", "all", "--seeds", "1", "--steps", "2", "--threads", "1",
+                                   "--prompts", str(folders / "prompts.txt"), *extra])
+
+    res = run(tmp_path / "ref")  # uninterrupted
+    assert res.exit_code == 0, res.output
+    ref = json.loads((tmp_path / "ref" / "ablation.json").read_text())
+    assert ref["resumed_variants"] == [] and not (tmp_path / "ref.work").exists()
+
+    converted, sampled = [], []
+    real_convert, real_sample = pl.convert, ev.sample
+
+    def convert(opts, console=None):
+        converted.append(Path(opts.out).name)
+        if len(converted) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third variant
+        return real_convert(opts, console)
+
+    def sample(model, *a, **k):
+        sampled.append(type(model).__name__)
+        return real_sample(model, *a, **k)
+
+    monkeypatch.setattr(pl, "convert", convert)
+    monkeypatch.setattr(ev, "sample", sample)
+    out, work = tmp_path / "abl", tmp_path / "abl.work"
+    res = run(out)
+    assert res.exit_code == 130 and not out.exists()
+    assert sorted(d.name for d in (work / "variants").iterdir()) == ["full", "no-registers"]
+    assert "the same command continues" in " ".join(res.output.split())
+
+    res = run(out, "--seed", "1")  # other settings: refused, the finished variants stay
+    assert res.exit_code != 0 and "other settings (seed)" in " ".join(res.output.split()) and (work / "variants" / "full").exists()
+
+    converted.clear(), sampled.clear()
+    res = run(out)
+    assert res.exit_code == 0, res.output
+    assert converted == ["raster"]  # only the unfinished variant is converted
+    assert sampled == ["M4VWanTransformer3DModel"]  # the teacher's samples came from the work folder
+    assert not work.exists()
+    got = json.loads((out / "ablation.json").read_text())
+    assert got["resumed_variants"] == ["full", "no-registers"]
+    for name, m in ref["variants"].items():  # the same numbers as the run that was never interrupted
+        for key in ("psnr_db_per_sample", "pred_rel_error", "read_teacher", "read_student", "ssim", "vs_full"):
+            assert got["variants"][name].get(key) == m.get(key), (name, key)
+        a, b = (load_file(str(f / "variants" / name / "diffusion_pytorch_model.safetensors")) for f in (out, tmp_path / "ref"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_ablate_bad_variant(folders, tmp_path):
     res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(tmp_path / "o"), "--variants", "nope"])
     assert res.exit_code != 0 and "unknown 'nope'" in res.output and not (tmp_path / "o").exists()
