@@ -153,6 +153,11 @@ class TaskConfig:
     # first): a streak behind it, so a single frame shows which way it moves and a clip played
     # backwards is no longer a clip of the task
     trail: float = 0.0
+    # per-channel RMS of a per-frame constant added to every pixel, along a fixed latent direction
+    # orthogonal to the colours, from −frame_code (first frame) to +frame_code (last): the latents say
+    # which frame they are, a stand-in for what tells a real Wan2.1 where it is in time (the causal
+    # VAE's distinct first frame), which a teacher trained for minutes does not learn from RoPE alone
+    frame_code: float = 0.0
     colour_scale: float = 1.0  # per-channel RMS of a colour vector
     background_std: float = 0.5
     seed: int = 0  # fixes colour vectors and the word table
@@ -203,6 +208,10 @@ class ShapesTask:
         else:
             m = m / m.norm(dim=0, keepdim=True)
         self.colour_vectors = (m.T * math.sqrt(c.channels) * c.colour_scale).float()  # (K, C)
+        code = torch.randn(c.channels, generator=torch.Generator().manual_seed(c.seed + 2), dtype=torch.float64)
+        if c.channels > len(COLOURS):  # orthogonal to every colour, so colour read-back is unchanged
+            code = code - m @ (m.T @ code)
+        self.frame_code_vector = (code / code.norm() * math.sqrt(c.channels)).float()  # (C,), per-channel RMS 1
         gw = torch.Generator().manual_seed(c.seed + 1)
         self.word_table = torch.randn(len(VOCAB), c.text_dim, generator=gw)  # (V, text_dim)
         self.colour_names = list(COLOURS)
@@ -285,6 +294,9 @@ class ShapesTask:
             instants = [float(f)] if f == 0 or stride == 1 else [f - 1 + j / stride for j in range(1, stride + 1)]
             cover, paint = coverage(instants)
             out[:, f] = out[:, f] * (1 - cover) + paint
+        if c.frame_code:
+            ramp = torch.linspace(-c.frame_code, c.frame_code, c.frames)
+            out += self.frame_code_vector.view(-1, 1, 1, 1) * ramp.view(1, -1, 1, 1)
         return out
 
     def batch(self, labels: list[Labels], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

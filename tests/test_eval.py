@@ -462,6 +462,21 @@ def _with_and_without(lab: Labels, seed: int, **option):
             task.video(lab, torch.Generator().manual_seed(seed)), task)
 
 
+def test_frame_code_adds_a_per_frame_ramp_orthogonal_to_the_colours():
+    lab = Labels("purple", "disc", "down")
+    plain, coded, task = _with_and_without(lab, 5, frame_code=0.3)
+    diff = coded - plain  # the same draws: only the code differs, the same at every pixel of a frame
+    torch.testing.assert_close(diff, diff[:, :, :1, :1].expand_as(diff))
+    per_frame = diff[:, :, 0, 0]  # (C, F)
+    v = task.frame_code_vector
+    assert float(v.pow(2).mean().sqrt()) == pytest.approx(1.0, abs=1e-6)  # per-channel RMS 1
+    expected = v[:, None] * torch.tensor([-0.3, -0.15, 0.0, 0.15, 0.3])[None]  # first frame −0.3 … last +0.3
+    torch.testing.assert_close(per_frame, expected)
+    assert (task.colour_vectors @ v).abs().max() < 1e-4  # orthogonal to every colour
+    assert task.adherence(coded[None], [lab])["score"] == 100.0  # colour and motion still read back
+    assert torch.equal(task.colour_vectors, ShapesTask(TaskConfig()).colour_vectors)
+
+
 def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
     # the same draws with and without the stride: frame 0 is the same instant, later frames average
     # the object over 4 instants since the previous latent frame (Wan2.1's causal VAE)
