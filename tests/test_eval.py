@@ -614,6 +614,33 @@ def test_time_reversal_probe_tells_an_equivariant_model_from_a_time_ordered_one(
     assert all(row["opposite_prompt"] != row["forward"] for row in reader.values())
 
 
+class _WordReader(_FrameWise):
+    """Adds a function of one prompt word (row ``word`` of "a {colour} {shape} moving {direction}")."""
+
+    def __init__(self, word: int):
+        super().__init__()
+        self.word = word
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+        y = super().forward(hidden_states, timestep, encoder_hidden_states)[0]
+        return (y + encoder_hidden_states[:, self.word, :16, None, None, None],)
+
+
+def test_word_influence_probe_names_the_words_a_model_reads(train_teacher):
+    from m4v_convert.synthetic import ShapesTask, TaskConfig
+
+    task = ShapesTask(TaskConfig())
+    torch.manual_seed(0)
+    blind = train_teacher.word_influence(_FrameWise(), task, samples=8)
+    assert blind == {"sign": 0.0, "axis": 0.0, "colour": 0.0}  # text unread
+    torch.manual_seed(0)
+    colour = train_teacher.word_influence(_WordReader(1), task, samples=8)
+    assert colour["sign"] == 0.0 and colour["axis"] == 0.0 and colour["colour"] > 1.0
+    torch.manual_seed(0)
+    direction = train_teacher.word_influence(_WordReader(4), task, samples=8)
+    assert direction["colour"] == 0.0 and direction["sign"] > 1.0 and direction["axis"] > 1.0
+
+
 def test_teacher_card_names_the_checkpoint_and_what_differs_from_the_default(train_teacher):
     import json
     from pathlib import Path
