@@ -610,22 +610,19 @@ def ablate_work_dir(out: Path) -> Path:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(_json(obj) + "\n")
-    tmp.replace(path)
+    from m4v_convert.distill.state import atomic_write_text
+
+    atomic_write_text(path, _json(obj) + "\n")
 
 
-def _ablate_settings(opts: AblateOptions, settings: EvalSettings, calib_label: str, task_source: str,
+def _ablate_settings(opts: AblateOptions, rec, settings: EvalSettings, calib_label: str, task_source: str,
                      device) -> dict:
     """Everything a finished variant's numbers depend on; a resumed run must match it exactly."""
     import hashlib
 
-    from m4v_convert.recipes import load_recipe
-
     teacher = Path(opts.teacher).resolve()
     files = [teacher] if teacher.is_file() else sorted(f for f in teacher.rglob("*") if f.is_file()
                                                         and f.suffix in (".json", ".safetensors"))
-    rec = load_recipe(opts.recipe)
     return {
         "teacher": str(teacher), "teacher_files": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
         "task": task_source, "recipe": str(rec.path.resolve()),
@@ -681,7 +678,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
         raise M4VError(f"--variants: unknown {unknown[0]!r}" if unknown else "--variants: none given"
                        + f" (choose from {', '.join(VARIANTS)})")
     settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
-    load_recipe(opts.recipe)
+    rec = load_recipe(opts.recipe)
     check_output_dir(opts.out, opts.overwrite)
     device = resolve_device(opts.device)
     teacher = load_wan_transformer(opts.teacher, device=device).requires_grad_(False)
@@ -691,7 +688,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
         calib = Path(opts.teacher) / "calib"
     calib_label = "task (generated)" if calib is None else str(Path(calib).resolve())
     work_dir = ablate_work_dir(opts.out)
-    finished = _open_ablate_work(work_dir, _ablate_settings(opts, settings, calib_label, task_source, device),
+    finished = _open_ablate_work(work_dir, _ablate_settings(opts, rec, settings, calib_label, task_source, device),
                                  opts.overwrite, con)
     resumed = [v for v in opts.variants if v in finished]
     t0 = time.time()
