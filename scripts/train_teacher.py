@@ -642,6 +642,7 @@ the prediction by 0.14% (A = 2) and 0.21% (A = 0.5) against 20% and 29% for the 
 likely reason, not tested: at σ = 1 a token also has to know where in the frame it is to place a
 word-dependent object, and RoPE gives no absolute position there either. The shipped teachers read
 the sign as little (0.30%; the moving one 0.48%, though it reads the axis: 16.7%).
+
 Fidelity measurements against this teacher are still meaningful — the student must reproduce the
 teacher's samples, whatever they are — but its direction accuracy is noise, not a skill.
 """
