@@ -688,8 +688,8 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
         calib = Path(opts.teacher) / "calib"
     calib_label = "task (generated)" if calib is None else str(Path(calib).resolve())
     work_dir = ablate_work_dir(opts.out)
-    finished = _open_ablate_work(work_dir, _ablate_settings(opts, rec, settings, calib_label, task_source, device),
-                                 opts.overwrite, con)
+    wanted = _ablate_settings(opts, rec, settings, calib_label, task_source, device)
+    finished = _open_ablate_work(work_dir, wanted, opts.overwrite, con)
     resumed = [v for v in opts.variants if v in finished]
     t0 = time.time()
     try:
@@ -746,10 +746,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             report = {
                 "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
                 "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,
-                "calibration": calib_label, "seed": opts.seed,
-                "eval": {"prompts": [lab.prompt for lab in settings.labels], "seeds_per_prompt": settings.seeds,
-                         "sampler_steps": settings.steps, "shift": settings.shift},
-                "variants": results, "resumed_variants": resumed, "seconds": round(time.time() - t0, 1),
+                "calibration": calib_label, "seed": opts.seed, "eval": wanted["eval"], "variants": results, "resumed_variants": resumed, "seconds": round(time.time() - t0, 1),
             }
             (tmp / "ablation.json").write_text(_json(report) + "\n")
             (tmp / "ablation.md").write_text(
