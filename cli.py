@@ -58,6 +58,10 @@ _DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
 _DTYPE = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
 _OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing --out folder")
 _SEED = typer.Option(0, "--seed")
+_TEACHER_CALIB = typer.Option(False, "--teacher-calib", help="calibrate on latents sampled by the teacher (text "
+                              "conditions from --calib, else synthetic)")
+_CALIB_CACHE = typer.Option(None, "--calib-cache", help="cache folder of teacher-generated calibration, reused by "
+                            "later runs (implies --teacher-calib)")
 _THREADS = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's choice; 1 is fastest "
                         "for small models, especially on busy cores)")
 
@@ -88,9 +92,8 @@ def wan21(
     train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora"),
     data: Optional[Path] = typer.Option(None, "--data", help="stage-3 fine-tune data: folder of latents + "
                                         "text_embeds safetensors (the --calib format)"),
-    teacher_calib: bool = typer.Option(False, "--teacher-calib", help="calibrate on latents sampled by the teacher"),
-    calib_cache: Optional[Path] = typer.Option(None, "--calib-cache", help="cache folder of teacher-generated "
-                                               "calibration, reused by later runs (implies --teacher-calib)"),
+    teacher_calib: bool = _TEACHER_CALIB,
+    calib_cache: Optional[Path] = _CALIB_CACHE,
     checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
     run_dir: Optional[Path] = _RUN_DIR,
     resume: Optional[Path] = _RESUME,
@@ -152,6 +155,8 @@ def pyramidflow(
                                             "backward (the model's gradient_checkpointing_ratio of its blocks)"),
     mixed_precision: str = _MIXED_PRECISION,
     num_processes: int = _NUM_PROCESSES,
+    teacher_calib: bool = _TEACHER_CALIB,
+    calib_cache: Optional[Path] = _CALIB_CACHE,
 ):
     """Convert a PyramidFlow checkpoint: single-stream (and allowed joint) attention -> MM-DiM, distill, save,
     report FLOPs."""
@@ -164,7 +169,8 @@ def pyramidflow(
                                            stages=stages, stage3_steps=stage3_steps, lr=lr, batch_size=batch_size,
                                            train=train, data=data, checkpoint_every=checkpoint_every,
                                            run_dir=run_dir, resume=resume, grad_checkpointing=grad_checkpointing,
-                                           mixed_precision=mixed_precision, num_processes=num_processes))
+                                           mixed_precision=mixed_precision, num_processes=num_processes,
+                                           teacher_calib=teacher_calib, calib_cache=calib_cache))
 
 
 @app.command("convert")

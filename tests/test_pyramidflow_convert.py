@@ -888,3 +888,172 @@ def test_default_precision_keeps_the_released_weights_exactly_and_bf16_autocast_
     for i in fp32["error_after"]:
         assert fp32["error_after"][i] < fp32["error_before"][i]
         assert abs(autocast["error_after"][i] - fp32["error_after"][i]) < 0.05 * fp32["error_after"][i]
+
+
+# ---------------------------------------------------------------- the release's sampler (--teacher-calib)
+
+def test_block_noise_has_the_releases_block_covariance():
+    """Each 2×2 block ~ N(0, (1+γ)I − γ·11ᵀ) (the release's sample_block_noise), blocks independent."""
+    from m4v_convert.backbones.pyramidflow.sampler import block_noise
+
+    for gamma in (1 / 3, 0.2, 0.0):
+        x = block_noise((2, 3, 2, 100, 100), gamma, torch.Generator().manual_seed(0))
+        blocks = x.reshape(2, 3, 2, 50, 2, 50, 2).permute(0, 1, 2, 3, 5, 4, 6).reshape(-1, 4)  # (h p) (w q) → (p q)
+        expect = (1 + gamma) * torch.eye(4) - gamma * torch.ones(4, 4)
+        torch.testing.assert_close(torch.cov(blocks.T), expect, atol=0.02, rtol=0)
+        across = x[..., :, 1:-1].reshape(-1, 2)  # columns 1|2, 3|4, ...: neighbours in different blocks
+        assert abs(torch.corrcoef(across.T)[0, 1]) < 0.02
+    assert block_noise((1, 1, 1, 4, 4), 1 / 3, torch.Generator()).reshape(2, 2, 2, 2).sum((1, 3)).abs().max() < 1e-5
+    with pytest.raises(M4VError, match="gamma"):
+        block_noise((1, 1, 1, 2, 2), 0.5, torch.Generator())
+
+
+def _release_generate(model, text, mask, pooled, frames, height, width, steps, seed, gamma=1 / 3, stages=3):
+    """The release's ``generate`` (T2V, no guidance, one latent frame per unit) and its scheduler,
+    re-derived here from the release's code structure: numpy schedule, the history while-loop,
+    ``get_pyramid_latent`` halvings, ``scheduler.step``. Block noise is drawn as the sampler's
+    ``block_noise`` (tested above) in the same order, so both see the same random numbers."""
+    import numpy as np
+
+    from m4v_convert.backbones.pyramidflow.sampler import block_noise
+
+    n = 1000
+    sig = np.linspace(1, n, n, dtype=np.float64)[::-1] / n  # shift 1
+    tsteps = sig * n
+    rng = [0, 1 / 3, 2 / 3, 1]
+    ori_start, start_s, end_s, dist = {}, {}, {}, []
+    for i in range(stages):
+        a, b = max(int(rng[i] * n), 0), min(int(rng[i + 1] * n), n)
+        st, en = sig[a], (sig[b] if b < n else 0.0)
+        ori_start[i] = st
+        if i:
+            o = 1 - st
+            st = 1 - (1 / (math.sqrt(1 + 1 / gamma) * (1 - o) + o)) * o
+        start_s[i], end_s[i] = st, en
+        dist.append(st - en)
+    ratios = {i: (sum(dist[:i]) / sum(dist) if i else 0.0, 1.0 if i == stages - 1 else sum(dist[:i + 1]) / sum(dist))
+              for i in range(stages)}
+    per_stage = {i: np.linspace(tsteps[int(ratios[i][0] * n)], tsteps[min(int(ratios[i][1] * n), n - 1)], n + 1)[:-1]
+                 for i in range(stages)}
+    stage_sig = np.linspace(1, 0, n + 1)[:-1]
+
+    def pyramid(x):  # get_pyramid_latent: top level, then bilinear halvings; returned low → high
+        out = [x]
+        for _ in range(stages - 1):
+            b, c, t, h, w = x.shape
+            x = F.interpolate(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), size=(h // 2, w // 2), mode="bilinear")
+            x = x.reshape(b, t, c, h // 2, w // 2).permute(0, 2, 1, 3, 4)
+            out.append(x)
+        return out[::-1]
+
+    g = torch.Generator().manual_seed(seed)
+    b = text.shape[0]
+    lat = torch.randn(b, 4, frames, height, width, generator=g)
+    lat = lat.permute(0, 2, 1, 3, 4).reshape(b * frames, 4, height, width)
+    h, w = height, width
+    for _ in range(stages - 1):
+        h, w = h // 2, w // 2
+        lat = F.interpolate(lat, size=(h, w), mode="bilinear") * 2
+    lat = lat.reshape(b, frames, 4, h, w).permute(0, 2, 1, 3, 4)
+    generated = []
+    for unit in range(frames):
+        past = [[] for _ in range(stages)]
+        if unit:
+            clean = pyramid(torch.cat(generated, dim=2))
+            past = []
+            for i_s in range(stages):
+                inp = [clean[i_s][:, :, -1:]]
+                cur_stage, ptx = i_s, 1
+                while ptx < unit:
+                    cur_stage = max(cur_stage - 1, 0)
+                    if cur_stage == 0:
+                        break
+                    ptx += 1
+                    inp.append(clean[cur_stage][:, :, -ptx:-(ptx - 1)])
+                if cur_stage == 0 and ptx < unit:
+                    inp.append(clean[0][:, :, :-ptx])
+                past.append(list(reversed(inp)))
+        x, hh, ww = lat[:, :, unit:unit + 1], h, w
+        for i_s in range(stages):
+            ts = np.linspace(per_stage[i_s][0], per_stage[i_s][-1], steps)
+            sg = list(np.linspace(stage_sig[0], stage_sig[-1], steps)) + [0.0]
+            if i_s:
+                hh, ww = hh * 2, ww * 2
+                x = F.interpolate(x[:, :, 0], size=(hh, ww), mode="nearest")[:, :, None]
+                o = 1 - ori_start[i_s]
+                alpha = 1 / (math.sqrt(1 + 1 / gamma) * (1 - o) + o)
+                beta = alpha * (1 - o) / math.sqrt(gamma)
+                x = alpha * x + beta * block_noise(x.shape, gamma, g)
+            for k, t in enumerate(ts):
+                v = model(sample=[past[i_s] + [x]], encoder_hidden_states=text, encoder_attention_mask=mask,
+                          pooled_projections=pooled, timestep_ratio=torch.full((b,), float(t)))[0]
+                x = x + (sg[k + 1] - sg[k]) * v
+        generated.append(x)
+    return torch.cat(generated, dim=2)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_sampler_is_the_releases_generate_loop(teacher, steps):
+    from m4v_convert.backbones.pyramidflow.sampler import sample_pyramid_video
+
+    g = torch.Generator().manual_seed(1)
+    text, pooled = torch.randn(2, 6, 24, generator=g), torch.randn(2, 20, generator=g)
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    calls = []
+    model = lambda **kw: calls.append([tuple(c.shape[2:]) for c in kw["sample"][0]]) or teacher(**kw)  # noqa: E731
+    got = sample_pyramid_video(model, text, mask, pooled, channels=4, frames=4, height=8, width=8, steps=steps,
+                               generator=torch.Generator().manual_seed(7))
+    ref = _release_generate(teacher, text, mask, pooled, frames=4, height=8, width=8, steps=steps, seed=7)
+    assert got.shape == (2, 4, 4, 8, 8)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 4 * 3 * steps
+    # frame 3, top stage: history frames 0, 1, 2 at levels 0, 1, 2 (the release rule), then the noisy frame
+    assert calls[-1] == [(1, 2, 2), (1, 4, 4), (1, 8, 8), (1, 8, 8)]
+    assert calls[0] == [(1, 2, 2)]  # the first frame has no history
+    other = sample_pyramid_video(teacher, text, mask, pooled, channels=4, frames=4, height=8, width=8, steps=steps,
+                                 generator=torch.Generator().manual_seed(8))
+    assert not torch.allclose(other, got)
+
+
+def test_cli_teacher_calibration_is_the_teachers_pyramid_samples_cached_and_reused(roots, recipes, teacher, tmp_path):
+    from m4v_convert.backbones.pyramidflow.calibration import PyramidCalibSpec, synthetic_pyramid_samples
+    from m4v_convert.backbones.pyramidflow.sampler import teacher_calibration_samples
+    from safetensors.torch import load_file
+
+    recipe = _tiny_recipe(tmp_path / "r.yaml")
+    data = yaml.safe_load(recipe.read_text())
+    data["calib"]["teacher_steps"] = 2
+    recipe.write_text(yaml.safe_dump(data))
+    cache = tmp_path / "cache"
+    res = _convert(roots / "miniflux", tmp_path / "a", recipe, "--stages", "1", "--distill-steps", "2",
+                   "--calib-cache", str(cache))
+    assert res.exit_code == 0, res.output
+    assert "teacher samples 6/6" in res.output
+    assert json.loads((tmp_path / "a" / "conversion.json").read_text())["calibration"] == "teacher:synthetic"
+    cached = load_file(str(cache / "teacher_samples.safetensors"))
+    spec = PyramidCalibSpec(latent_channels=4, text_dim=24, pooled_dim=20, latent_frames=4, latent_height=8,
+                            latent_width=8, text_len=6)
+    texts = synthetic_pyramid_samples(spec, 6, seed=0)
+    direct = teacher_calibration_samples(teacher, texts, spec, steps=2, seed=0, batch_size=2)
+    torch.testing.assert_close(cached["latents"], torch.stack([s.latents for s in direct]), rtol=0, atol=1e-5)
+    assert torch.equal(cached["text_mask"], torch.stack([s.text_mask for s in texts]))
+    assert not torch.allclose(cached["latents"][0], cached["latents"][1])
+    stamp = (cache / "teacher_samples.safetensors").stat().st_mtime_ns
+    res = _convert(roots / "miniflux", tmp_path / "b", recipe, "--stages", "1", "--distill-steps", "2",
+                   "--calib-cache", str(cache))
+    assert res.exit_code == 0 and "reused" in res.output, res.output
+    assert (cache / "teacher_samples.safetensors").stat().st_mtime_ns == stamp
+    # the text conditions of a --calib folder are other settings: refused, nothing written
+    calib = _pyramid_calib(tmp_path / "calib")
+    res = _convert(roots / "miniflux", tmp_path / "c", recipe, "--stages", "1", "--distill-steps", "2",
+                   "--calib-cache", str(cache), "--calib", str(calib))
+    text = " ".join(res.output.split())
+    assert res.exit_code != 0 and "other settings" in text and "text_source" in text, text
+    assert not (tmp_path / "c").exists()
+    # --teacher-calib alone caches in <out>.train/teacher_calib, conditioned on the folder's texts
+    res = _convert(roots / "miniflux", tmp_path / "d", recipe, "--stages", "1", "--distill-steps", "2",
+                   "--teacher-calib", "--calib", str(calib))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "d" / "conversion.json").read_text())
+    assert summary["calibration"] == f"teacher:folder:{calib.resolve()}"
+    assert (tmp_path / "d.train" / "teacher_calib" / "teacher_samples.safetensors").is_file()

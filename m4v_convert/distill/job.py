@@ -202,11 +202,28 @@ def _draw(pool: list, adapter, generator: torch.Generator, per_rank: int, dist: 
     return adapter.shard(out, rows, device, dtype, with_target=with_target)
 
 
+def teacher_calib_cache(opts, plan: DistillPlan) -> Path:
+    """Where teacher-generated calibration is cached: --calib-cache, else the run folder's ``teacher_calib/``."""
+    if opts.calib_cache is not None:
+        return Path(opts.calib_cache)
+    run = (plan.run_dir.path if plan.run_dir is not None
+           else Path(opts.out).expanduser().resolve().with_name(Path(opts.out).name + ".train"))
+    return run / "teacher_calib"
+
+
+def teacher_calib_key(teacher, opts, plan: DistillPlan, spec, text_source: str, texts_sha256: str) -> dict:
+    """What a teacher-sample cache must have been made with to be reused (any other settings are refused)."""
+    from m4v_convert.distill.teacher_samples import teacher_fingerprint
+
+    return {"teacher": teacher_fingerprint(teacher, str(Path(opts.checkpoint).resolve())),
+            "steps": plan.teacher_steps, "seed": opts.seed, "spec": dataclasses.asdict(spec),
+            "text_source": text_source, "texts_sha256": texts_sha256}
+
+
 def calibration_samples(recipe, opts, spec: CalibSpec, teacher, plan: DistillPlan, dist: DistContext, con,
                         device, dtype, patch_size) -> tuple[list[CleanSample], str]:
     """(samples, label): --calib folder, teacher-generated (--teacher-calib / --calib-cache), or synthetic."""
-    from m4v_convert.distill.teacher_samples import (cached_teacher_samples, sample_with_teacher, teacher_fingerprint,
-                                                     texts_digest)
+    from m4v_convert.distill.teacher_samples import cached_teacher_samples, sample_with_teacher, texts_digest
 
     n = int(recipe.calib.get("num_samples", 16))
     if opts.teacher_calib or opts.calib_cache is not None:
@@ -216,13 +233,8 @@ def calibration_samples(recipe, opts, spec: CalibSpec, teacher, plan: DistillPla
         else:
             texts = [s.text for s in synthetic_samples(spec, n, seed=opts.seed)]
             text_source = "synthetic"
-        cache = opts.calib_cache
-        if cache is None:
-            cache = (plan.run_dir.path if plan.run_dir is not None
-                     else Path(opts.out).expanduser().resolve().with_name(Path(opts.out).name + ".train")) / "teacher_calib"
-        key = {"teacher": teacher_fingerprint(teacher, str(Path(opts.checkpoint).resolve())),
-               "steps": plan.teacher_steps, "seed": opts.seed, "spec": dataclasses.asdict(spec),
-               "text_source": text_source, "texts_sha256": texts_digest(texts)}
+        cache = teacher_calib_cache(opts, plan)
+        key = teacher_calib_key(teacher, opts, plan, spec, text_source, texts_digest(texts))
 
         def make():
             con.print(f"calibration: sampling {len(texts)} clean latents with the teacher "

@@ -85,10 +85,25 @@ def sample_with_teacher(teacher: torch.nn.Module, texts: list[torch.Tensor], spe
     return out
 
 
-def cached_teacher_samples(cache: Path, key: dict, spec: CalibSpec, make: Callable[[], list[CleanSample]],
-                           dist=None, flag: str = "--calib-cache") -> tuple[list[CleanSample], bool]:
+def clean_sample_tensors(samples: list[CleanSample]) -> dict[str, torch.Tensor]:
+    """``CleanSample`` list → the calibration folder's tensors (text rows zero-padded to one length)."""
+    lz = max(s.text.shape[0] for s in samples)
+    text = torch.zeros(len(samples), lz, samples[0].text.shape[-1])
+    for i, s in enumerate(samples):
+        text[i, : s.text.shape[0]] = s.text
+    return {"latents": torch.stack([s.latents for s in samples]), "text_embeds": text}
+
+
+def cached_teacher_samples(cache: Path, key: dict, spec, make: Callable[[], list], dist=None,
+                           flag: str = "--calib-cache", to_tensors: Callable[[list], dict] | None = None,
+                           load: Callable[[Path], list] | None = None) -> tuple[list, bool]:
     """Samples from ``cache`` if it was made with ``key``; else ``make()`` them (rank 0), write them
-    atomically to ``cache`` and return them. Returns (samples, reused)."""
+    atomically to ``cache`` and return them. Returns (samples, reused).
+
+    ``to_tensors`` (samples → tensors of the calibration format) and ``load`` (folder → samples)
+    default to Wan's ``CleanSample`` format; a backbone with another format passes its own."""
+    to_tensors = to_tensors or clean_sample_tensors
+    load = load or (lambda folder: folder_samples(folder, spec, flag=flag))
     cache = Path(cache).expanduser().resolve()
     manifest = cache / MANIFEST
     is_main = dist is None or dist.is_main
@@ -104,7 +119,7 @@ def cached_teacher_samples(cache: Path, key: dict, spec: CalibSpec, make: Callab
             diff = sorted(k for k in set(key) | set(saved.get("key", {})) if saved.get("key", {}).get(k) != key.get(k))
             raise M4VError(f"{flag} {cache}: holds teacher samples made with other settings (differs in: "
                            f"{', '.join(diff)}); pass another folder or delete this one to regenerate")
-        return folder_samples(cache, spec, flag=flag), True
+        return load(cache), True
     if cache.exists() and any(cache.iterdir()):
         raise M4VError(f"{flag} {cache}: folder exists and is not a teacher-sample cache (no {MANIFEST}); "
                        "refusing to write into it")
@@ -115,12 +130,8 @@ def cached_teacher_samples(cache: Path, key: dict, spec: CalibSpec, make: Callab
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
         try:
-            lz = max(s.text.shape[0] for s in samples)
-            text = torch.zeros(len(samples), lz, samples[0].text.shape[-1])
-            for i, s in enumerate(samples):
-                text[i, : s.text.shape[0]] = s.text
-            save_file({"latents": torch.stack([s.latents for s in samples]).contiguous(),
-                       "text_embeds": text.contiguous()}, str(tmp / SAMPLES_FILE), metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in to_tensors(samples).items()}, str(tmp / SAMPLES_FILE),
+                      metadata={"format": "pt"})
             (tmp / MANIFEST).write_text(json.dumps({"key": key, "num_samples": len(samples),
                                                     "spec": dataclasses.asdict(spec)}, indent=2))
             if cache.exists():
@@ -131,4 +142,4 @@ def cached_teacher_samples(cache: Path, key: dict, spec: CalibSpec, make: Callab
             raise
     if dist is not None:
         dist.barrier()
-    return folder_samples(cache, spec, flag=flag), False
+    return load(cache), False

@@ -37,16 +37,48 @@ class PyramidDistillAdapter:
 
     # ---- data
     def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype) -> tuple[list, str]:
-        """``--calib`` folder, else synthetic pyramid samples (``--teacher-calib`` is refused earlier, by ``convert_pyramidflow``)."""
+        """``--calib`` folder; teacher-generated (``--teacher-calib`` / ``--calib-cache``: the release's
+        pyramid sampler run on the folder's or synthetic text conditions, cached); else synthetic."""
+        n = int(recipe.calib.get("num_samples", 16))
+        if opts.teacher_calib or opts.calib_cache is not None:
+            return self._teacher_samples(recipe, opts, teacher, plan, dist, con, device, dtype, n)
         if opts.calib is not None:
             samples = folder_pyramid_samples(opts.calib, self.spec)
             con.print(f"calibration: {len(samples)} samples from {opts.calib} (latents "
                       f"{tuple(samples[0].latents.shape)}, all {self.spec.num_stages} pyramid stages per call)")
             return samples, f"folder:{opts.calib}"
         con.print("[yellow]calibration: SYNTHETIC pyramid batches (random latents, T5-like text with padding); "
-                  "they carry no video content[/]")
-        return synthetic_pyramid_samples(self.spec, int(recipe.calib.get("num_samples", 16)), seed=opts.seed), \
-            "synthetic"
+                  "they carry no video content; pass --calib DIR with real latents (or --teacher-calib)[/]")
+        return synthetic_pyramid_samples(self.spec, n, seed=opts.seed), "synthetic"
+
+    def _teacher_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype, n: int) -> tuple[list, str]:
+        from m4v_convert.distill.job import teacher_calib_cache, teacher_calib_key
+        from m4v_convert.distill.teacher_samples import cached_teacher_samples
+
+        from .sampler import conditions_digest, pyramid_sample_tensors, teacher_calibration_samples
+
+        if opts.calib is not None:
+            texts, text_source = folder_pyramid_samples(opts.calib, self.spec), f"folder:{Path(opts.calib).resolve()}"
+        else:
+            texts, text_source = synthetic_pyramid_samples(self.spec, n, seed=opts.seed), "synthetic"
+        cache = teacher_calib_cache(opts, plan)
+        key = teacher_calib_key(teacher, opts, plan, self.spec, text_source, conditions_digest(texts))
+        steps, spec = plan.teacher_steps, self.spec
+
+        def make():
+            con.print(f"calibration: sampling {len(texts)} videos ({spec.latent_frames} latent frames, "
+                      f"{spec.latent_height}×{spec.latent_width}) with the teacher's pyramid sampler ({steps} Euler "
+                      f"steps per stage and frame, {spec.num_stages} stages, no guidance) ...")
+            return teacher_calibration_samples(
+                teacher, texts, spec, steps, opts.seed, batch_size=int(recipe.calib.get("batch_size", 1)),
+                device=device, dtype=dtype, progress=lambda done, total: con.print(f"  teacher samples {done}/{total}"))
+
+        samples, reused = cached_teacher_samples(
+            cache, key, spec, make, dist=dist, to_tensors=pyramid_sample_tensors,
+            load=lambda folder: folder_pyramid_samples(folder, spec, flag="--calib-cache"))
+        con.print(f"calibration: TEACHER-GENERATED videos ({'reused' if reused else 'cached in'} {cache}); text "
+                  f"conditions: {text_source}")
+        return samples, f"teacher:{text_source}"
 
     def data_samples(self, folder: Path) -> list:
         return folder_pyramid_samples(folder, self.spec, flag="--data")

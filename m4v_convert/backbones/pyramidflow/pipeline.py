@@ -50,7 +50,7 @@ class PyramidFlowOptions:
     grad_checkpointing: bool = False
     mixed_precision: str = "auto"
     feature_weight: float | None = None  # not used: stage 2 has no per-layer feature term here
-    teacher_calib: bool = False  # refused (needs the pyramid sampler)
+    teacher_calib: bool = False  # calibrate on videos sampled by the teacher (sampler.py)
     calib_cache: Path | None = None
     num_processes: int = 1  # data parallel, launched through accelerate (as for Wan)
 
@@ -137,9 +137,6 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     dtype = resolve_dtype("float32" if opts.dtype == "auto" else opts.dtype)
     if dtype == torch.float16:
         raise M4VError("--dtype float16: PyramidFlow's activations overflow float16; use bfloat16 or float32")
-    if opts.teacher_calib or opts.calib_cache is not None:
-        raise M4VError("--teacher-calib: not available for PyramidFlow (sampling the teacher needs the whole "
-                       "pyramid sampler); pass --calib DIR with real latents")
     for flag, folder in (("--calib", opts.calib), ("--data", opts.data)):
         if folder is not None and not Path(folder).expanduser().is_dir():
             raise M4VError(f"{flag} {folder}: not a folder")
