@@ -1057,3 +1057,5 @@ def test_cli_teacher_calibration_is_the_teachers_pyramid_samples_cached_and_reus
     summary = json.loads((tmp_path / "d" / "conversion.json").read_text())
     assert summary["calibration"] == f"teacher:folder:{calib.resolve()}"
     assert (tmp_path / "d.train" / "teacher_calib" / "teacher_samples.safetensors").is_file()
+    card = " ".join((tmp_path / "d" / "README.md").read_text().split())
+    assert "sampled by the teacher" in card and str(calib) in card

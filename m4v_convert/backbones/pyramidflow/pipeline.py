@@ -83,6 +83,11 @@ def _calibration_line(calibration: str) -> str:
     if calibration == "synthetic":
         return ("- calibration data: **synthetic** — random latents and text embeddings, not real videos: this model "
                 "is NOT ready\n  for generation quality; distill it further on real latents (`--calib DIR`)")
+    if calibration.startswith("teacher:"):
+        source = calibration.removeprefix("teacher:")
+        texts = "synthetic text conditions" if source == "synthetic" else f"the text conditions of `{source.removeprefix('folder:')}`"
+        return (f"- calibration data: videos **sampled by the teacher** (the release's pyramid sampler, no guidance) "
+                f"for {texts}; pyramid-shaped batches")
     return f"- calibration data: `{calibration.removeprefix('folder:')}` (real latents, pyramid-shaped batches)"
 
 
