@@ -33,7 +33,7 @@ def user_errors(fn):
         except M4VError as e:
             _fail(str(e))
         except KeyboardInterrupt:
-            _fail("interrupted; the --out folder was not written (a resumable run keeps its state where it said)", 130)
+            _fail("interrupted; --out was not written (resumable state, if any was kept, is named above)", 130)
 
     return wrapper
 
