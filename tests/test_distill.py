@@ -177,6 +177,7 @@ def test_teacher_generated_calibration_is_cached_and_reused(ckpt, recipe_file, t
                    str(cache))
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "a" / "conversion.json").read_text())["calibration"] == "teacher:synthetic"
+    assert "teacher samples 6/6" in res.output
     cached = load_file(str(cache / "teacher_samples.safetensors"))
     # oracle: the cache holds exactly the teacher's Euler samples for the recipe's synthetic texts
     spec = CalibSpec(in_channels=4, text_dim=32, latent_frames=2, latent_height=8, latent_width=8, text_len=6,

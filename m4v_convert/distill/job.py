@@ -240,7 +240,8 @@ def calibration_samples(recipe, opts, spec: CalibSpec, teacher, plan: DistillPla
             con.print(f"calibration: sampling {len(texts)} clean latents with the teacher "
                       f"({plan.teacher_steps} flow-matching Euler steps each) ...")
             return sample_with_teacher(teacher, texts, spec, plan.teacher_steps, opts.seed,
-                                       batch_size=int(recipe.calib.get("batch_size", 1)), device=device, dtype=dtype)
+                                       batch_size=int(recipe.calib.get("batch_size", 1)), device=device, dtype=dtype,
+                                       progress=lambda done, total: con.print(f"  teacher samples {done}/{total}"))
 
         samples, reused = cached_teacher_samples(cache, key, spec, make, dist=dist)
         con.print(f"calibration: TEACHER-GENERATED latents ({'reused' if reused else 'cached in'} {cache}); text "

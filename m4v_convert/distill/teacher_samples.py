@@ -51,7 +51,8 @@ def texts_digest(texts: list[torch.Tensor]) -> str:
 
 @torch.no_grad()
 def sample_with_teacher(teacher: torch.nn.Module, texts: list[torch.Tensor], spec: CalibSpec, steps: int, seed: int,
-                        batch_size: int = 1, device="cpu", dtype=torch.float32) -> list[CleanSample]:
+                        batch_size: int = 1, device="cpu", dtype=torch.float32,
+                        progress: Callable[[int, int], None] | None = None) -> list[CleanSample]:
     """One clean latent per text embedding: noise → ``steps`` Euler flow-matching steps of ``teacher``.
 
     texts: (Lz, text_dim) each, zero rows = padding. The teacher is called with diffusers'
@@ -82,6 +83,8 @@ def sample_with_teacher(teacher: torch.nn.Module, texts: list[torch.Tensor], spe
             raise M4VError("teacher-generated calibration: the teacher produced NaN/inf latents; check the "
                            "checkpoint and --dtype")
         out.extend(CleanSample(latents[i].clone(), chunk[i].clone()) for i in range(len(chunk)))
+        if progress is not None:
+            progress(len(out), len(texts))
     return out
 
 
