@@ -261,9 +261,19 @@ def test_registers_are_pyramid_levels_and_history_feeds_the_temporal_branch(teac
     student.register_to_config(m4v={**student.config["m4v"], "full_grid": [48, 80]})
     assert [b.level for b in student.token_layouts(one, mask)[0].blocks] == [None] * 3
     with torch.no_grad():
+        for blk in student.single_transformer_blocks:  # registers that differ by level
+            blk.attn.mmdim.register_tokens.normal_(std=1.0)
         out = student(one, kw["encoder_hidden_states"][1::3], mask, kw["pooled_projections"][1::3],
                       kw["timestep_ratio"][1::3])
-    assert torch.isfinite(out[0]).all()
+        full = student(**kw)
+        # a sampler's top grid (pyramid_top_grid) names them again: the stage's output in a full call
+        with student.pyramid_top_grid((8, 12)):
+            assert [b.level for b in student.token_layouts(one, mask)[0].blocks] == [0, 1, 1]
+            named = student(one, kw["encoder_hidden_states"][1::3], mask, kw["pooled_projections"][1::3],
+                            kw["timestep_ratio"][1::3])
+    assert [b.level for b in student.token_layouts(one, mask)[0].blocks] == [None] * 3  # restored on exit
+    torch.testing.assert_close(named[0], full[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[0], full[1], atol=1e-4)
 
 
 def test_save_load_round_trip_is_bit_identical(teacher, tmp_path):

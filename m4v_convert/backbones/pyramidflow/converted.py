@@ -62,6 +62,7 @@ Init (see :mod:`m4v_convert.layers.init_from_attention`): x/B/C rows of ``in_pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass, field
@@ -439,9 +440,22 @@ class _ConvertedPyramidMixin:
     def converted_layers(self) -> list[int]:
         return sorted(self.converted_modules())
 
+    @contextlib.contextmanager
+    def pyramid_top_grid(self, grid: tuple[int, int]):
+        """Within the block, single-stage calls name their pyramid levels from ``grid``, the top-level
+        token grid of the video being sampled (``m4v.full_grid`` is the recipe's full resolution, which a
+        smaller video does not match): each frame then gets its level's register, as in training."""
+        before = getattr(self, "_top_grid", None)
+        self._top_grid = tuple(grid)
+        try:
+            yield self
+        finally:
+            self._top_grid = before
+
     def token_layouts(self, sample, encoder_attention_mask, *, full_grid=None) -> list[StageLayout]:
-        """As the teacher's, but levels are also named from ``m4v.full_grid`` (single-stage calls)."""
-        grid = full_grid or (self.config.get("m4v") or {}).get("full_grid")
+        """As the teacher's, but levels are also named from the sampler's grid
+        (:meth:`pyramid_top_grid`) or ``m4v.full_grid`` (single-stage calls)."""
+        grid = full_grid or getattr(self, "_top_grid", None) or (self.config.get("m4v") or {}).get("full_grid")
         if grid is not None:
             layouts = self.teacher_class.token_layouts(self, sample, encoder_attention_mask, full_grid=tuple(grid))
             if all(b.level is not None for lay in layouts for b in lay.blocks):

@@ -20,6 +20,7 @@ calibration. Calls hold one stage, so the model sees the single-stage inputs inf
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -103,31 +104,40 @@ def sample_pyramid_video(
             "encoder_attention_mask": text_mask.to(device),
             "pooled_projections": pooled.to(device=device, dtype=dtype)}
     generated: list[torch.Tensor] = []
-    for unit in range(frames):
-        levels = pyramid_levels(torch.cat(generated, dim=2), num_stages) if generated else None
-        x = noise[:, :, unit:unit + 1]
-        for stage in range(num_stages):
-            if stage:
-                alpha, beta = renoise_coefficients(schedule, stage, gamma)
-                x = _double_nearest(x)
-                x = alpha * x + beta * block_noise(x.shape, gamma, generator)
-            history, t0 = [], 0
-            for n, level in history_clips(stage, unit):
-                history.append(levels[level][:, :, t0:t0 + n].to(device=device, dtype=dtype))
-                t0 += n
-            ratios = stage_ratios(step_list[stage])
-            for i in range(step_list[stage]):
-                t = schedule.timestep(stage, ratios[i]).float()
-                v = model(sample=[[*history, x.to(device=device, dtype=dtype)]],
-                          timestep_ratio=t.expand(b).to(device=device, dtype=dtype), **cond)[0]
-                x = x + float(ratios[i + 1] - ratios[i]) * v.float().cpu()
-        if not torch.isfinite(x).all():
-            raise M4VError(f"pyramid sampler: the model produced NaN/inf latents at frame {unit}; check the "
-                           "checkpoint and --dtype")
-        generated.append(x)
-        if on_unit is not None:
-            on_unit(unit + 1, frames)
+    # a converted model names each frame's pyramid level (its register) from the top-level token grid
+    top_grid = getattr(model, "pyramid_top_grid", None)
+    with top_grid((height // 2, width // 2)) if top_grid is not None else contextlib.nullcontext():
+        for unit in range(frames):
+            generated.append(_sample_frame(model, noise[:, :, unit:unit + 1], generated, cond, schedule, step_list,
+                                           num_stages, gamma, generator, b, device, dtype))
+            if on_unit is not None:
+                on_unit(unit + 1, frames)
     return torch.cat(generated, dim=2)
+
+
+def _sample_frame(model, x, generated, cond, schedule, step_list, num_stages, gamma, generator, b, device, dtype):
+    """One latent frame through every pyramid stage, its history the frames ``generated`` so far."""
+    unit = len(generated)
+    levels = pyramid_levels(torch.cat(generated, dim=2), num_stages) if generated else None
+    for stage in range(num_stages):
+        if stage:
+            alpha, beta = renoise_coefficients(schedule, stage, gamma)
+            x = _double_nearest(x)
+            x = alpha * x + beta * block_noise(x.shape, gamma, generator)
+        history, t0 = [], 0
+        for n, level in history_clips(stage, unit):
+            history.append(levels[level][:, :, t0:t0 + n].to(device=device, dtype=dtype))
+            t0 += n
+        ratios = stage_ratios(step_list[stage])
+        for i in range(step_list[stage]):
+            t = schedule.timestep(stage, ratios[i]).float()
+            v = model(sample=[[*history, x.to(device=device, dtype=dtype)]],
+                      timestep_ratio=t.expand(b).to(device=device, dtype=dtype), **cond)[0]
+            x = x + float(ratios[i + 1] - ratios[i]) * v.float().cpu()
+    if not torch.isfinite(x).all():
+        raise M4VError(f"pyramid sampler: the model produced NaN/inf latents at frame {unit}; check the "
+                       "checkpoint and --dtype")
+    return x
 
 
 def teacher_calibration_samples(teacher: torch.nn.Module, texts: list, spec, steps: int, seed: int, batch_size: int = 1,
