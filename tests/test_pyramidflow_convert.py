@@ -276,6 +276,22 @@ def test_registers_are_pyramid_levels_and_history_feeds_the_temporal_branch(teac
     assert not torch.allclose(out[0], full[1], atol=1e-4)
 
 
+def test_a_full_call_smaller_than_the_recipe_resolution_names_levels_by_stage(teacher):
+    """The shipped 768p recipe calibrates on 24×40 latents, exactly two halvings of the 768p grid: a
+    call holding every stage is levels 0, 1, 2 whatever its size (not 768p's −2, −1, 0)."""
+    from m4v_convert.backbones.pyramidflow.calibration import (PyramidCalibSpec, pyramid_batch,
+                                                               synthetic_pyramid_samples)
+
+    student = M4VPyramidFluxTransformer.from_teacher(teacher)
+    student.convert_([1, 2], MMDIM, meta={"full_grid": [48, 80]})
+    spec = PyramidCalibSpec(4, 24, 20, latent_frames=3, latent_height=24, latent_width=40, text_len=6)
+    kw = pyramid_batch(synthetic_pyramid_samples(spec, 1, 0), spec, torch.Generator().manual_seed(0))
+    levels = [[b.level for b in lay.blocks] for lay in student.token_layouts(kw["sample"], kw["encoder_attention_mask"])]
+    assert levels == [[0, 0, 0], [0, 1, 1], [1, 2, 2]]
+    with torch.no_grad():
+        assert all(torch.isfinite(v).all() for v in student(**kw))
+
+
 def test_save_load_round_trip_is_bit_identical(teacher, tmp_path):
     student = M4VPyramidFluxTransformer.from_teacher(teacher)
     student.convert_([1, 2], MMDIM, meta={"full_grid": [8, 12]})

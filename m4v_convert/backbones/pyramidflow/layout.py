@@ -300,18 +300,21 @@ def stage_levels(
 ) -> list[int | None]:
     """Pyramid level of each stage of a call (of its noisy clip).
 
-    With ``full_grid`` (token grid of the top level) the level follows from the grid size; else,
-    when the call holds all ``num_levels`` stages (release training packs them low → high), the
-    list index is the level; else unknown (None): a single-stage inference call cannot tell.
+    When the call holds all ``num_levels`` stages (release training packs them low → high), the
+    list index is the level, whatever the video size; else, with ``full_grid`` (token grid of the
+    top level), the level follows from the grid size (None when the grid is not that many halvings
+    of ``full_grid``, or more than ``num_levels − 1``: a smaller video than the one it names); else
+    unknown (None): a single-stage inference call cannot tell.
     """
     levels: list[int | None] = []
     for i, clips in enumerate(stages):
         h, w = clips[-1].shape[-2] // patch, clips[-1].shape[-1] // patch
-        if full_grid is not None:
-            down = _halvings(full_grid[0], h)
-            levels.append(None if down is None or down != _halvings(full_grid[1], w) else num_levels - 1 - down)
-        elif len(stages) == num_levels:
+        if len(stages) == num_levels:
             levels.append(i)
+        elif full_grid is not None:
+            down = _halvings(full_grid[0], h)
+            ok = down is not None and down == _halvings(full_grid[1], w) and down < num_levels
+            levels.append(num_levels - 1 - down if ok else None)
         else:
             levels.append(None)
     return levels
