@@ -364,25 +364,53 @@ def recipes(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    teacher: Path = typer.Argument(..., help="the original (teacher) Wan2.1 checkpoint"),
+    teacher: Path = typer.Argument(..., help="the original (teacher) checkpoint: Wan2.1, or a PyramidFlow release "
+                                   "folder"),
     student: Path = typer.Argument(..., help="a model converted from it by m4v-convert"),
-    out: Path = typer.Option(..., "--out", help="output folder: metrics.json, samples.gif, frames.png"),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="file with one prompt per line "
+    out: Path = typer.Option(..., "--out", help="output folder: metrics.json, frames.png (+ samples.gif for Wan)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Wan: file with one prompt per line "
                                            "(default: the built-in held-out prompts)"),
-    seeds: int = typer.Option(4, "--seeds", help="noise seeds per prompt"),
-    steps: int = typer.Option(20, "--steps", help="flow-match Euler sampling steps"),
-    shift: float = typer.Option(3.0, "--shift", help="sampler timestep shift"),
-    task: Optional[Path] = typer.Option(None, "--task", help="synthetic task JSON (default: TEACHER/task.json)"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="noise seeds per prompt / condition (default: 4 "
+                                        "Wan, 2 PyramidFlow)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Euler sampling steps (default: Wan 20; PyramidFlow "
+                                        "10 per pyramid stage)"),
+    shift: Optional[float] = typer.Option(None, "--shift", help="Wan: sampler timestep shift (default 3)"),
+    task: Optional[Path] = typer.Option(None, "--task", help="Wan: synthetic task JSON (default: TEACHER/task.json)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="PyramidFlow: text conditions and latents in the "
+                                         "PyramidFlow --calib format (default: synthetic conditions)"),
+    conditions: int = typer.Option(4, "--conditions", help="PyramidFlow: synthetic text conditions without --calib"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="PyramidFlow: latent frames per sample (default: "
+                                         "the recipe's calibration size)"),
     device: str = _DEVICE,
     overwrite: bool = _OVERWRITE,
     threads: Optional[int] = _THREADS,
 ):
-    """Fidelity of STUDENT against TEACHER: prediction error per timestep, sample PSNR/SSIM, prompt adherence."""
-    from m4v_convert.eval import EvalOptions, run_eval
+    """Fidelity of STUDENT against TEACHER: prediction error, same-seed sample PSNR/SSIM, and (Wan, on the
+    synthetic task) prompt adherence."""
+    from m4v_convert.backbones.pyramidflow.evaluate import is_pyramidflow_student
+    from m4v_convert.io.converted import read_converted_config
 
     _set_threads(threads)
-    run_eval(EvalOptions(teacher=teacher, student=student, out=out, prompts=prompts, seeds=seeds, steps=steps,
-                         shift=shift, task=task, device=device, overwrite=overwrite))
+    if Path(student).expanduser().exists() and is_pyramidflow_student(read_converted_config(student)):
+        from m4v_convert.backbones.pyramidflow.evaluate import PyramidEvalOptions, run_pyramid_eval
+
+        wan_only = [flag for flag, v in (("--prompts", prompts), ("--shift", shift), ("--task", task)) if v is not None]
+        if wan_only:
+            _fail(f"{', '.join(wan_only)}: Wan eval options (the synthetic task); a PyramidFlow eval takes its text "
+                  "conditions from --calib")
+        run_pyramid_eval(PyramidEvalOptions(teacher=teacher, student=student, out=out, calib=calib,
+                                            conditions=conditions, seeds=2 if seeds is None else seeds, steps=10 if steps is None else steps, frames=frames,
+                                            device=device, overwrite=overwrite))
+        return
+    from m4v_convert.eval import EvalOptions, run_eval
+
+    pyramid_only = [flag for flag, v in (("--calib", calib), ("--frames", frames)) if v is not None]
+    if pyramid_only:
+        _fail(f"{', '.join(pyramid_only)}: PyramidFlow eval options; a Wan eval draws its inputs from the synthetic "
+              "task (--prompts, --task)")
+    run_eval(EvalOptions(teacher=teacher, student=student, out=out, prompts=prompts, seeds=4 if seeds is None else seeds,
+                         steps=20 if steps is None else steps, shift=3.0 if shift is None else shift, task=task, device=device,
+                         overwrite=overwrite))
 
 
 @app.command("ablate")

@@ -234,13 +234,16 @@ def test_cli_eval_writes_metrics_gif_and_png(folders, tmp_path):
     assert (tmp_path / "conv" / "frames.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("case", ["other_arch", "not_converted", "prompts_missing", "prompt_word", "teacher_missing"])
+@pytest.mark.parametrize("case", ["other_arch", "not_converted", "prompts_missing", "prompt_word", "teacher_missing",
+                                  "pyramidflow_option"])
 def test_cli_eval_bad_input_is_one_clear_message(case, folders, tmp_path):
     out = tmp_path / "out"
     student, extra = "converted", []
     expect = {"other_arch": "different architectures", "not_converted": "not a converted model",
               "prompts_missing": "no such file", "prompt_word": "unknown word 'pink'",
-              "teacher_missing": "does not exist"}[case]
+              "teacher_missing": "does not exist", "pyramidflow_option": "--calib: PyramidFlow eval options"}[case]
+    if case == "pyramidflow_option":
+        extra = ["--calib", str(tmp_path)]
     if case == "other_arch":
         student = "other_arch"
     elif case == "not_converted":

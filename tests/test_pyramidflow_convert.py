@@ -1085,3 +1085,93 @@ def test_cli_teacher_calibration_is_the_teachers_pyramid_samples_cached_and_reus
     assert (tmp_path / "d.train" / "teacher_calib" / "teacher_samples.safetensors").is_file()
     card = " ".join((tmp_path / "d" / "README.md").read_text().split())
     assert "sampled by the teacher" in card and str(calib) in card
+
+
+# ---------------------------------------------------------------- eval of a PyramidFlow conversion
+
+def _eval(teacher_root, student, out, *extra):
+    return runner.invoke(app, ["eval", str(teacher_root), str(student), "--out", str(out), "--device", "cpu",
+                               "--threads", "1", *extra])
+
+
+def test_eval_pyramidflow_is_the_hand_computed_comparison(roots, recipes, teacher, tmp_path):
+    """metrics.json against an oracle computed here from the pieces: same-seed samples of both models
+    (the sampler, tested above), PSNR with the teacher's range, per-stage errors on the --calib batches."""
+    from m4v_convert.backbones.pyramidflow.calibration import PyramidCalibSpec, folder_pyramid_samples, pyramid_batch
+    from m4v_convert.backbones.pyramidflow.evaluate import BATCH_NOISE_SEED, SAMPLE_NOISE_BASE
+    from m4v_convert.backbones.pyramidflow.sampler import sample_pyramid_video
+    from PIL import Image
+
+    out = tmp_path / "converted"
+    assert _convert(roots / "miniflux", out, recipes["miniflux"], "--distill-steps", "4", "--stage2-steps", "2",
+                    ).exit_code == 0
+    calib = _pyramid_calib(tmp_path / "calib", n=2)  # 2 batched + 1 single sample, 4 frames of 8×8
+    res = _eval(roots / "miniflux", out, tmp_path / "ev", "--calib", str(calib), "--seeds", "2", "--steps", "2")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["samples"] == 6 and m["conditions"] == 3 and m["pred_rel_error_on"] == "calibration latents"
+    student = load_converted(out)
+    spec = PyramidCalibSpec(4, 24, 20, latent_frames=4, latent_height=8, latent_width=8, text_len=6)
+    conds = folder_pyramid_samples(calib, spec)
+    mses = []
+    for i in range(6):
+        c = conds[i // 2]
+        xs = [sample_pyramid_video(model, c.text[None], c.text_mask[None], c.pooled[None], channels=4, frames=4,
+                                   height=8, width=8, steps=2, generator=torch.Generator().manual_seed(SAMPLE_NOISE_BASE + i))
+              for model in (teacher, student)]
+        lo, hi = xs[0].min(), xs[0].max()
+        mses.append(float(((xs[1] - xs[0]) / (hi - lo)).double().pow(2).mean()))
+    assert m["psnr_db"] == pytest.approx(10 * math.log10(len(mses) / sum(mses)), abs=1e-3)
+    assert m["psnr_db_ci95"][0] <= m["psnr_db"] <= m["psnr_db_ci95"][1]
+    g = torch.Generator().manual_seed(BATCH_NOISE_SEED)
+    num, den = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for start in (0, 2):
+            kw = pyramid_batch(conds[start:start + 2], spec, g)
+            for s, (vt, vs) in enumerate(zip(teacher(**kw), student(**kw))):
+                num[s] += (vs - vt).double().pow(2).sum()
+                den[s] += vt.double().pow(2).sum()
+    for s in range(3):
+        assert m["pred_rel_error"][f"stage{s}"] == pytest.approx(float((num[s] / den[s]).sqrt()), rel=1e-4)
+    assert 0 < m["pred_rel_error_mean"] < 1 and m["ssim"] < 1
+    # 4 frames of 8+1 px; the first 4 samples, each 2 rows of 8 px + a 1 px gap; 8x upscaled
+    assert Image.open(tmp_path / "ev" / "frames.png").size == (8 * 4 * 9, 8 * 4 * 17)
+
+
+def test_eval_pyramidflow_of_an_unconverted_copy_is_exact(teacher, tmp_path, roots):
+    from m4v_convert.backbones.pyramidflow.evaluate import PyramidEvalOptions, run_pyramid_eval
+
+    copy_ = M4VPyramidFluxTransformer.from_teacher(teacher)
+    copy_.convert_([], MMDIM, meta={"full_grid": [48, 80], "resolution": "768p", "variant": "miniflux"})
+    copy_.register_to_config(m4v={**copy_.config["m4v"], "recipe": "pyramidflow-miniflux-768p"})
+    save_converted(copy_, tmp_path / "copy" / "diffusion_transformer_768p", metadata={})
+    m = run_pyramid_eval(PyramidEvalOptions(teacher=roots / "miniflux", student=tmp_path / "copy", out=tmp_path / "ev",
+                                            conditions=1, seeds=2, steps=1, frames=2, device="cpu"))
+    assert m["psnr_db"] == math.inf and m["ssim"] == pytest.approx(1.0)
+    assert m["pred_rel_error_mean"] == 0 and m["sample_rel_error"] == 0
+    assert m["conditions_source"] == "synthetic" and m["size"] == {"latent_frames": 2, "latent_height": 24,
+                                                                  "latent_width": 40}  # the recipe's calibration size
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("wan_option", "--prompts: Wan eval options"),
+    ("sd3_teacher", "not the miniflux one"),
+    ("frames_vs_calib", "--frames 3: the --calib latents have 4 frames"),
+    ("calib_missing", "--calib"),
+])
+def test_eval_pyramidflow_bad_input_is_one_clear_message(case, expect, roots, recipes, tmp_path):
+    out = tmp_path / "converted"
+    assert _convert(roots / "miniflux", out, recipes["miniflux"], "--distill-steps", "1", "--stages", "1").exit_code == 0
+    teacher_root, extra = roots / "miniflux", []
+    if case == "wan_option":
+        extra = ["--prompts", str(tmp_path / "p.txt")]
+    elif case == "sd3_teacher":
+        teacher_root = roots / "sd3"
+    elif case == "frames_vs_calib":
+        extra = ["--calib", str(_pyramid_calib(tmp_path / "calib")), "--frames", "3"]
+    elif case == "calib_missing":
+        extra = ["--calib", str(tmp_path / "nowhere")]
+    res = _eval(teacher_root, out, tmp_path / "ev", *extra)
+    text = " ".join(res.output.split())
+    assert res.exit_code != 0 and "Traceback" not in res.output and "error:" in text and expect in text, text
+    assert not (tmp_path / "ev").exists()
