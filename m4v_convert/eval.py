@@ -113,6 +113,17 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
     return float(s.mean())
 
 
+def pair_scores(xs_t: torch.Tensor, xs_s: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per sample pair (teacher, student): MSE and SSIM after mapping both with the teacher's [min, max]
+    to [0, 1]."""
+    mses, ssims = [], []
+    for a, b in zip(xs_t, xs_s):
+        na, nb = normalize_to(a, b)
+        mses.append(float((na.double() - nb.double()).pow(2).mean()))
+        ssims.append(ssim(na, nb))
+    return mses, ssims
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """``‖a − b‖ / ‖b‖``."""
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
@@ -220,11 +231,7 @@ def evaluate(teacher, student, task: ShapesTask, settings: EvalSettings | None =
         labels = [lab for lab in settings.labels for _ in range(settings.seeds)]
     xs_s, _ = sample(student, task, settings, on_batch=lambda n: tick("student samples", n))
     adh_s = task.adherence(xs_s, labels)
-    mses, ssims = [], []
-    for a, b in zip(xs_t, xs_s):
-        na, nb = normalize_to(a, b)
-        mses.append(float((na.double() - nb.double()).pow(2).mean()))
-        ssims.append(ssim(na, nb))
+    mses, ssims = pair_scores(xs_t, xs_s)
     mse = sum(mses) / len(mses)
     agree = sum(r_t == r_s for r_t, r_s in zip(adh_t["read"], adh_s["read"])) / len(labels)
     metrics = {

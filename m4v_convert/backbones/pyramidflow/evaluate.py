@@ -121,7 +121,7 @@ def prediction_errors(teacher, student, clean: list[PyramidSample], spec: Pyrami
 def evaluate_pyramid(teacher, student, conditions: list[PyramidSample], spec: PyramidCalibSpec, seeds: int,
                      steps: int, device, real_latents: bool, progress=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """All metrics; returns (metrics, teacher samples, student samples), samples (N, C, F, H, W)."""
-    from m4v_convert.eval import CI95, normalize_to, relative_error, resampled_means, ssim
+    from m4v_convert.eval import CI95, pair_scores, relative_error, resampled_means
 
     t0 = time.time()
     xs = {"teacher": [], "student": []}
@@ -141,11 +141,7 @@ def evaluate_pyramid(teacher, student, conditions: list[PyramidSample], spec: Py
     clean = conditions if real_latents else [PyramidSample(x, c.text, c.text_mask, c.pooled)
                                              for x, c in zip(xs_t, [conditions[i // seeds] for i in range(n)])]
     errors = prediction_errors(teacher, student, clean, spec, device)
-    mses, ssims = [], []
-    for a, b in zip(xs_t, xs_s):
-        na, nb = normalize_to(a, b)
-        mses.append(float((na.double() - nb.double()).pow(2).mean()))
-        ssims.append(ssim(na, nb))
+    mses, ssims = pair_scores(xs_t, xs_s)
     mse = sum(mses) / len(mses)
     (boot,) = resampled_means([mses])
     ci = (10 * torch.log10(1.0 / torch.quantile(boot, torch.tensor(CI95, dtype=torch.float64).flip(0)))).tolist()
