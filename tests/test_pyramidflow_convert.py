@@ -557,6 +557,20 @@ def test_cli_refuses_bad_calibration_folders(case, expect, roots, recipes, tmp_p
     assert not out.exists()
 
 
+def test_sd3_latents_beyond_its_position_table_are_refused_before_training(roots, recipes, tmp_path):
+    """The tiny SD3's pos_embed covers a 16×16 token grid: the shipped recipe's 24×40 latents (12×20
+    tokens) and a --calib folder of 40×40 latents are one clear message each, not a traceback."""
+    res = _convert(roots / "sd3", tmp_path / "a", "pyramidflow-sd3-768p", "--distill-steps", "1", "--layers", "all")
+    text = " ".join(res.output.split())
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    assert "recipe pyramidflow-sd3-768p calib: latents of 24×40 make a 12×20 token grid" in text
+    assert "pos_embed_max_size 16" in text and not (tmp_path / "a").exists()
+    calib = _pyramid_calib(tmp_path / "calib", hw=40)
+    res = _convert(roots / "sd3", tmp_path / "b", recipes["sd3"], "--distill-steps", "1", "--calib", str(calib))
+    text = " ".join(res.output.split())
+    assert res.exit_code != 0 and "error: --calib" in text and "20×20 token grid" in text, text
+
+
 def test_a_folder_not_named_by_resolution_is_converted_with_a_note(roots, recipes, tmp_path):
     import shutil
 

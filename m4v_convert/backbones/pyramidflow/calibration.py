@@ -59,14 +59,24 @@ class PyramidCalibSpec:
     num_stages: int = NUM_STAGES
     gamma: float = 1 / 3  # the release's scheduler_gamma (renoising between stages)
     corrupt_ratio: float = 1 / 3  # the release's history corruption: σ_c ~ U(0, corrupt_ratio)
+    max_token_grid: int | None = None  # largest token-grid side the model takes (SD3: pos_embed_max_size)
 
-    def validate(self) -> None:
+    def validate(self, where: str = "recipe calib") -> None:
         step = LATENT_PATCH * 2 ** (self.num_stages - 1)
         if self.latent_height % step or self.latent_width % step or min(self.latent_height, self.latent_width) < step:
-            raise M4VError(f"recipe calib: latent_height/latent_width ({self.latent_height}×{self.latent_width}) "
+            raise M4VError(f"{where}: latent_height/latent_width ({self.latent_height}×{self.latent_width}) "
                            f"must be positive multiples of {step} (2×2 patches at {self.num_stages} pyramid levels)")
         if self.latent_frames < 1 or self.text_len < 1:
-            raise M4VError("recipe calib: latent_frames and text_len must be >= 1")
+            raise M4VError(f"{where}: latent_frames and text_len must be >= 1")
+        self.check_grid(self.latent_height, self.latent_width, where)
+
+    def check_grid(self, height: int, width: int, where: str) -> None:
+        """Refuse top-level latents whose token grid the model cannot position (SD3's pos_embed table)."""
+        side = max(height, width) // LATENT_PATCH
+        if self.max_token_grid is not None and side > self.max_token_grid:
+            raise M4VError(f"{where}: latents of {height}×{width} make a {height // LATENT_PATCH}×"
+                           f"{width // LATENT_PATCH} token grid, larger than this model's pos_embed_max_size "
+                           f"{self.max_token_grid}; use smaller latents")
 
 
 @dataclass
@@ -122,6 +132,7 @@ def folder_pyramid_samples(folder: Path, spec: PyramidCalibSpec, flag: str = "--
             if not mask[i].bool().any():
                 raise M4VError(f"{flag} {f}: sample {i} has no valid text token (text_mask all 0)")
             out.append(PyramidSample(lat[i].float(), txt[i].float(), mask[i].long(), pooled[i].float()))
+        spec.check_grid(lat.shape[3], lat.shape[4], f"{flag} {f}")
         shapes.add(tuple(lat.shape[1:]))
     if len(shapes) > 1:
         raise M4VError(f"{flag} {folder}: latents of different shapes {sorted(shapes)[:4]}; every sample of a run "

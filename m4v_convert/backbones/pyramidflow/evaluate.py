@@ -206,16 +206,17 @@ def run_pyramid_eval(opts: PyramidEvalOptions, console=None) -> dict:
     teacher, student, m4v = load_pyramid_pair(opts.teacher, opts.student, device)
     cfg = dict(teacher.config)
     channels = cfg["in_channels"] if m4v.get("variant") == "sd3" else cfg["in_channels"] // (LATENT_PATCH ** 2)
+    max_grid = cfg.get("pos_embed_max_size") if m4v.get("variant") == "sd3" else None
     probe = PyramidCalibSpec(latent_channels=channels, text_dim=cfg["joint_attention_dim"],
                              pooled_dim=cfg["pooled_projection_dim"], latent_frames=1, latent_height=8,
-                             latent_width=8, text_len=1)
+                             latent_width=8, text_len=1, max_token_grid=max_grid)
     folder = folder_pyramid_samples(Path(opts.calib).expanduser(), probe) if opts.calib is not None else None
     frames, height, width = _sizes(opts, m4v, folder)
     text_len = folder[0].text.shape[0] if folder else 32
     spec = PyramidCalibSpec(latent_channels=channels, text_dim=cfg["joint_attention_dim"],
                             pooled_dim=cfg["pooled_projection_dim"], latent_frames=frames, latent_height=height,
-                            latent_width=width, text_len=text_len, num_stages=NUM_STAGES)
-    spec.validate()
+                            latent_width=width, text_len=text_len, num_stages=NUM_STAGES, max_token_grid=max_grid)
+    spec.validate("eval video size")
     if folder is not None:
         conditions, source = folder, f"folder:{Path(opts.calib).resolve()}"
         if opts.frames is not None and opts.frames != folder[0].latents.shape[1]:

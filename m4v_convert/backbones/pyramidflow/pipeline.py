@@ -188,8 +188,9 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                             latent_frames=c["latent_frames"], latent_height=c["latent_height"],
                             latent_width=c["latent_width"], text_len=c["text_len"],
                             flow_shift=float(c.get("flow_shift", 1.0)),
-                            corrupt_ratio=float(c.get("corrupt_ratio", 1 / 3)))
-    spec.validate()
+                            corrupt_ratio=float(c.get("corrupt_ratio", 1 / 3)),
+                            max_token_grid=cfg.get("pos_embed_max_size") if recipe.variant == "sd3" else None)
+    spec.validate(f"recipe {recipe.name} calib")
     adapter = PyramidDistillAdapter(layers=layers, spec=spec)
     report = run_distillation(teacher, student, adapter, recipe, opts, plan, dist, con, device, dtype)
     result = report.stage1
