@@ -1055,6 +1055,32 @@ def test_sampler_is_the_releases_generate_loop(teacher, steps):
     assert not torch.allclose(other, got)
 
 
+def test_sampler_with_the_release_schedule_makes_the_calls_the_flops_report_counts(teacher):
+    """The whole-generation FLOPs sum (flops.pyramidflow: SCHEDULE, stage_layout) and the sampler
+    agree call by call: same number of model calls, and each call's clips are the layout it sums."""
+    from m4v_convert.backbones.pyramidflow.sampler import sample_pyramid_video
+    from m4v_convert.flops.pyramidflow import SCHEDULE, stage_layout, token_grids
+
+    frames, calls = 5, []
+
+    def model(**kw):
+        calls.append(tuple((c.shape[2], c.shape[3] // 2, c.shape[4] // 2) for c in kw["sample"][0]))
+        return [torch.zeros_like(kw["sample"][0][-1])]
+
+    g = torch.Generator().manual_seed(0)
+    sample_pyramid_video(model, torch.randn(1, 6, 24), torch.ones(1, 6, dtype=torch.long), torch.randn(1, 20),
+                         channels=4, frames=frames, height=8, width=8, steps=SCHEDULE["unit_steps"],
+                         first_frame_steps=SCHEDULE["first_frame_steps"], generator=g)
+    grids = token_grids(64, 64)  # 8×8 latents = 64×64 pixels
+    expect = []
+    for u in range(frames):
+        steps = SCHEDULE["first_frame_steps"] if u == 0 else SCHEDULE["unit_steps"]
+        for stage in range(3):
+            layout = tuple((b.num_frames, b.height, b.width) for b in stage_layout(stage, u, grids).blocks)
+            expect += [layout] * steps[stage]
+    assert calls == expect and len(calls) == 60 + 4 * 30
+
+
 def test_cli_teacher_calibration_is_the_teachers_pyramid_samples_cached_and_reused(roots, recipes, teacher, tmp_path):
     from m4v_convert.backbones.pyramidflow.calibration import PyramidCalibSpec, synthetic_pyramid_samples
     from m4v_convert.backbones.pyramidflow.sampler import teacher_calibration_samples

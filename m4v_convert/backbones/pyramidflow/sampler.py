@@ -81,16 +81,24 @@ def sample_pyramid_video(
     device="cpu",
     dtype=torch.float32,
     on_unit: Callable[[int, int], None] | None = None,
+    first_frame_steps: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Clean top-level latents ``(B, channels, frames, height, width)`` sampled by ``model``.
 
     text ``(B, Lz, text_dim)``, text_mask ``(B, Lz)``, pooled ``(B, pooled_dim)``; ``steps``: Euler
-    steps per stage (one number for all, or one per stage); ``on_unit(done, total)`` after each
+    steps per stage (one number for all, or one per stage), ``first_frame_steps`` those of the first
+    latent frame (default: ``steps``; the release generates with 20 for the first frame and 10 for the
+    others, :data:`m4v_convert.flops.pyramidflow.SCHEDULE`); ``on_unit(done, total)`` after each
     latent frame. Randomness comes from ``generator`` only (CPU), so a seed gives the same video.
     """
-    step_list = [int(steps)] * num_stages if isinstance(steps, int) else [int(s) for s in steps]
-    if len(step_list) != num_stages or min(step_list) < 1:
-        raise M4VError(f"pyramid sampler: steps must be >= 1 for each of the {num_stages} stages, got {steps}")
+    def per_stage(value, name):
+        out = [int(value)] * num_stages if isinstance(value, int) else [int(v) for v in value]
+        if len(out) != num_stages or min(out) < 1:
+            raise M4VError(f"pyramid sampler: {name} must be >= 1 for each of the {num_stages} stages, got {value}")
+        return out
+
+    step_list = per_stage(steps, "steps")
+    first_list = step_list if first_frame_steps is None else per_stage(first_frame_steps, "first_frame_steps")
     scale = 2 ** (num_stages - 1)
     if height % (2 * scale) or width % (2 * scale):
         raise M4VError(f"pyramid sampler: latent {height}×{width} must be multiples of {2 * scale} (2×2 patches at "
@@ -108,8 +116,9 @@ def sample_pyramid_video(
     top_grid = getattr(model, "pyramid_top_grid", None)
     with top_grid((height // 2, width // 2)) if top_grid is not None else contextlib.nullcontext():
         for unit in range(frames):
-            generated.append(_sample_frame(model, noise[:, :, unit:unit + 1], generated, cond, schedule, step_list,
-                                           num_stages, gamma, generator, b, device, dtype))
+            generated.append(_sample_frame(model, noise[:, :, unit:unit + 1], generated, cond, schedule,
+                                           first_list if unit == 0 else step_list, num_stages, gamma, generator, b,
+                                           device, dtype))
             if on_unit is not None:
                 on_unit(unit + 1, frames)
     return torch.cat(generated, dim=2)
