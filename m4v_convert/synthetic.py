@@ -158,6 +158,11 @@ class TaskConfig:
     # which frame they are, a stand-in for what tells a real Wan2.1 where it is in time (the causal
     # VAE's distinct first frame), which a teacher trained for minutes does not learn from RoPE alone
     frame_code: float = 0.0
+    # across the motion the object keeps to a lane set by the direction's sign (left / up: the lowest
+    # admissible row / column, right / down: the highest) instead of the middle: with a fixed layout
+    # the two signs of an axis otherwise cover the same pixels in opposite order, so no time-averaged
+    # placement tells them apart, and a teacher never needs to read the word or to know where it is
+    lanes: bool = False
     colour_scale: float = 1.0  # per-channel RMS of a colour vector
     background_std: float = 0.5
     seed: int = 0  # fixes colour vectors and the word table
@@ -254,16 +259,17 @@ class ShapesTask:
         dy, dx = DIRECTIONS[labels.direction]
         travel = c.speed * (c.frames - 1)
 
-        def start(step: int, extent: int) -> int:
+        def start(step: int, extent: int, lane: int = 0) -> int:
             lo = travel if step < 0 else 0
             hi = extent - c.size - (travel if step > 0 else 0)
             jitter = c.jitter if step != 0 or c.cross_jitter < 0 else c.cross_jitter
             choices = [v for v in range(lo, hi + 1) if v % c.align == 0]
-            centre = choices[len(choices) // 2]
+            centre = choices[0 if lane < 0 else -1] if lane else choices[len(choices) // 2]
             choices = [v for v in choices if abs(v - centre) <= jitter]
             return choices[int(torch.randint(len(choices), (1,), generator=generator))]
 
-        y0, x0 = start(dy, c.height), start(dx, c.width)
+        lane_y, lane_x = (dx, dy) if c.lanes else (0, 0)  # the cross axis's lane: the motion's sign
+        y0, x0 = start(dy, c.height, lane_y), start(dx, c.width, lane_x)
         bg = torch.randn(c.channels, generator=generator) * c.background_std
         colour = self.colour_vectors[self.colour_names.index(labels.colour)]
         patch = colour.view(-1, 1, 1).expand(-1, c.size, c.size)

@@ -480,6 +480,35 @@ def test_frame_code_adds_a_per_frame_ramp_orthogonal_to_the_colours():
     assert torch.equal(task.colour_vectors, ShapesTask(TaskConfig()).colour_vectors)
 
 
+def test_lanes_put_each_direction_sign_on_its_own_side_of_the_cross_axis():
+    task = ShapesTask(TaskConfig(lanes=True))
+    c = task.config
+
+    def centroid(lab):  # (y, x) of the object in the first and last frame
+        x = task.video(lab, torch.Generator().manual_seed(1))
+        colour = task.colour_vectors[task.colour_names.index(lab.colour)]
+        out = []
+        for f in (0, c.frames - 1):
+            mask = ((x[:, f] - colour[:, None, None]).norm(dim=0) < 1e-4).float()
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            out.append((float(ys.float().mean()), float(xs.float().mean())))
+        return out
+
+    half = (c.size - 1) / 2
+    (ly0, lx0), (ly1, lx1) = centroid(Labels("red", "square", "left"))
+    (ry0, rx0), (ry1, rx1) = centroid(Labels("red", "square", "right"))
+    assert ly0 == ly1 == half and ry0 == ry1 == c.height - c.size + half  # top lane vs bottom lane
+    assert lx1 < lx0 and rx1 > rx0  # the motion itself is unchanged
+    (uy0, ux0), _ = centroid(Labels("red", "square", "up"))
+    (dy0, dx0), _ = centroid(Labels("red", "square", "down"))
+    assert ux0 == half and dx0 == c.width - c.size + half
+    plain = ShapesTask(TaskConfig())
+    lab = Labels("red", "square", "left")
+    assert task.adherence(task.video(lab, torch.Generator().manual_seed(0))[None], [lab])["score"] == 100.0
+    assert not torch.equal(task.video(lab, torch.Generator().manual_seed(0)),
+                           plain.video(lab, torch.Generator().manual_seed(0)))
+
+
 def test_vae_time_stride_blurs_later_frames_and_keeps_frame_zero():
     # the same draws with and without the stride: frame 0 is the same instant, later frames average
     # the object over 4 instants since the previous latent frame (Wan2.1's causal VAE)
