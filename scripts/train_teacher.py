@@ -326,7 +326,15 @@ def main(argv=None) -> None:
     overrides = {}
     for item in args.task:
         key, _, value = item.partition("=")
-        overrides[key] = type(getattr(TaskConfig(), key))(value)
+        if not hasattr(TaskConfig(), key):
+            raise SystemExit(f"--task {item}: TaskConfig has no field {key!r}")
+        default = getattr(TaskConfig(), key)
+        if isinstance(default, bool):  # bool("false") is True
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise SystemExit(f"--task {item}: expected true or false")
+            overrides[key] = value.lower() in ("1", "true", "yes")
+        else:
+            overrides[key] = type(default)(value)
     task_cfg = TaskConfig(**{"text_dim": MODEL["text_dim"], "channels": MODEL["in_channels"], **overrides})
     task = ShapesTask(task_cfg)
     cfg = dict(MODEL, num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim)
