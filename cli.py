@@ -433,6 +433,8 @@ def ablate(
     steps: int = typer.Option(20, "--steps", help="eval sampling steps"),
     device: str = _DEVICE,
     seed: int = _SEED,
+    distill_seeds: Optional[str] = typer.Option(None, "--distill-seeds", help="distil every variant once per seed, "
+                                                "e.g. 0,1,2, and report each effect per seed (default: --seed)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder, and discard "
                                    "an unfinished run's <out>.work folder if its settings differ"),
     threads: Optional[int] = _THREADS,
@@ -445,7 +447,20 @@ def ablate(
     run_ablate(AblateOptions(teacher=teacher, out=out, variants=[v.strip() for v in variants.split(",") if v.strip()],
                              layers=layers, distill_steps=distill_steps, stage2_steps=stage2_steps, recipe=recipe,
                              calib=calib, prompts=prompts,
-                             seeds=seeds, steps=steps, device=device, seed=seed, overwrite=overwrite))
+                             seeds=seeds, steps=steps, device=device, seed=seed, overwrite=overwrite,
+                             distill_seeds=_int_list(distill_seeds, "--distill-seeds")))
+
+
+def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{flag}: expected comma-separated integers, got {text!r}")
+    if not values:
+        _fail(f"{flag}: no seed given")
+    return values
 
 
 def main():

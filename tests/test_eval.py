@@ -383,6 +383,50 @@ def test_cli_ablate_continues_an_interrupted_run_with_the_same_numbers(folders, 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cli_ablate_distils_each_variant_at_every_seed_and_pairs_within_a_seed(folders, tiny_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from m4v_convert.eval import paired_psnr_delta
+
+    def ablate(out, *extra):
+        return runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(out), "--recipe", str(tiny_recipe),
+                                   "--distill-steps", "2", "--stage2-steps", "1", "--layers", "all", "--seeds", "1",
+                                   "--steps", "2", "--threads", "1", "--prompts", str(folders / "prompts.txt"), *extra])
+
+    out = tmp_path / "abl"
+    res = ablate(out, "--variants", "full,no-registers", "--distill-seeds", "0,1")
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "ablation.json").read_text())
+    units = ["full-seed0", "no-registers-seed0", "full-seed1", "no-registers-seed1"]
+    assert list(report["variants"]) == units and report["distill_seeds"] == [0, 1]
+    weights = {u: load_file(str(out / "variants" / u / "diffusion_pytorch_model.safetensors")) for u in units}
+    assert any(not torch.equal(weights["full-seed0"][k], weights["full-seed1"][k]) for k in weights["full-seed0"])
+    # oracle: a unit is the ablation of that one distillation seed alone, bit for bit (the calibration
+    # latents the task generates follow --seed, 0 in both runs)
+    single = tmp_path / "single"
+    assert ablate(single, "--variants", "no-registers", "--distill-seeds", "1").exit_code == 0
+    alone = load_file(str(single / "variants" / "no-registers" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(alone[k], weights["no-registers-seed1"][k]) for k in alone)
+    v = report["variants"]
+    for seed in (0, 1):  # each variant against the full conversion of its own seed
+        assert v[f"no-registers-seed{seed}"]["vs_full"] == paired_psnr_delta(v[f"full-seed{seed}"],
+                                                                             v[f"no-registers-seed{seed}"])
+    row = report["across_seeds"]["no-registers"]
+    assert row["psnr_db"] == [v["no-registers-seed0"]["psnr_db"], v["no-registers-seed1"]["psnr_db"]]
+    deltas = [v[f"no-registers-seed{s}"]["vs_full"]["psnr_delta_db"] for s in (0, 1)]
+    assert row["vs_full_psnr_delta_db"] == deltas
+    assert row["vs_full_psnr_delta_db_mean"] == pytest.approx(sum(deltas) / 2)
+    cis = row["vs_full_psnr_delta_db_ci95"]
+    assert row["vs_full_consistent"] == (all(hi < 0 for _, hi in cis) or all(lo > 0 for lo, _ in cis))
+    assert "vs_full_psnr_delta_db" not in report["across_seeds"]["full"]
+    table = (out / "ablation.md").read_text()
+    assert "## Across distillation seeds" in table and "w/o per-frame registers" in table
+    res = ablate(tmp_path / "bad", "--distill-seeds", "1,1")
+    assert res.exit_code != 0 and "distinct seeds" in " ".join(res.output.split())
+    res = ablate(tmp_path / "bad", "--distill-seeds", "one")
+    assert res.exit_code != 0 and "comma-separated integers" in " ".join(res.output.split())
+
+
 def test_cli_ablate_bad_variant(folders, tmp_path):
     res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(tmp_path / "o"), "--variants", "nope"])
     assert res.exit_code != 0 and "unknown 'nope'" in res.output and not (tmp_path / "o").exists()
