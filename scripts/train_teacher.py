@@ -646,10 +646,20 @@ differ between frames by 2.5–5.1 where the data's means do by 2.8–5.5 (A = 0
 1.07–1.79), and backwards clips cost it 300% to 7500% more loss. The direction word stays unread
 all the same: swapping it for its opposite changes the loss by −0.11% to +0.09%, at σ = 1 it moves
 the prediction by 0.14% (A = 2) and 0.21% (A = 0.5) against 20% and 29% for the colour word
-(`word_influence`), and direction accuracy is 15.6% / 28.1% (A = 2) and 9.4% / 15.6% (A = 0.5). A
-likely reason, not tested: at σ = 1 a token also has to know where in the frame it is to place a
-word-dependent object, and RoPE gives no absolute position there either. The shipped teachers read
-the sign as little (0.30%; the moving one 0.48%, though it reads the axis: 16.7%).
+(`word_influence`), and direction accuracy is 15.6% / 28.1% (A = 2) and 9.4% / 15.6% (A = 0.5).
+What is missing is where in the frame a token is. On this layout the two signs of an axis cover the
+same pixels in opposite order, so at σ = 1, where only the text can place the object, a model has to
+put it at a word-dependent absolute position; Wan's blocks (RoPE, a patch embedding without padding)
+see relative positions only, and absolute ones would have to be learned from the frame's edges.
+Tested by giving the word a placement of its own (`--task lanes=true`: left / up keep to the lowest
+row / column, right / down to the highest, with the trail and the head init of the moving teacher;
+4,353 steps in 30 minutes beside other runs): the teacher ignores the direction word even for the
+lane — swapping its sign moves the σ = 1 prediction by 0.17%, its axis by 0.13%, the colour 20% —
+and its samples keep to no lane (the two left-moving ones of 16 held-out samples centred at rows
+7–15 where the lane's centre is row 2.5), direction 31.3% / 40.6%. So a teacher of this size and budget learns no absolute placement,
+which every word-dependent layout on this task needs. The shipped teachers read the sign as little
+(0.30%; the moving one 0.48%, though it reads the axis: 16.7%, which a streak's orientation shows
+locally).
 
 Fidelity measurements against this teacher are still meaningful — the student must reproduce the
 teacher's samples, whatever they are — but its direction accuracy is noise, not a skill.
