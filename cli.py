@@ -378,7 +378,8 @@ def eval_cmd(
     task: Optional[Path] = typer.Option(None, "--task", help="Wan: synthetic task JSON (default: TEACHER/task.json)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="PyramidFlow: text conditions and latents in the "
                                          "PyramidFlow --calib format (default: synthetic conditions)"),
-    conditions: int = typer.Option(4, "--conditions", help="PyramidFlow: synthetic text conditions without --calib"),
+    conditions: Optional[int] = typer.Option(None, "--conditions", help="PyramidFlow: synthetic text conditions "
+                                             "without --calib (default 4)"),
     frames: Optional[int] = typer.Option(None, "--frames", help="PyramidFlow: latent frames per sample (default: "
                                          "the recipe's calibration size)"),
     device: str = _DEVICE,
@@ -399,12 +400,14 @@ def eval_cmd(
             _fail(f"{', '.join(wan_only)}: Wan eval options (the synthetic task); a PyramidFlow eval takes its text "
                   "conditions from --calib")
         run_pyramid_eval(PyramidEvalOptions(teacher=teacher, student=student, out=out, calib=calib,
-                                            conditions=conditions, seeds=2 if seeds is None else seeds, steps=10 if steps is None else steps, frames=frames,
+                                            conditions=4 if conditions is None else conditions,
+                                            seeds=2 if seeds is None else seeds, steps=10 if steps is None else steps, frames=frames,
                                             device=device, overwrite=overwrite))
         return
     from m4v_convert.eval import EvalOptions, run_eval
 
-    pyramid_only = [flag for flag, v in (("--calib", calib), ("--frames", frames)) if v is not None]
+    pyramid_only = [flag for flag, v in (("--calib", calib), ("--conditions", conditions), ("--frames", frames))
+                    if v is not None]
     if pyramid_only:
         _fail(f"{', '.join(pyramid_only)}: PyramidFlow eval options; a Wan eval draws its inputs from the synthetic "
               "task (--prompts, --task)")
