@@ -278,10 +278,15 @@ def bootstrap_ci95(mses: list[float], scores_teacher: list[float], scores_studen
     diff = [s - t for s, t in zip(scores_student, scores_teacher)]
     mse, delta = resampled_means([mses, diff], resamples, seed)
     q = torch.tensor(CI95, dtype=torch.float64)
-    # PSNR falls as MSE rises: its 2.5% point is the MSE's 97.5% point (inf where MSE is 0)
-    psnr = 10 * torch.log10(1.0 / torch.quantile(mse, q.flip(0)))
-    return {"psnr_db_ci95": psnr.tolist(), "adherence_delta_ci95": torch.quantile(delta, q).tolist(),
+    return {"psnr_db_ci95": psnr_ci95(mse), "adherence_delta_ci95": torch.quantile(delta, q).tolist(),
             "bootstrap": {"resamples": resamples, "seed": seed}}
+
+
+def psnr_ci95(resampled_mse: torch.Tensor) -> list[float]:
+    """95% interval of the pooled PSNR from bootstrap means of the per-sample MSE (data range 1)."""
+    # PSNR falls as MSE rises: its 2.5% point is the MSE's 97.5% point (inf where MSE is 0)
+    q = torch.tensor(CI95, dtype=torch.float64).flip(0)
+    return (10 * torch.log10(1.0 / torch.quantile(resampled_mse, q))).tolist()
 
 
 # ---------------------------------------------------------------------------------------- loading

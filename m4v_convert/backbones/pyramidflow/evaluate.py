@@ -33,7 +33,7 @@ from m4v_convert.errors import M4VError
 from .calibration import (NUM_STAGES, PyramidCalibSpec, PyramidSample, folder_pyramid_samples, pyramid_batch,
                           synthetic_pyramid_samples)
 from .layout import LATENT_PATCH
-from .sampler import sample_pyramid_video
+from .sampler import sample_pyramid_video, stack_conditions
 
 SAMPLE_NOISE_BASE = 5_000_000  # sample i's noise: seed SAMPLE_NOISE_BASE + i (the same for teacher and student)
 BATCH_NOISE_SEED = 6_000_000
@@ -98,11 +98,6 @@ def load_pyramid_pair(teacher_path: Path, student_path: Path, device):
     return teacher.requires_grad_(False), student.requires_grad_(False), m4v
 
 
-def _stack(samples: list[PyramidSample]):
-    return (torch.stack([s.text for s in samples]), torch.stack([s.text_mask for s in samples]),
-            torch.stack([s.pooled for s in samples]))
-
-
 @torch.no_grad()
 def prediction_errors(teacher, student, clean: list[PyramidSample], spec: PyramidCalibSpec, device,
                       batch_size: int = 2) -> dict[str, float]:
@@ -121,14 +116,14 @@ def prediction_errors(teacher, student, clean: list[PyramidSample], spec: Pyrami
 def evaluate_pyramid(teacher, student, conditions: list[PyramidSample], spec: PyramidCalibSpec, seeds: int,
                      steps: int, device, real_latents: bool, progress=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """All metrics; returns (metrics, teacher samples, student samples), samples (N, C, F, H, W)."""
-    from m4v_convert.eval import CI95, pair_scores, relative_error, resampled_means
+    from m4v_convert.eval import pair_scores, psnr_ci95, relative_error, resampled_means
 
     t0 = time.time()
     xs = {"teacher": [], "student": []}
     n = len(conditions) * seeds
     for i in range(n):
         cond = conditions[i // seeds]
-        text, mask, pooled = _stack([cond])
+        text, mask, pooled = stack_conditions([cond])
         for name, model in (("teacher", teacher), ("student", student)):
             xs[name].append(sample_pyramid_video(
                 model, text, mask, pooled, channels=spec.latent_channels, frames=spec.latent_frames,
@@ -144,7 +139,7 @@ def evaluate_pyramid(teacher, student, conditions: list[PyramidSample], spec: Py
     mses, ssims = pair_scores(xs_t, xs_s)
     mse = sum(mses) / len(mses)
     (boot,) = resampled_means([mses])
-    ci = (10 * torch.log10(1.0 / torch.quantile(boot, torch.tensor(CI95, dtype=torch.float64).flip(0)))).tolist()
+    ci = psnr_ci95(boot)
     metrics = {
         "backbone": "pyramidflow", "samples": n, "conditions": len(conditions), "seeds_per_condition": seeds,
         "size": {"latent_frames": spec.latent_frames, "latent_height": spec.latent_height,

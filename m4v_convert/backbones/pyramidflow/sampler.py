@@ -149,6 +149,12 @@ def _sample_frame(model, x, generated, cond, schedule, step_list, num_stages, ga
     return x
 
 
+def stack_conditions(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text, text_mask, pooled) of ``PyramidSample``s, batched: the sampler's conditioning arguments."""
+    return (torch.stack([s.text for s in samples]), torch.stack([s.text_mask for s in samples]),
+            torch.stack([s.pooled for s in samples]))
+
+
 def teacher_calibration_samples(teacher: torch.nn.Module, texts: list, spec, steps: int, seed: int, batch_size: int = 1,
                                 device="cpu", dtype=torch.float32,
                                 progress: Callable[[int, int], None] | None = None) -> list:
@@ -161,8 +167,7 @@ def teacher_calibration_samples(teacher: torch.nn.Module, texts: list, spec, ste
     for start in range(0, len(texts), max(1, batch_size)):
         chunk = texts[start:start + max(1, batch_size)]
         latents = sample_pyramid_video(
-            teacher, torch.stack([c.text for c in chunk]), torch.stack([c.text_mask for c in chunk]),
-            torch.stack([c.pooled for c in chunk]), channels=spec.latent_channels, frames=spec.latent_frames,
+            teacher, *stack_conditions(chunk), channels=spec.latent_channels, frames=spec.latent_frames,
             height=spec.latent_height, width=spec.latent_width, steps=steps, generator=gen,
             num_stages=spec.num_stages, shift=spec.flow_shift, gamma=spec.gamma, device=device, dtype=dtype)
         out.extend(PyramidSample(latents[i].clone(), c.text, c.text_mask, c.pooled) for i, c in enumerate(chunk))
