@@ -66,6 +66,7 @@ class Calib(Strict):
     eval_batches: NonNegInt | None = None
     seed: NonNegInt | None = None
     teacher_steps: NonNegInt | None = None  # --teacher-calib: Euler steps per teacher sample
+    teacher_first_frame_steps: PosInt | None = None  # PyramidFlow: those of the first latent frame
     corrupt_ratio: NonNegNumber | None = None  # PyramidFlow: history corruption σ_c ~ U(0, corrupt_ratio)
 
 
@@ -362,6 +363,8 @@ class RecipeFile(Strict):
     def _backbone_fields(self):
         given = self.model_fields_set
         pyramid_only = [k for k in ("variant", "resolution", "allow_double_stream") if k in given]
+        calib_given = self.calib.model_fields_set if self.calib is not None else set()
+        pyramid_only += [f"calib.{k}" for k in ("corrupt_ratio", "teacher_first_frame_steps") if k in calib_given]
         generic_only = [k for k in ("model", "attention", "tokens", "grid", "rope", "inputs") if k in given]
         if self.backbone != "pyramidflow" and pyramid_only:
             raise _field_error(pyramid_only[0], "is only used by backbone 'pyramidflow'")

@@ -1088,20 +1088,22 @@ def test_cli_teacher_calibration_is_the_teachers_pyramid_samples_cached_and_reus
 
     recipe = _tiny_recipe(tmp_path / "r.yaml")
     data = yaml.safe_load(recipe.read_text())
-    data["calib"]["teacher_steps"] = 2
+    data["calib"].update(teacher_steps=1, teacher_first_frame_steps=2)  # the release: 20 first, 10 after
     recipe.write_text(yaml.safe_dump(data))
     cache = tmp_path / "cache"
     res = _convert(roots / "miniflux", tmp_path / "a", recipe, "--stages", "1", "--distill-steps", "2",
                    "--calib-cache", str(cache))
     assert res.exit_code == 0, res.output
-    assert "teacher samples 6/6" in res.output
+    assert "teacher samples 6/6" in res.output and "2 Euler steps per stage for the first frame, 1 for" in res.output
     assert json.loads((tmp_path / "a" / "conversion.json").read_text())["calibration"] == "teacher:synthetic"
     cached = load_file(str(cache / "teacher_samples.safetensors"))
     spec = PyramidCalibSpec(latent_channels=4, text_dim=24, pooled_dim=20, latent_frames=4, latent_height=8,
                             latent_width=8, text_len=6)
     texts = synthetic_pyramid_samples(spec, 6, seed=0)
-    direct = teacher_calibration_samples(teacher, texts, spec, steps=2, seed=0, batch_size=2)
+    direct = teacher_calibration_samples(teacher, texts, spec, steps=1, seed=0, batch_size=2, first_frame_steps=2)
     torch.testing.assert_close(cached["latents"], torch.stack([s.latents for s in direct]), rtol=0, atol=1e-5)
+    one_step = teacher_calibration_samples(teacher, texts[:2], spec, steps=1, seed=0, batch_size=2)
+    assert not torch.allclose(cached["latents"][:2, :, 0], torch.stack([s.latents for s in one_step])[:, :, 0])
     assert torch.equal(cached["text_mask"], torch.stack([s.text_mask for s in texts]))
     assert not torch.allclose(cached["latents"][0], cached["latents"][1])
     stamp = (cache / "teacher_samples.safetensors").stat().st_mtime_ns

@@ -156,6 +156,8 @@ def test_schema_errors_name_file_line_and_field(tmp_path):
     _bad(tmp_path, "cogvideox", lambda d: d.pop("attention"), "field 'attention'", "backbone 'generic'")
     _bad(tmp_path, "wan2.2-ti2v", lambda d: d["attention"].update(pattern="blocks.(\\d+.attn1"),
          "attention.pattern", "regular expression")
+    _bad(tmp_path, "wan2.1", lambda d: d["calib"].update(teacher_first_frame_steps=20),
+         "calib.teacher_first_frame_steps", "only used by backbone 'pyramidflow'")
     # several mistakes: one line each
     text = _bad(tmp_path, "cogvideox", lambda d: (d["grid"].update(layout="CFHW"), d["model"].update(klass=1)),
                 "grid.layout", "model.klass")

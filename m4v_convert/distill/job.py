@@ -39,6 +39,7 @@ class DistillPlan:
     lora_rank: int = 8
     lora_alpha: float = 8.0
     teacher_steps: int = 4
+    teacher_first_frame_steps: int | None = None  # PyramidFlow: the first latent frame's (None: teacher_steps)
     bf16: bool = False
     grad_checkpointing: bool = False
     run_dir: RunDir | None = None
@@ -169,6 +170,8 @@ def make_plan(recipe, opts, device: torch.device) -> DistillPlan:
         output_weight=float(s2.get("output_weight", 1.0)),
         lora_rank=int(d.get("lora_rank", 8)), lora_alpha=float(d.get("lora_alpha", d.get("lora_rank", 8))),
         teacher_steps=int(recipe.calib.get("teacher_steps", 4)),
+        teacher_first_frame_steps=(None if recipe.calib.get("teacher_first_frame_steps") is None
+                                   else int(recipe.calib["teacher_first_frame_steps"])),
         bf16=(mp == "bf16") or (mp == "auto" and device.type == "cuda"),
         grad_checkpointing=bool(opts.grad_checkpointing),
     )
@@ -216,7 +219,9 @@ def teacher_calib_key(teacher, opts, plan: DistillPlan, spec, text_source: str, 
     from m4v_convert.distill.teacher_samples import teacher_fingerprint
 
     return {"teacher": teacher_fingerprint(teacher, str(Path(opts.checkpoint).resolve())),
-            "steps": plan.teacher_steps, "seed": opts.seed, "spec": dataclasses.asdict(spec),
+            "steps": plan.teacher_steps, **({} if plan.teacher_first_frame_steps is None else
+                                            {"first_frame_steps": plan.teacher_first_frame_steps}),
+            "seed": opts.seed, "spec": dataclasses.asdict(spec),
             "text_source": text_source, "texts_sha256": texts_sha256}
 
 

@@ -64,14 +64,17 @@ class PyramidDistillAdapter:
         cache = teacher_calib_cache(opts, plan)
         key = teacher_calib_key(teacher, opts, plan, self.spec, text_source, conditions_digest(texts))
         steps, spec = plan.teacher_steps, self.spec
+        first = plan.teacher_first_frame_steps if plan.teacher_first_frame_steps is not None else steps
 
         def make():
             con.print(f"calibration: sampling {len(texts)} videos ({spec.latent_frames} latent frames, "
-                      f"{spec.latent_height}×{spec.latent_width}) with the teacher's pyramid sampler ({steps} Euler "
-                      f"steps per stage and frame, {spec.num_stages} stages, no guidance) ...")
+                      f"{spec.latent_height}×{spec.latent_width}) with the teacher's pyramid sampler ({first} Euler "
+                      f"steps per stage for the first frame, {steps} for the others, {spec.num_stages} stages, "
+                      "no guidance) ...")
             return teacher_calibration_samples(
                 teacher, texts, spec, steps, opts.seed, batch_size=int(recipe.calib.get("batch_size", 1)),
-                device=device, dtype=dtype, progress=lambda done, total: con.print(f"  teacher samples {done}/{total}"))
+                device=device, dtype=dtype, first_frame_steps=first,
+                progress=lambda done, total: con.print(f"  teacher samples {done}/{total}"))
 
         samples, reused = cached_teacher_samples(
             cache, key, spec, make, dist=dist, to_tensors=pyramid_sample_tensors,

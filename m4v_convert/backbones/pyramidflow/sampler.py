@@ -157,9 +157,11 @@ def stack_conditions(samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def teacher_calibration_samples(teacher: torch.nn.Module, texts: list, spec, steps: int, seed: int, batch_size: int = 1,
                                 device="cpu", dtype=torch.float32,
-                                progress: Callable[[int, int], None] | None = None) -> list:
+                                progress: Callable[[int, int], None] | None = None,
+                                first_frame_steps: int | None = None) -> list:
     """One clean top-level video per text condition of ``texts`` (``PyramidSample``s; their latents are
-    not used), sampled by ``teacher`` at the calibration sizes of ``spec`` (``PyramidCalibSpec``)."""
+    not used), sampled by ``teacher`` at the calibration sizes of ``spec`` (``PyramidCalibSpec``) with
+    ``steps`` Euler steps per stage (``first_frame_steps`` for the first latent frame; default ``steps``)."""
     from .calibration import PyramidSample
 
     gen = torch.Generator().manual_seed(seed)
@@ -169,7 +171,7 @@ def teacher_calibration_samples(teacher: torch.nn.Module, texts: list, spec, ste
         latents = sample_pyramid_video(
             teacher, *stack_conditions(chunk), channels=spec.latent_channels, frames=spec.latent_frames,
             height=spec.latent_height, width=spec.latent_width, steps=steps, generator=gen,
-            num_stages=spec.num_stages, shift=spec.flow_shift, gamma=spec.gamma, device=device, dtype=dtype)
+            first_frame_steps=first_frame_steps, num_stages=spec.num_stages, shift=spec.flow_shift, gamma=spec.gamma, device=device, dtype=dtype)
         out.extend(PyramidSample(latents[i].clone(), c.text, c.text_mask, c.pooled) for i, c in enumerate(chunk))
         if progress is not None:
             progress(len(out), len(texts))
