@@ -158,6 +158,11 @@ class TaskConfig:
     # which frame they are, a stand-in for what tells a real Wan2.1 where it is in time (the causal
     # VAE's distinct first frame), which a teacher trained for minutes does not learn from RoPE alone
     frame_code: float = 0.0
+    # the same for space: two fixed ramps along latent directions orthogonal to the colours and the
+    # frame code, −position_code (top row / left column) to +position_code (bottom / right), the
+    # background's part along them removed: a fixed, lit backdrop whose shading says where a pixel is,
+    # which RoPE attention over a constant background cannot see (it sees relative offsets only)
+    position_code: float = 0.0
     # across the motion the object keeps to a lane set by the direction's sign (left / up: the lowest
     # admissible row / column, right / down: the highest) instead of the middle: with a fixed layout
     # the two signs of an axis otherwise cover the same pixels in opposite order, so no time-averaged
@@ -217,6 +222,15 @@ class ShapesTask:
         if c.channels > len(COLOURS):  # orthogonal to every colour, so colour read-back is unchanged
             code = code - m @ (m.T @ code)
         self.frame_code_vector = (code / code.norm() * math.sqrt(c.channels)).float()  # (C,), per-channel RMS 1
+        # position-code directions (y, x): orthonormal, orthogonal to the colours and the frame code
+        pos = torch.randn(c.channels, 2, generator=torch.Generator().manual_seed(c.seed + 3), dtype=torch.float64)
+        if c.position_code and c.channels < len(COLOURS) + 3:
+            raise M4VError(f"task: position_code needs at least {len(COLOURS) + 3} channels, got {c.channels}")
+        if c.position_code:
+            basis = torch.cat([m, (code / code.norm())[:, None]], dim=1)
+            pos = pos - basis @ (basis.T @ pos)
+            pos, _ = torch.linalg.qr(pos)
+        self.position_code_basis = pos.float()  # (C, 2), orthonormal columns when position_code is on
         gw = torch.Generator().manual_seed(c.seed + 1)
         self.word_table = torch.randn(len(VOCAB), c.text_dim, generator=gw)  # (V, text_dim)
         self.colour_names = list(COLOURS)
@@ -271,6 +285,9 @@ class ShapesTask:
         lane_y, lane_x = (dx, dy) if c.lanes else (0, 0)  # the cross axis's lane: the motion's sign
         y0, x0 = start(dy, c.height, lane_y), start(dx, c.width, lane_x)
         bg = torch.randn(c.channels, generator=generator) * c.background_std
+        if c.position_code:  # the backdrop's shading is fixed: no per-video offset along its directions
+            u = self.position_code_basis
+            bg = bg - u @ (u.T @ bg)
         colour = self.colour_vectors[self.colour_names.index(labels.colour)]
         patch = colour.view(-1, 1, 1).expand(-1, c.size, c.size)
         if c.texture > 0:
@@ -303,7 +320,20 @@ class ShapesTask:
         if c.frame_code:
             ramp = torch.linspace(-c.frame_code, c.frame_code, c.frames)
             out += self.frame_code_vector.view(-1, 1, 1, 1) * ramp.view(1, -1, 1, 1)
+        if c.position_code:
+            out += self.position_code_field().unsqueeze(1)
         return out
+
+    def position_code_field(self) -> torch.Tensor:
+        """(C, H, W) the fixed backdrop shading of ``position_code`` (zeros when it is off)."""
+        c = self.config
+        if not c.position_code:
+            return torch.zeros(c.channels, c.height, c.width)
+        ry = torch.linspace(-c.position_code, c.position_code, c.height).view(-1, 1).expand(-1, c.width)
+        rx = torch.linspace(-c.position_code, c.position_code, c.width).view(1, -1).expand(c.height, -1)
+        scale = math.sqrt(c.channels)  # per-channel RMS position_code at the edges, as the frame code
+        u = self.position_code_basis
+        return scale * (u[:, 0].view(-1, 1, 1) * ry + u[:, 1].view(-1, 1, 1) * rx)
 
     def batch(self, labels: list[Labels], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents (B, C, F, H, W), text (B, text_len, text_dim))."""
@@ -322,6 +352,9 @@ class ShapesTask:
         b, ch, f, h, w = x.shape
         if ch != self.config.channels:
             raise M4VError(f"adherence: latents have {ch} channels, the task has {self.config.channels}")
+        if self.config.position_code:  # the backdrop shading is not the object: read the rest
+            u = self.position_code_basis
+            x = x - torch.einsum("ck,dk,bdfhw->bcfhw", u, u, x)
         bg = x.flatten(3).median(dim=-1).values  # (B, C, F)
         dev = (x - bg[..., None, None]).norm(dim=1)  # (B, F, H, W)
         peak = dev.flatten(2).max(-1).values[..., None, None]  # (B, F, 1, 1)
