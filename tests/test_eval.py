@@ -524,6 +524,26 @@ def test_frame_code_adds_a_per_frame_ramp_orthogonal_to_the_colours():
     assert torch.equal(task.colour_vectors, ShapesTask(TaskConfig()).colour_vectors)
 
 
+def test_position_code_is_a_fixed_ramp_per_axis_orthogonal_to_colours_and_frame_code():
+    lab = Labels("cyan", "square", "left")
+    plain, coded, task = _with_and_without(lab, 3, position_code=0.5, frame_code=0.2)
+    c, u = task.config, task.position_code_basis
+    torch.testing.assert_close(u.T @ u, torch.eye(2))
+    assert (task.colour_vectors @ u).abs().max() < 1e-4 and (task.frame_code_vector @ u).abs().max() < 1e-4
+    along = torch.einsum("ck,cfhw->kfhw", u, coded)  # the clip's part along the two directions
+    scale = c.channels ** 0.5
+    ramp = torch.linspace(-0.5, 0.5, c.height) * scale
+    torch.testing.assert_close(along[0], ramp.view(1, -1, 1).expand(c.frames, -1, c.width))  # rows: y
+    torch.testing.assert_close(along[1], ramp.view(1, 1, -1).expand(c.frames, c.height, -1))  # columns: x
+    # off the two directions the clip is the frame-coded clip with the background's part along them removed
+    rest = coded - torch.einsum("ck,kfhw->cfhw", u, along)
+    framed = ShapesTask(TaskConfig(frame_code=0.2)).video(lab, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rest, framed - torch.einsum("ck,dk,dfhw->cfhw", u, u, framed))
+    assert (torch.einsum("ck,cfhw->kfhw", u, plain) - 0).abs().max() > 0.05  # the plain clip's bg had a part there
+    assert task.adherence(coded[None], [lab])["score"] == 100.0  # read_back ignores the shading
+    assert torch.equal(task.colour_vectors, ShapesTask(TaskConfig()).colour_vectors)
+
+
 def test_lanes_put_each_direction_sign_on_its_own_side_of_the_cross_axis():
     task = ShapesTask(TaskConfig(lanes=True))
     c = task.config
