@@ -228,7 +228,9 @@ def load_pyramidflow(
             with safe_open(str(f), framework="pt", device="cpu") as st:
                 for k in st.keys():
                     t = st.get_tensor(k)
-                    state[k] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                    # a copy: get_tensor views the mapped file at unaligned offsets, which keeps the file
+                    # mapped and changes matmul summation order (wan_io._own_cpu_tensors says more)
+                    state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
         except Exception as e:
             raise CheckpointError(f"{f} could not be read ({type(e).__name__}: {e})") from None
     model.load_state_dict(state, strict=True, assign=True)
