@@ -533,6 +533,35 @@ def word_table(r: dict) -> str:
             f"|---:|---:|---:|\n| {w['sign']:.2f}% | {w['axis']:.2f}% | {w['colour']:.2f}% |")
 
 
+def codes_note(r: dict) -> str:
+    """What the card says of a teacher that learned the motion with the frame and position codes on:
+    what the codes are, that it reads the direction word, and how little its self-attention mixes time
+    (all numbers from its own record)."""
+    t = r["task"]
+    if not (t.get("frame_code") and t.get("position_code")):
+        return ""
+    swapped = [v["opposite_prompt_excess_pct"] for v in (r.get("time_reversal") or {}).values()]
+    words = r.get("word_influence") or {}
+    influence = r.get("temporal_influence") or {}
+    others = [v for vals in influence.values() for v in vals[1:]]
+    reads = (f" It reads the direction word: swapping it for its opposite raises the loss by {min(swapped):+.0f}% to "
+             f"{max(swapped):+.0f}% (first table), and at σ = 1 the sign moves the prediction by {words['sign']:.1f}% "
+             f"against {words['colour']:.1f}% for the colour word (second table)." if swapped and words else "")
+    mixing = (f" Its self-attention mixes time little: redrawing frame 0 moves the other frames' predictions by "
+              f"{min(others):.3f}–{max(others):.3f} of their RMS (last table), so each token can place the object "
+              "from the codes and the text alone, and a student's fidelity on this teacher tests the text path "
+              "and the per-frame layout more than temporal mixing." if others else "")
+    return f"""
+
+It is trained with `frame_code={t['frame_code']}` and `position_code={t['position_code']}`
+(`synthetic.TaskConfig`): every latent frame carries a constant that says which frame it is, and a
+fixed backdrop shading says where each pixel is, both along latent directions orthogonal to the
+colours (removed before adherence is read back). They stand in for what tells a real Wan2.1 where a
+token is (the causal VAE's distinct first frame, the content of real footage), which RoPE attention
+over a constant background cannot see, and they are the two things the default teacher's card found
+missing: teachers given only the frame code, or neither, ignore the direction word.{reads}{mixing}"""
+
+
 def motion_paragraph(r: dict) -> str:
     """What the card says about motion: the shipped teacher's diagnosis (and the tries behind it)
     while its held-out direction accuracy stays below 50%; a plain statement for a retrain that
@@ -541,7 +570,7 @@ def motion_paragraph(r: dict) -> str:
     tables = f"{reversal_table(r)}\n\n{word_table(r)}\n\n{awareness_table(r)}\n\n{influence_table(r)}\n"
     if h["direction_acc"] >= 50:
         return (f"**Motion.** Direction accuracy {h['direction_acc']:.1f}% on held-out prompts (chance 25%): the "
-                f"teacher moves the object the way the prompt says.\n\n{tables}")
+                f"teacher moves the object the way the prompt says.{codes_note(r)}\n\n{tables}")
     tr = r.get("time_reversal") or {}
     backwards = [v["reversed_excess_pct"] for v in tr.values()]
     swapped = [v["opposite_prompt_excess_pct"] for v in tr.values()]

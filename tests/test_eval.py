@@ -754,3 +754,10 @@ def test_teacher_card_names_the_checkpoint_and_what_differs_from_the_default(tra
     assert "knows which way time runs" in card  # its time_reversal shows the asymmetry
     assert (root / "wan2.1-tiny-shapes-trail" / "README.md").read_text() == card  # the shipped card is current
     assert (root / "wan2.1-tiny-shapes" / "README.md").read_text() == train_teacher.card(shipped)
+    coded = json.loads((root / "wan2.1-tiny-shapes-coded" / "training.json").read_text())
+    assert train_teacher.variant_note(coded) == (
+        "\n- differs from the default teacher: `frame_code=2.0`, `position_code=2.0` (see `synthetic.TaskConfig`, `--help`)")
+    card = train_teacher.card(coded, "wan2.1-tiny-shapes-coded")
+    assert "trained with `frame_code=2.0` and `position_code=2.0`" in card and "reads the direction word" in card
+    assert train_teacher.codes_note(shipped) == train_teacher.codes_note(trail) == ""  # codes off: no such paragraph
+    assert (root / "wan2.1-tiny-shapes-coded" / "README.md").read_text() == card
