@@ -761,3 +761,29 @@ def test_teacher_card_names_the_checkpoint_and_what_differs_from_the_default(tra
     assert "trained with `frame_code=2.0` and `position_code=2.0`" in card and "reads the direction word" in card
     assert train_teacher.codes_note(shipped) == train_teacher.codes_note(trail) == ""  # codes off: no such paragraph
     assert (root / "wan2.1-tiny-shapes-coded" / "README.md").read_text() == card
+
+
+def test_shipped_coded_teacher_follows_the_prompts_direction_and_its_card_numbers_come_from_its_weights(train_teacher, keep_threads):
+    """The frame- and position-coded teacher reads the direction word (the default one does not), and
+    its recorded probes are what its shipped weights give."""
+    import json
+    from pathlib import Path
+
+    from diffusers import WanTransformer3DModel
+
+    from m4v_convert.synthetic import TaskConfig, heldout_labels
+
+    torch.set_num_threads(1)
+    records, influence = {}, {}
+    for name in ("wan2.1-tiny-shapes-coded", "wan2.1-tiny-shapes"):
+        folder = Path(__file__).parents[1] / "checkpoints" / name
+        model = WanTransformer3DModel.from_pretrained(folder).eval()
+        task = ShapesTask(TaskConfig.load(folder / "task.json"))
+        records[name] = json.loads((folder / "training.json").read_text())
+        influence[name] = train_teacher.word_influence(model, task)
+        if name == "wan2.1-tiny-shapes-coded":  # its own samples, one seed per held-out prompt, 10 steps
+            quality = train_teacher.sample_quality(model, task, heldout_labels(), 1, steps=10, shift=3.0)
+            assert quality["colour_acc"] == 100.0 and quality["direction_acc"] >= 87.5, quality
+    for name, got in influence.items():
+        assert got == pytest.approx(records[name]["word_influence"], abs=0.05), name
+    assert influence["wan2.1-tiny-shapes-coded"]["sign"] > 10 > 1 > influence["wan2.1-tiny-shapes"]["sign"]
