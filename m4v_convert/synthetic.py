@@ -318,11 +318,25 @@ class ShapesTask:
             cover, paint = coverage(instants)
             out[:, f] = out[:, f] * (1 - cover) + paint
         if c.frame_code:
-            ramp = torch.linspace(-c.frame_code, c.frame_code, c.frames)
-            out += self.frame_code_vector.view(-1, 1, 1, 1) * ramp.view(1, -1, 1, 1)
+            out += self.frame_code_field()
         if c.position_code:
             out += self.position_code_field().unsqueeze(1)
         return out
+
+    @property
+    def has_codes(self) -> bool:
+        return bool(self.config.frame_code or self.config.position_code)
+
+    def frame_code_field(self) -> torch.Tensor:
+        """(C, F, 1, 1) the per-frame constant of ``frame_code`` (zeros when it is off)."""
+        c = self.config
+        ramp = torch.linspace(-c.frame_code, c.frame_code, c.frames)
+        return self.frame_code_vector.view(-1, 1, 1, 1) * ramp.view(1, -1, 1, 1)
+
+    def code_field(self) -> torch.Tensor:
+        """(C, F, H, W) what the frame and position codes add to every video of the task: fixed, the
+        same for every prompt and seed, so subtracting it leaves the content (zeros when both are off)."""
+        return self.frame_code_field() + self.position_code_field().unsqueeze(1)
 
     def position_code_field(self) -> torch.Tensor:
         """(C, H, W) the fixed backdrop shading of ``position_code`` (zeros when it is off)."""

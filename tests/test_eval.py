@@ -145,6 +145,51 @@ def test_eval_teacher_vs_itself_is_exact_and_vs_converted_is_not(teacher):
     assert all(v > 0.0 for v in other["pred_rel_error"].values())
 
 
+def test_eval_of_a_coded_task_reports_the_psnr_of_the_content_too(teacher):
+    import dataclasses
+
+    from m4v_convert.eval import psnr_without
+
+    settings = EvalSettings(labels=heldout_labels()[:2], **SMALL)
+    plain, _, _ = evaluate(teacher, _student(teacher, [0]), ShapesTask(TINY_TASK), settings)
+    assert "psnr_db_without_codes" not in plain
+    task = ShapesTask(dataclasses.replace(TINY_TASK, frame_code=3.0))
+    coded, xs_t, xs_s = evaluate(teacher, _student(teacher, [0]), task, settings)
+    want, ci = psnr_without(xs_t, xs_s, task.code_field())
+    assert coded["psnr_db_without_codes"] == want and coded["psnr_db_without_codes_ci95"] == ci
+
+
+def test_psnr_without_a_fixed_field_is_the_psnr_of_the_content():
+    from m4v_convert.eval import pair_scores, psnr_without
+
+    g = torch.Generator().manual_seed(0)
+    xs_t = torch.randn(6, 4, 3, 8, 8, generator=g)
+    xs_s = xs_t + 0.05 * torch.randn(6, 4, 3, 8, 8, generator=g)
+    field = 5 * torch.randn(4, 3, 8, 8, generator=g)  # a fixed field far wider than the content
+    content = 10 * math.log10(1 / (sum(pair_scores(xs_t, xs_s, with_ssim=False)[0]) / 6))
+    got, (lo, hi) = psnr_without(xs_t + field, xs_s + field, field)
+    assert got == pytest.approx(content, rel=1e-7) and lo < got < hi
+    carried = 10 * math.log10(1 / (sum(pair_scores(xs_t + field, xs_s + field)[0]) / 6))
+    assert carried > content + 6  # the same error over the field's wider range reads as a higher PSNR
+    assert psnr_without(xs_t + field, xs_t + field, field)[0] == math.inf
+
+
+def test_code_field_is_what_the_codes_add_to_every_clip():
+    task = ShapesTask(TaskConfig(frame_code=0.4, position_code=0.7))
+    assert task.has_codes and not ShapesTask(TaskConfig()).has_codes
+    assert torch.equal(ShapesTask(TaskConfig()).code_field(), torch.zeros(16, 5, 16, 16))
+    u, v = task.position_code_basis, task.frame_code_vector
+    for seed, lab in enumerate([Labels("red", "disc", "left"), Labels("blue", "square", "up")]):
+        rest = task.video(lab, torch.Generator().manual_seed(seed)) - task.code_field()
+        # the backdrop's part along the position directions is all code; along the frame direction
+        # what is left at a corner the object never reaches is the background's own part, every frame alike
+        assert torch.einsum("ck,cfhw->kfhw", u, rest).abs().max() < 1e-5
+        corner = torch.einsum("c,cf->f", v, rest[:, :, 0, 0])
+        torch.testing.assert_close(corner, corner[:1].expand_as(corner), atol=1e-5, rtol=0)
+        coded_corner = torch.einsum("c,cf->f", v, task.video(lab, torch.Generator().manual_seed(seed))[:, :, 0, 0])
+        assert (coded_corner[-1] - coded_corner[0]).item() == pytest.approx(0.8 * v.norm().item() ** 2, rel=1e-4)  # the ramp: −0.4 → +0.4
+
+
 def test_bootstrap_intervals_match_the_sampling_distribution():
     # identical pairs: PSNR is infinite in every resample, Δ adherence exactly 0
     same = bootstrap_ci95([0.0] * 8, [50.0] * 8, [50.0] * 8)
