@@ -782,30 +782,33 @@ def test_word_influence_probe_names_the_words_a_model_reads(train_teacher):
     assert direction["colour"] == 0.0 and direction["sign"] > 1.0 and direction["axis"] > 1.0
 
 
-def test_teacher_card_names_the_checkpoint_and_what_differs_from_the_default(train_teacher):
+def test_teacher_card_names_the_checkpoint_and_what_differs_from_the_plain_task(train_teacher):
     import json
     from pathlib import Path
 
     root = Path(__file__).parents[1] / "checkpoints"
-    shipped = json.loads((root / "wan2.1-tiny-shapes" / "training.json").read_text())
-    assert train_teacher.variant_note(shipped) == ""
-    card = train_teacher.card(shipped)
-    assert card.startswith("# wan2.1-tiny-shapes\n") and "default checkpoint the README's run" in card
+    plain = json.loads((root / "wan2.1-tiny-shapes" / "training.json").read_text())
+    assert train_teacher.variant_note(plain) == ""
+    card = train_teacher.card(plain, "wan2.1-tiny-shapes")
+    assert card.startswith("# wan2.1-tiny-shapes\n") and "alternative to the default teacher\n`wan2.1-tiny-shapes-coded`" in card
+    assert "the tries that led to it are below" in card and "Given both, it works" in card
     trail = json.loads((root / "wan2.1-tiny-shapes-trail" / "training.json").read_text())
     note = train_teacher.variant_note(trail)
     assert "`trail=0.4`" in note and "`--shift-init 3.0`" in note and "jitter" not in note
-    card = train_teacher.card(trail, "wan2.1-tiny-shapes-trail")
-    assert card.startswith("# wan2.1-tiny-shapes-trail\n") and "alternative to the default teacher" in card
-    assert "knows which way time runs" in card  # its time_reversal shows the asymmetry
-    assert (root / "wan2.1-tiny-shapes-trail" / "README.md").read_text() == card  # the shipped card is current
-    assert (root / "wan2.1-tiny-shapes" / "README.md").read_text() == train_teacher.card(shipped)
+    trail_card = train_teacher.card(trail, "wan2.1-tiny-shapes-trail")
+    assert trail_card.startswith("# wan2.1-tiny-shapes-trail\n") and "on `wan2.1-tiny-shapes`'s card" in trail_card
+    assert "knows which way time runs" in trail_card  # its time_reversal shows the asymmetry
     coded = json.loads((root / "wan2.1-tiny-shapes-coded" / "training.json").read_text())
     assert train_teacher.variant_note(coded) == (
-        "\n- differs from the default teacher: `frame_code=2.0`, `position_code=2.0` (see `synthetic.TaskConfig`, `--help`)")
-    card = train_teacher.card(coded, "wan2.1-tiny-shapes-coded")
-    assert "trained with `frame_code=2.0` and `position_code=2.0`" in card and "reads the direction word" in card
-    assert train_teacher.codes_note(shipped) == train_teacher.codes_note(trail) == ""  # codes off: no such paragraph
-    assert (root / "wan2.1-tiny-shapes-coded" / "README.md").read_text() == card
+        "\n- differs from the plain task and training (`wan2.1-tiny-shapes`): `frame_code=2.0`, `position_code=2.0` "
+        "(see `synthetic.TaskConfig`, `--help`)")
+    coded_card = train_teacher.card(coded)  # the default name
+    assert coded_card.startswith("# wan2.1-tiny-shapes-coded\n") and "default checkpoint the README's run" in coded_card
+    assert "trained with `frame_code=2.0` and `position_code=2.0`" in coded_card and "reads the direction word" in coded_card
+    assert train_teacher.codes_note(plain) == train_teacher.codes_note(trail) == ""  # codes off: no such paragraph
+    for name, text in (("wan2.1-tiny-shapes", card), ("wan2.1-tiny-shapes-trail", trail_card),
+                       ("wan2.1-tiny-shapes-coded", coded_card)):
+        assert (root / name / "README.md").read_text() == text, name  # the shipped cards are current
 
 
 def test_shipped_coded_teacher_follows_the_prompts_direction_and_its_card_numbers_come_from_its_weights(train_teacher, keep_threads):
