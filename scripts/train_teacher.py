@@ -696,9 +696,9 @@ Given both, it works. Trained with `--task frame_code=2 --task position_code=2` 
 code, a fixed backdrop shading that says where each pixel is; this teacher's schedule, 14 minutes),
 the teacher moves the object the way the prompt says on every held-out sample and reads the direction
 word almost as much as the colour word. That teacher, `checkpoints/wan2.1-tiny-shapes-coded`, is the
-default now (its own card). Fidelity measurements against this one are still meaningful — the student
-must reproduce the teacher's samples, whatever they are — but its direction accuracy is noise, not a
-skill.
+default now (its own card). Fidelity measurements against the plain teacher are still meaningful —
+the student must reproduce the teacher's samples, whatever they are — but its direction accuracy is
+noise, not a skill.
 """
 
 
