@@ -812,7 +812,7 @@ def test_teacher_card_names_the_checkpoint_and_what_differs_from_the_plain_task(
 
 
 def test_shipped_coded_teacher_follows_the_prompts_direction_and_its_card_numbers_come_from_its_weights(train_teacher, keep_threads):
-    """The frame- and position-coded teacher reads the direction word (the default one does not), and
+    """The frame- and position-coded teacher reads the direction word (the plain-task teacher does not), and
     its recorded probes are what its shipped weights give."""
     import json
     from pathlib import Path
