@@ -75,10 +75,14 @@ def normalize_to(reference: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tenso
     return [(x - lo) / scale for x in (reference, *xs)]
 
 
+def psnr_of_mse(mse: float, data_range: float = 1.0) -> float:
+    """``10·log10(data_range² / MSE)``; ``inf`` for an MSE of 0."""
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
     """``10·log10(data_range² / MSE)``; ``inf`` when identical."""
-    mse = float((x.double() - y.double()).pow(2).mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
+    return psnr_of_mse(float((x.double() - y.double()).pow(2).mean()), data_range)
 
 
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
@@ -135,7 +139,7 @@ def psnr_without(xs_t: torch.Tensor, xs_s: torch.Tensor, field: torch.Tensor) ->
     mses, _ = pair_scores(xs_t - field, xs_s - field, with_ssim=False)
     mse = sum(mses) / len(mses)
     (boot,) = resampled_means([mses])
-    return (math.inf if mse == 0 else 10 * math.log10(1.0 / mse)), psnr_ci95(boot)
+    return psnr_of_mse(mse), psnr_ci95(boot)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -253,8 +257,8 @@ def evaluate(teacher, student, task: ShapesTask, settings: EvalSettings | None =
         "samples": len(labels), "sampler": {"name": "flow-match Euler", "steps": settings.steps,
                                             "shift": settings.shift, "guidance": 1.0},
         "pred_rel_error": errors, "pred_rel_error_mean": sum(errors.values()) / len(errors),
-        "psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse),
-        "psnr_db_per_sample": [math.inf if m == 0 else 10 * math.log10(1.0 / m) for m in mses],
+        "psnr_db": psnr_of_mse(mse),
+        "psnr_db_per_sample": [psnr_of_mse(m) for m in mses],
         "ssim": sum(ssims) / len(ssims),
         "sample_rel_error": relative_error(xs_s, xs_t),
         "adherence_teacher": {k: v for k, v in adh_t.items() if k != "read"},

@@ -116,7 +116,7 @@ def prediction_errors(teacher, student, clean: list[PyramidSample], spec: Pyrami
 def evaluate_pyramid(teacher, student, conditions: list[PyramidSample], spec: PyramidCalibSpec, seeds: int,
                      steps: int, device, real_latents: bool, progress=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """All metrics; returns (metrics, teacher samples, student samples), samples (N, C, F, H, W)."""
-    from m4v_convert.eval import pair_scores, psnr_ci95, relative_error, resampled_means
+    from m4v_convert.eval import pair_scores, psnr_ci95, psnr_of_mse, relative_error, resampled_means
 
     t0 = time.time()
     xs = {"teacher": [], "student": []}
@@ -148,8 +148,8 @@ def evaluate_pyramid(teacher, student, conditions: list[PyramidSample], spec: Py
                     "stages": spec.num_stages},
         "pred_rel_error": errors, "pred_rel_error_mean": sum(errors.values()) / len(errors),
         "pred_rel_error_on": "calibration latents" if real_latents else "teacher samples",
-        "psnr_db": math.inf if mse == 0 else 10 * math.log10(1.0 / mse), "psnr_db_ci95": ci,
-        "psnr_db_per_sample": [math.inf if m == 0 else 10 * math.log10(1.0 / m) for m in mses],
+        "psnr_db": psnr_of_mse(mse), "psnr_db_ci95": ci,
+        "psnr_db_per_sample": [psnr_of_mse(m) for m in mses],
         "ssim": sum(ssims) / len(ssims), "sample_rel_error": relative_error(xs_s, xs_t),
         "seconds": round(time.time() - t0, 1),
     }
