@@ -105,18 +105,23 @@ def wan21(
     threads: Optional[int] = _THREADS,
 ):
     """Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, save, report FLOPs."""
-    from m4v_convert.pipeline import ConvertOptions, convert
-
     _set_threads(threads)
+    _run_backbone("wan", recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, distill_steps=distill_steps,
+                  calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
+                  report_size=_parse_size(size), report_frames=frames, stages=stages, stage2_steps=stage2_steps,
+                  stage3_steps=stage3_steps, lr=lr, batch_size=batch_size, feature_weight=feature_weight,
+                  train=train, data=data, teacher_calib=teacher_calib, calib_cache=calib_cache,
+                  checkpoint_every=checkpoint_every, run_dir=run_dir, resume=resume, num_processes=num_processes,
+                  grad_checkpointing=grad_checkpointing, mixed_precision=mixed_precision,
+                  deterministic=deterministic)
 
-    convert(ConvertOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, distill_steps=distill_steps,
-                           calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-                           report_size=_parse_size(size), report_frames=frames, stages=stages,
-                           stage2_steps=stage2_steps, stage3_steps=stage3_steps, lr=lr, batch_size=batch_size,
-                           feature_weight=feature_weight, train=train, data=data, teacher_calib=teacher_calib,
-                           calib_cache=calib_cache, checkpoint_every=checkpoint_every, run_dir=run_dir, resume=resume,
-                           num_processes=num_processes, grad_checkpointing=grad_checkpointing,
-                           mixed_precision=mixed_precision, deterministic=deterministic))
+
+def _run_backbone(name: str, **flags) -> None:
+    """Run backbone ``name``'s conversion job (its registry entry) with a command's flags."""
+    from m4v_convert.backbones import registry
+
+    entry = registry.get(name)
+    entry.run(entry.options_from_flags(**flags))
 
 
 @app.command("pyramidflow")
@@ -160,17 +165,14 @@ def pyramidflow(
 ):
     """Convert a PyramidFlow checkpoint: single-stream (and allowed joint) attention -> MM-DiM, distill, save,
     report FLOPs."""
-    from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
-
     _set_threads(threads)
-    convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
-                                           distill_steps=distill_steps, device=device, dtype=dtype,
-                                           overwrite=overwrite, seed=seed, calib=calib, stage2_steps=stage2_steps,
-                                           stages=stages, stage3_steps=stage3_steps, lr=lr, batch_size=batch_size,
-                                           train=train, data=data, checkpoint_every=checkpoint_every,
-                                           run_dir=run_dir, resume=resume, grad_checkpointing=grad_checkpointing,
-                                           mixed_precision=mixed_precision, num_processes=num_processes,
-                                           teacher_calib=teacher_calib, calib_cache=calib_cache))
+    _run_backbone("pyramidflow", checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
+                  distill_steps=distill_steps, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
+                  calib=calib, stage2_steps=stage2_steps, stages=stages, stage3_steps=stage3_steps, lr=lr,
+                  batch_size=batch_size, train=train, data=data, checkpoint_every=checkpoint_every,
+                  run_dir=run_dir, resume=resume, grad_checkpointing=grad_checkpointing,
+                  mixed_precision=mixed_precision, num_processes=num_processes, teacher_calib=teacher_calib,
+                  calib_cache=calib_cache)
 
 
 @app.command("convert")
@@ -204,33 +206,15 @@ def convert_cmd(
 ):
     """Convert any backbone a recipe describes: load, swap attention for MM-DiM, distill, save, report FLOPs.
     (The backbone commands, e.g. `wan2.1`, take more flags.)"""
+    from m4v_convert.backbones import registry
     from m4v_convert.recipes import load_recipe
 
-    rec = load_recipe(recipe)
-    shared = dict(lr=lr, batch_size=batch_size, train=train, checkpoint_every=checkpoint_every, run_dir=run_dir,
+    _run_backbone(registry.for_recipe(load_recipe(recipe)).name, recipe=recipe, checkpoint=checkpoint, out=out,
+                  layers=layers, model=model, distill_steps=distill_steps, stage2_steps=stage2_steps, stages=stages,
+                  calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
+                  report_size=_parse_size(size) if size else None, report_frames=frames, lr=lr,
+                  batch_size=batch_size, train=train, checkpoint_every=checkpoint_every, run_dir=run_dir,
                   resume=resume, mixed_precision=mixed_precision)
-    if rec.backbone == "wan":
-        from m4v_convert.pipeline import ConvertOptions, convert
-
-        convert(ConvertOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers,
-                               distill_steps=distill_steps, calib=calib, device=device, dtype=dtype,
-                               overwrite=overwrite, seed=seed, report_size=_parse_size(size or "480x832"),
-                               report_frames=frames or 81, stages=stages, stage2_steps=stage2_steps, **shared))
-    elif rec.backbone == "pyramidflow":
-        from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
-
-        convert_pyramidflow(PyramidFlowOptions(checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
-                                               distill_steps=distill_steps, device=device, dtype=dtype,
-                                               overwrite=overwrite, seed=seed, calib=calib, stages=stages,
-                                               stage2_steps=stage2_steps, **shared))
-    else:
-        from m4v_convert.backbones.generic_pipeline import GenericOptions, convert_generic
-
-        convert_generic(GenericOptions(recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, model=model,
-                                       distill_steps=distill_steps, stage2_steps=stage2_steps, stages=stages,
-                                       calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-                                       report_size=_parse_size(size) if size else None, report_frames=frames,
-                                       **shared))
 
 
 def _set_threads(threads: Optional[int]) -> None:
@@ -271,7 +255,7 @@ def flops(
                                     help="cross-check with FlopCounterMode on the meta device"),
 ):
     """FLOPs report for a published full-size config (meta device, no weights needed)."""
-    from m4v_convert.convert import parse_layers
+    from m4v_convert.backbones import registry
     from m4v_convert.errors import M4VError
     from m4v_convert.recipes import load_recipe
 
@@ -285,51 +269,13 @@ def flops(
     if frames is not None and frames < 1:
         raise M4VError(f"--frames: expected >= 1, got {frames}")
     cfg = json.loads(rec.published[model].read_text())
-    if rec.backbone == "generic":
-        from m4v_convert.backbones.generic_pipeline import _flops_markdown, check_recipe, generic_flops
-
-        report = generic_flops(rec, check_recipe(rec, model=model, layers=layers), frames,
-                               _parse_size(size) if size else None)
-        typer.echo(_flops_markdown(report))
-    elif rec.backbone == "pyramidflow":
-        report = _pyramidflow_flops(rec, cfg, size, frames, layers, crosscheck)
-    else:
-        from m4v_convert.flops.report import build_wan_flops_report, markdown_report
-
-        height, width = _parse_size(size or "480x832")
-        chosen = parse_layers(layers or rec.default_layers, cfg["num_layers"])
-        report = build_wan_flops_report(cfg, frames or 81, height, width, text_len=int(rec.video.get("text_len", 512)),
-                                        converted_layers=chosen, mmdim_config=rec.mmdim, crosscheck=crosscheck,
-                                        name=f"{rec.name} {model}")
-        typer.echo(markdown_report(report))
+    published_flops = registry.resolve(registry.for_recipe(rec).published_flops)
+    report, markdown = published_flops(rec, cfg, model, _parse_size(size) if size else None, frames, layers,
+                                       crosscheck)
+    typer.echo(markdown)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))
-
-
-def _pyramidflow_flops(rec, cfg: dict, size: Optional[str], frames: Optional[int], layers: Optional[str],
-                       crosscheck: bool) -> dict:
-    from m4v_convert.backbones.pyramidflow.pipeline import _layer_source, check_layer_selection
-    from m4v_convert.convert import parse_layers
-    from m4v_convert.errors import M4VError
-    from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
-
-    height, width, max_frames = RESOLUTIONS[rec.resolution]
-    if size is not None:
-        height, width = _parse_size(size)
-    n_double = int(cfg.get("num_layers", 8))
-    n_single = 0 if rec.variant == "sd3" else int(cfg.get("num_single_layers", 16))
-    chosen = parse_layers(layers or rec.default_layers, n_double + n_single)
-    check_layer_selection(chosen, n_double, rec.variant, rec.allow_double_stream, n_single,
-                          _layer_source(layers, rec))
-    try:
-        report = pyramidflow_flops_report(cfg, frames or max_frames, height, width,
-                                          text_len=int(rec.video.get("text_len", 128)), converted_layers=chosen,
-                                          mmdim=rec.mmdim, name=rec.name, crosscheck=crosscheck)
-    except ValueError as e:
-        raise M4VError(str(e)) from None
-    typer.echo(markdown_report(report))
-    return report
 
 
 @app.command("recipes")
@@ -353,9 +299,10 @@ def recipes(
         for name, description in describe_recipes():
             typer.echo(f"{name:<28} {description}")
         return
-    from m4v_convert.backbones.generic_pipeline import check_recipe
+    from m4v_convert.backbones import registry
 
-    report = check_recipe(load_recipe(check), checkpoint, model, layers)
+    rec = load_recipe(check)
+    report = registry.for_recipe(rec).check(rec, checkpoint, model, layers)
     for line in report.lines():
         typer.echo(line)
     typer.echo("ok: nothing was converted")
@@ -388,32 +335,17 @@ def eval_cmd(
 ):
     """Fidelity of STUDENT against TEACHER: prediction error, same-seed sample PSNR/SSIM, and (Wan, on the
     synthetic task) prompt adherence."""
-    from m4v_convert.backbones.pyramidflow.evaluate import is_pyramidflow_student
+    from m4v_convert.backbones import registry
     from m4v_convert.io.converted import read_converted_config
 
     _set_threads(threads)
-    if Path(student).expanduser().exists() and is_pyramidflow_student(read_converted_config(student)):
-        from m4v_convert.backbones.pyramidflow.evaluate import PyramidEvalOptions, run_pyramid_eval
-
-        wan_only = [flag for flag, v in (("--prompts", prompts), ("--shift", shift), ("--task", task)) if v is not None]
-        if wan_only:
-            _fail(f"{', '.join(wan_only)}: Wan eval options (the synthetic task); a PyramidFlow eval takes its text "
-                  "conditions from --calib")
-        run_pyramid_eval(PyramidEvalOptions(teacher=teacher, student=student, out=out, calib=calib,
-                                            conditions=4 if conditions is None else conditions,
-                                            seeds=2 if seeds is None else seeds, steps=10 if steps is None else steps, frames=frames,
-                                            device=device, overwrite=overwrite))
-        return
-    from m4v_convert.eval import EvalOptions, run_eval
-
-    pyramid_only = [flag for flag, v in (("--calib", calib), ("--conditions", conditions), ("--frames", frames))
-                    if v is not None]
-    if pyramid_only:
-        _fail(f"{', '.join(pyramid_only)}: PyramidFlow eval options; a Wan eval draws its inputs from the synthetic "
-              "task (--prompts, --task)")
-    run_eval(EvalOptions(teacher=teacher, student=student, out=out, prompts=prompts, seeds=4 if seeds is None else seeds,
-                         steps=20 if steps is None else steps, shift=3.0 if shift is None else shift, task=task, device=device,
-                         overwrite=overwrite))
+    student_path = Path(student).expanduser()
+    if not student_path.exists():
+        _fail(f"student {student_path} does not exist")
+    entry, _ = registry.find_converted(read_converted_config(student_path))  # refuses a model not converted
+    entry.run_eval(entry.eval_from_flags(
+        teacher=teacher, student=student, out=out, prompts=prompts, seeds=seeds, steps=steps, shift=shift, task=task,
+        calib=calib, conditions=conditions, frames=frames, device=device, overwrite=overwrite))
 
 
 @app.command("ablate")

@@ -327,14 +327,14 @@ def check_same_architecture(teacher_cfg, student_cfg, teacher_path, student_path
 
 
 def load_pair(teacher_path: Path, student_path: Path, device="cpu"):
-    from m4v_convert.backbones.wan_io import load_wan_transformer
+    from m4v_convert.backbones import registry
     from m4v_convert.io.converted import load_converted, read_converted_config
 
     student_path = Path(student_path).expanduser()
     if not student_path.exists():
         raise CheckpointError(f"student {student_path} does not exist")
-    read_converted_config(student_path)  # clear message before loading anything
-    teacher = load_wan_transformer(teacher_path, device=device)
+    entry, _ = registry.find_converted(read_converted_config(student_path))  # clear message before loading anything
+    teacher = entry.load_teacher(teacher_path, device=device)
     student = load_converted(student_path, device=device)
     check_same_architecture(dict(teacher.config), dict(student.config), teacher_path, student_path)
     return teacher.requires_grad_(False), student.requires_grad_(False)
@@ -755,10 +755,10 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
 
     from safetensors.torch import load_file, save_file
 
-    from m4v_convert.backbones.wan_io import load_wan_transformer
+    from m4v_convert.backbones import registry
     from m4v_convert.io.converted import load_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
-    from m4v_convert.pipeline import ConvertOptions, _console, convert, resolve_device
+    from m4v_convert.pipeline import _console, resolve_device
     from m4v_convert.recipes import load_recipe
 
     con = _console(console)
@@ -771,9 +771,13 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
         raise M4VError(f"--distill-seeds: expected distinct seeds >= 0, got {','.join(map(str, seeds))}")
     settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
     rec = load_recipe(opts.recipe)
+    entry = registry.for_recipe(rec)
+    if entry.evaluate is None or registry.resolve(entry.evaluate) is not run_eval:
+        raise M4VError(f"--recipe {rec.name}: ablate measures on the synthetic task, which the {entry.name} "
+                       "backbone's eval does not use")
     check_output_dir(opts.out, opts.overwrite)
     device = resolve_device(opts.device)
-    teacher = load_wan_transformer(opts.teacher, device=device).requires_grad_(False)
+    teacher = entry.load_teacher(opts.teacher, device=device).requires_grad_(False)
     task, task_source = load_task(opts.teacher, dict(teacher.config), opts.task)
     calib = opts.calib
     if calib is None and (Path(opts.teacher) / "calib").is_dir():
@@ -813,12 +817,13 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                     metrics = json.loads((vdir / "metrics.json").read_text())
                 else:
                     if not (vdir / "conversion.json").exists():  # convert writes the folder atomically
-                        convert(ConvertOptions(recipe=str(variant_recipe(opts.recipe, overrides, name, work)),
-                                               checkpoint=Path(opts.teacher), out=vdir, layers=opts.layers,
-                                               distill_steps=opts.distill_steps, stage2_steps=opts.stage2_steps,
-                                               calib=calib, device=opts.device, seed=seed, overwrite=True,
-                                               report_size=(8 * task.config.height, 8 * task.config.width),
-                                               report_frames=4 * (task.config.frames - 1) + 1), console=con)
+                        entry.run(entry.options_from_flags(
+                            recipe=str(variant_recipe(opts.recipe, overrides, name, work)),
+                            checkpoint=Path(opts.teacher), out=vdir, layers=opts.layers,
+                            distill_steps=opts.distill_steps, stage2_steps=opts.stage2_steps, calib=calib,
+                            device=opts.device, seed=seed, overwrite=True,
+                            report_size=(8 * task.config.height, 8 * task.config.width),
+                            report_frames=4 * (task.config.frames - 1) + 1), console=con)
                     summary = json.loads((vdir / "conversion.json").read_text())
                     student = load_converted(vdir, device=device).requires_grad_(False)
                     with eval_progress(con, settings, teacher_sampled=xs_t is not None) as progress:

@@ -205,9 +205,9 @@ def join_process_group(device: torch.device, con):
     return dist, device, con
 
 
-def launch_processes(opts, recipe, con, job: str = "wan") -> dict:
-    """``--num-processes N``: check what can be checked here, then run N processes of ``job``
-    (``wan`` / ``pyramidflow``, see ``distill/worker.py``) via accelerate."""
+def launch_processes(opts, recipe, con) -> dict:
+    """``--num-processes N``: check what can be checked here, then run N processes of the recipe's
+    backbone job (its registry entry, see ``distill/worker.py``) via accelerate."""
     import dataclasses
 
     from m4v_convert.distill.distributed import launch
@@ -231,7 +231,7 @@ def launch_processes(opts, recipe, con, job: str = "wan") -> dict:
                            "samples (calib.num_samples)")
     con.print(f"launching {n} processes through accelerate ({device.type})")
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()}
-    rc = launch(options, n, job=job)
+    rc = launch(options, n, job=recipe.backbone)
     if rc != 0:
         raise M4VError(f"--num-processes {n}: the processes failed (exit status {rc}; their first error is printed "
                        "above); nothing was written to --out")
@@ -315,3 +315,18 @@ Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of 
 See `flops.md` / `flops.json` / `flops.png`: original {flops['original_total_flops'] / 1e12:.3f} TFLOPs,
 converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs per forward at the report size.
 """
+
+
+def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | None, frames: int | None,
+                    layers: str | None, crosscheck: bool) -> tuple[dict, str]:
+    """``m4v-convert flops`` for a published Wan config (registry entry ``wan``); defaults:
+    480×832, 81 frames (the Wan2.1 release's video)."""
+    from m4v_convert.convert import parse_layers
+    from m4v_convert.flops.report import build_wan_flops_report, markdown_report
+
+    height, width = size or (480, 832)
+    chosen = parse_layers(layers or recipe.default_layers, config["num_layers"])
+    report = build_wan_flops_report(config, frames or 81, height, width,
+                                    text_len=int(recipe.video.get("text_len", 512)), converted_layers=chosen,
+                                    mmdim_config=recipe.mmdim, crosscheck=crosscheck, name=f"{recipe.name} {model}")
+    return report, markdown_report(report)

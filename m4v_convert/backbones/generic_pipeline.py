@@ -19,6 +19,7 @@ import torch
 
 import m4v_convert
 from m4v_convert.backbones import generic as G
+from m4v_convert.backbones import registry
 from m4v_convert.errors import CheckpointError, M4VError, RecipeError
 
 
@@ -167,9 +168,7 @@ def check_recipe(recipe, checkpoint: Path | None = None, model: str | None = Non
     from m4v_convert.convert import parse_layers
 
     if recipe.backbone != "generic":
-        raise M4VError(f"recipes --check: recipe {recipe.name!r} is for backbone {recipe.backbone!r}, which has its "
-                       f"own command (m4v-convert {'wan2.1' if recipe.backbone == 'wan' else 'pyramidflow'}); "
-                       "--check validates backbone: generic recipes")
+        return registry.for_recipe(recipe).check(recipe, checkpoint, model, layers)  # refuses with the reason
     spec = recipe.spec
     if spec.tokens.layout == "streams":
         raise RecipeError(f"{recipe.path}: field 'tokens.layout' 'streams' (separate text and video weights) is "
@@ -456,3 +455,11 @@ Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of 
 |---:|---:|---:|
 {errs}
 """
+
+
+def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | None, frames: int | None,
+                    layers: str | None, crosscheck: bool) -> tuple[dict, str]:
+    """``m4v-convert flops`` for a generic recipe's published config (registry entry ``generic``):
+    the analytic count of the attention sub-layers (no FlopCounterMode cross-check)."""
+    report = generic_flops(recipe, check_recipe(recipe, model=model, layers=layers), frames, size)
+    return report, _flops_markdown(report)

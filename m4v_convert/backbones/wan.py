@@ -261,3 +261,8 @@ def record_teacher_layers(teacher: WanTransformer3DModel, batch: dict, layers: l
         rec.context.update(layout=layout, text=seen["text"], text_mask=mask)
         rec.pre_out = pre_out.get(i)
     return records
+
+
+def converted_class_for_config(cfg: dict) -> type | None:
+    """The class that rebuilds a saved Wan conversion (registry entry ``wan``), or None."""
+    return M4VWanTransformer3DModel if cfg.get("_class_name") == M4VWanTransformer3DModel.__name__ else None

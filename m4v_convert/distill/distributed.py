@@ -107,10 +107,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(options: dict, num_processes: int, job: str = "wan") -> int:
-    """Run the ``job`` (``wan``: ``convert(ConvertOptions(**options))``; ``pyramidflow``:
-    ``convert_pyramidflow(PyramidFlowOptions(**options))``) in ``num_processes`` processes via
-    accelerate's launcher; returns the launcher's exit status. ``options`` must be JSON-serializable."""
+def launch(options: dict, num_processes: int, job: str) -> int:
+    """Run ``job`` (a backbone's registry name: its conversion job on its options class, built from
+    ``options``) in ``num_processes`` processes via accelerate's launcher; returns the launcher's
+    exit status. ``options`` must be JSON-serializable."""
     fd, name = tempfile.mkstemp(prefix="m4v-launch-", suffix=".json")
     spec = Path(name)
     with os.fdopen(fd, "w") as f:

@@ -1,8 +1,8 @@
 """One process of a ``--num-processes N`` run: ``python -m m4v_convert.distill.worker OPTIONS.json``.
 
 Started by :func:`m4v_convert.distill.distributed.launch` through accelerate's launcher; runs the
-job the parent parsed (``options["job"]``: ``wan`` → ``convert()``, ``pyramidflow`` →
-``convert_pyramidflow()``) with its options. Only rank 0 prints user errors.
+job the parent parsed (``options["job"]``: a backbone's registry name, whose entry gives the
+options class and the job) with its options. Only rank 0 prints user errors.
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ from pathlib import Path
 
 def _job(options: dict):
     """(run, options object) of the launched job."""
-    job = options.pop("job", "wan")
-    if job == "pyramidflow":
-        from m4v_convert.backbones.pyramidflow.pipeline import PyramidFlowOptions, convert_pyramidflow
+    from m4v_convert.backbones import registry
 
-        return convert_pyramidflow, PyramidFlowOptions(**options)
-    from m4v_convert.pipeline import ConvertOptions, convert
-
-    options["report_size"] = tuple(options["report_size"])
-    return convert, ConvertOptions(**options)
+    entry = registry.get(options.pop("job"))
+    # JSON has no tuples: a tuple field (report_size) comes back as a list
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return entry.run, registry.resolve(entry.options)(**options)
 
 
 def main(argv: list[str] | None = None) -> int:

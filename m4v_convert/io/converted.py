@@ -21,27 +21,12 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def _converted_classes() -> dict:
-    from m4v_convert.backbones.wan import M4VWanTransformer3DModel
-
-    classes = {"M4VWanTransformer3DModel": M4VWanTransformer3DModel}
-    try:
-        from m4v_convert.backbones.pyramidflow.converted import CONVERTED_CLASSES
-    except ImportError:
-        CONVERTED_CLASSES = {}
-    classes.update(CONVERTED_CLASSES)
-    return classes
-
-
 def _converted_class(cfg: dict):
-    """The class that rebuilds a saved conversion: a seed backbone's, or a generic recipe's
-    ``M4V<DiffusersClass>`` (built on the fly from the config's ``m4v`` record)."""
-    cls = _converted_classes().get(cfg.get("_class_name"))
-    if cls is None and "m4v" in cfg:
-        from m4v_convert.backbones.generic import converted_class_for_config
+    """The class that rebuilds a saved conversion, found through the backbone registry."""
+    from m4v_convert.backbones import registry
 
-        cls = converted_class_for_config(cfg)
-    return cls
+    found = registry.find_converted(cfg)
+    return found[1] if found else None
 
 
 def save_converted(model, folder: Path, metadata: dict[str, str],

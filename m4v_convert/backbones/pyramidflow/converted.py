@@ -683,3 +683,8 @@ def calibrate_output_norms(targets: dict[int, Stage1Target], records: dict[int, 
         finally:
             h.remove()
         calibrate_output_norm(target.attn.mmdim, torch.cat(captured), rec.pre_out)
+
+
+def converted_class_for_config(cfg: dict) -> type | None:
+    """The class that rebuilds a saved PyramidFlow conversion (registry entry ``pyramidflow``), or None."""
+    return CONVERTED_CLASSES.get(cfg.get("_class_name"))

@@ -55,12 +55,6 @@ class PyramidEvalOptions:
     overwrite: bool = False
 
 
-def is_pyramidflow_student(cfg: dict) -> bool:
-    from .converted import CONVERTED_CLASSES
-
-    return cfg.get("_class_name") in CONVERTED_CLASSES
-
-
 def _sizes(opts: PyramidEvalOptions, m4v: dict, folder_samples: list | None) -> tuple[int, int, int]:
     """(latent frames, height, width) of the sampled videos."""
     if folder_samples:

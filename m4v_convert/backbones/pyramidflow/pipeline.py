@@ -129,7 +129,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     if opts.num_processes > 1 and not in_distributed_env():
         from m4v_convert.pipeline import launch_processes
 
-        return launch_processes(opts, recipe, con, job="pyramidflow")
+        return launch_processes(opts, recipe, con)
     if recipe.mmdim.get("registers", True) and int(recipe.mmdim.get("num_registers", 1)) < NUM_STAGES:
         raise M4VError(f"recipe {recipe.name!r}: mmdim.num_registers must be >= {NUM_STAGES} (one register per "
                        "pyramid stage; a frame's register is its pyramid level)")
@@ -337,3 +337,27 @@ See `flops.md` / `flops.json`: {flops['curve']['scope'].split(' at ')[0]} at the
 {flops['video']['height']}×{flops['video']['width']} video: original {flops['original_total_flops'] / 1e12:.3f} TFLOPs,
 converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs.
 """
+
+
+def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | None, frames: int | None,
+                    layers: str | None, crosscheck: bool) -> tuple[dict, str]:
+    """``m4v-convert flops`` for a published PyramidFlow config (registry entry ``pyramidflow``);
+    defaults: the recipe's resolution and the release's maximum frames."""
+    from m4v_convert.convert import parse_layers
+    from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
+
+    height, width, max_frames = RESOLUTIONS[recipe.resolution]
+    if size is not None:
+        height, width = size
+    n_double = int(config.get("num_layers", 8))
+    n_single = 0 if recipe.variant == "sd3" else int(config.get("num_single_layers", 16))
+    chosen = parse_layers(layers or recipe.default_layers, n_double + n_single)
+    check_layer_selection(chosen, n_double, recipe.variant, recipe.allow_double_stream, n_single,
+                          _layer_source(layers, recipe))
+    try:
+        report = pyramidflow_flops_report(config, frames or max_frames, height, width,
+                                          text_len=int(recipe.video.get("text_len", 128)), converted_layers=chosen,
+                                          mmdim=recipe.mmdim, name=recipe.name, crosscheck=crosscheck)
+    except ValueError as e:
+        raise M4VError(str(e)) from None
+    return report, markdown_report(report)
