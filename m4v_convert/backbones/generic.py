@@ -24,7 +24,6 @@ The converted config records the recipe and one ``MMDiMConfig`` per layer, so
 
 from __future__ import annotations
 
-import copy
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -33,12 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m4v_convert.convert import mambafy_, record_conversion, register_handler
+from m4v_convert.convert import register_handler
 from m4v_convert.distill.records import LayerRecord
 from m4v_convert.errors import CheckpointError, M4VError, RecipeError
 from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_attention
 from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
 from m4v_convert.layers.recompose import VideoLayout
+from m4v_convert.models.converted import ConvertedModelMixin, converted_init
 from m4v_convert.recipe_schema import SIZE_RE, SLICE_RE, RecipeFile
 
 CONVERTED_PREFIX = "M4V"
@@ -491,15 +491,25 @@ def _generic_attn_to_mmdim(attn: nn.Module, fqn: str, config: GenericAttentionTo
     return GenericMMDiMAttention(block, call_spec(config.spec, attn))
 
 
-class GenericConvertedMixin:
+class GenericConvertedMixin(ConvertedModelMixin):
     """Mixed in before a diffusers model class by :func:`converted_class` (see the module docstring)."""
 
     _m4v_spec: RecipeFile
     _m4v_base: type  # the diffusers class
+    converted_types = (GenericMMDiMAttention,)
 
     # ---------------------------------------------------------------- setup
 
-    def _init_m4v(self, spec: RecipeFile) -> None:
+    def _init_m4v(self, m4v: dict, spec: RecipeFile | None = None, recipe_raw: dict | None = None) -> None:
+        if spec is None:
+            recipe = m4v.get("recipe_spec")
+            if recipe is None:
+                raise CheckpointError(f"{type(self).__name__}: config has no m4v.recipe_spec; convert with m4v-convert")
+            spec = RecipeFile.model_validate(recipe)
+        self._init_spec(spec)
+
+    def _init_spec(self, spec: RecipeFile) -> None:
+        """Hooks and call context for the layers ``spec`` describes."""
         self._m4v_spec = spec
         self._m4v_context = GenericCallContext()
         self._m4v_hooks = []
@@ -521,13 +531,10 @@ class GenericConvertedMixin:
 
         return module.register_forward_hook(hook)
 
-    def _bind_context(self) -> None:
-        for module in self.modules():
-            if isinstance(module, GenericMMDiMAttention):
-                module.context = self._m4v_context
+    def _new_record(self, teacher: nn.Module, spec: RecipeFile, recipe_raw: dict) -> dict:
+        return {"generic": True, "base_class": type(teacher).__name__, "recipe_spec": recipe_raw, "layers": {}}
 
-    def _rebuild(self, m4v: dict) -> None:
-        """Put back the converted layers recorded in ``m4v`` (before weights are loaded)."""
+    def _build_converted(self, m4v: dict) -> None:
         for index, entry in sorted((m4v.get("layers") or {}).items(), key=lambda kv: int(kv[0])):
             block = MMDiM(MMDiMConfig.from_dict(entry["mmdim"]))
             _set_module(self, entry["fqn"], GenericMMDiMAttention(block, entry["call"]))
@@ -535,22 +542,12 @@ class GenericConvertedMixin:
             if fo:
                 _set_module(self, fo["fqn"], FusedOutputRemainder(fo["in_features"], fo["out_features"],
                                                                   tuple(fo["columns"]), fo["bias"]))
-        self._bind_context()
 
     # ---------------------------------------------------------------- conversion
 
-    @classmethod
-    def from_teacher(cls, teacher: nn.Module, spec: RecipeFile, recipe_raw: dict) -> nn.Module:
-        """An independent copy of ``teacher`` with this class (no layer converted yet)."""
-        student = copy.deepcopy(teacher)
-        student.__class__ = cls
-        student._init_m4v(spec)
-        student.register_to_config(m4v={"generic": True, "base_class": type(teacher).__name__,
-                                        "recipe_spec": recipe_raw, "layers": {}})
-        return student
-
     def convert_(self, layers: list[LayerInfo], mmdim: dict, meta: dict | None = None) -> list[str]:
-        """Replace the given (checked) layers by MM-DiM initialized from them."""
+        """Replace the given (checked) layers by MM-DiM initialized from them. An output projection
+        fused with other outputs keeps its other columns (:class:`FusedOutputRemainder`)."""
         wanted = {info.fqn: info for info in layers}
         swap = GenericAttentionToMMDiM(spec=self._m4v_spec, config=dict(self.config), mmdim=dict(mmdim),
                                        layers=wanted, model=self)
@@ -558,7 +555,7 @@ class GenericConvertedMixin:
         for info in layers:  # read the fused layers before the swap; replace them after it
             if info.fused_out:
                 fused[info.fqn] = (info.out[0], info.out[1], self.get_submodule(info.out[0]))
-        replaced = mambafy_(self, swap, lambda m, fqn: fqn in wanted and not isinstance(m, GenericMMDiMAttention))
+        replaced = self._swap_modules(swap, set(wanted))
         entries = dict((self.config.get("m4v") or {}).get("layers") or {})
         for info in layers:
             entry = {"fqn": info.fqn, "mmdim": self.get_submodule(info.fqn).mmdim.config.to_dict(),
@@ -569,13 +566,12 @@ class GenericConvertedMixin:
                 entry["fused_out"] = {"fqn": out_fqn, "columns": list(cols), "in_features": linear.in_features,
                                       "out_features": linear.out_features, "bias": linear.bias is not None}
             entries[str(info.index)] = entry
-        self._bind_context()
-        record_conversion(self, entries, meta or {})
+        self._finish_conversion(entries, meta)
         return replaced
 
-    @property
-    def converted_layers(self) -> list[int]:
-        return sorted(int(k) for k in ((self.config.get("m4v") or {}).get("layers") or {}))
+    def converted_modules(self) -> dict[int, nn.Module]:
+        return {int(k): self.get_submodule(e["fqn"])
+                for k, e in ((self.config.get("m4v") or {}).get("layers") or {}).items()}
 
     # ---------------------------------------------------------------- forward
 
@@ -614,26 +610,7 @@ def converted_class(base_name: str) -> type:
     if base_name in _CLASSES:
         return _CLASSES[base_name]
     base = diffusers_class(base_name)
-    base_init = base.__init__
     base_forward = base.forward
-
-    def __init__(self, *args, m4v: dict | None = None, **kwargs):
-        base_init(self, *args, **kwargs)
-        m4v = m4v or {}
-        recipe = m4v.get("recipe_spec")
-        if recipe is None:
-            raise CheckpointError(f"{type(self).__name__}: config has no m4v.recipe_spec; convert with m4v-convert")
-        self._init_m4v(RecipeFile.model_validate(recipe))
-        self.register_to_config(m4v=m4v)
-        self._rebuild(m4v)
-
-    sig = inspect.signature(base_init)
-    params = list(sig.parameters.values())
-    m4v_param = inspect.Parameter("m4v", inspect.Parameter.KEYWORD_ONLY, default=None)
-    tail = [p for p in params if p.kind == p.VAR_KEYWORD]
-    head = [p for p in params if p.kind != p.VAR_KEYWORD]
-    head = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == p.KEYWORD_ONLY else p for p in head]
-    __init__.__signature__ = sig.replace(parameters=head + [m4v_param] + tail)
 
     def forward(self, *args, **kwargs):
         return GenericConvertedMixin._m4v_forward(self, *args, **kwargs)
@@ -641,9 +618,9 @@ def converted_class(base_name: str) -> type:
     forward.__signature__ = inspect.signature(base_forward)
     forward.__doc__ = base_forward.__doc__
     name = CONVERTED_PREFIX + base_name
-    cls = type(name, (GenericConvertedMixin, base), {"__init__": __init__, "forward": forward, "_m4v_base": base,
-                                                     "__module__": __name__, "__doc__": f"{base_name} with "
-                                                     "attention layers replaced by MM-DiM (m4v-convert generic)."})
+    cls = type(name, (GenericConvertedMixin, base), {
+        "__init__": converted_init(base), "forward": forward, "_m4v_base": base, "__module__": __name__,
+        "__doc__": f"{base_name} with attention layers replaced by MM-DiM (m4v-convert generic)."})
     _CLASSES[base_name] = cls
     return cls
 

@@ -256,7 +256,7 @@ def as_converted(model: torch.nn.Module, recipe) -> torch.nn.Module:
     its forward now records the per-call context (the teacher for stage 1)."""
     cls = G.converted_class(recipe.spec.model.class_name)
     model.__class__ = cls
-    model._init_m4v(recipe.spec)
+    model._init_spec(recipe.spec)
     return model
 
 

@@ -12,20 +12,19 @@ so rows of ``encoder_hidden_states`` that are exactly zero are the padding mask.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from diffusers import WanTransformer3DModel
-from diffusers.configuration_utils import register_to_config
 
-from m4v_convert.convert import mambafy_, record_conversion, register_handler
+from m4v_convert.convert import register_handler
 from m4v_convert.distill.records import LayerRecord  # noqa: F401  (re-exported: public name of this module)
 from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_attention
 from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
 from m4v_convert.layers.recompose import VideoLayout
+from m4v_convert.models.converted import ConvertedModelMixin, converted_init
 
 SELF_ATTN_PATTERN = re.compile(r"^blocks\.(\d+)\.attn1$")
 
@@ -128,88 +127,35 @@ def _wan_attn_to_mmdim(attn: nn.Module, fqn: str, config: WanSelfAttentionToMMDi
     return WanMMDiMAttention(block)
 
 
-class M4VWanTransformer3DModel(WanTransformer3DModel):
+class M4VWanTransformer3DModel(ConvertedModelMixin, WanTransformer3DModel):
     """``WanTransformer3DModel`` with some ``attn1`` replaced by MM-DiM; same forward arguments.
 
     ``m4v`` (saved in ``config.json``) records the conversion: toolkit version, recipe, source and
     one ``MMDiMConfig`` dict per converted layer, which is all that is needed to rebuild it.
     """
 
-    @register_to_config
-    def __init__(
-        self,
-        patch_size: tuple[int, ...] = (1, 2, 2),
-        num_attention_heads: int = 40,
-        attention_head_dim: int = 128,
-        in_channels: int = 16,
-        out_channels: int = 16,
-        text_dim: int = 4096,
-        freq_dim: int = 256,
-        ffn_dim: int = 13824,
-        num_layers: int = 40,
-        cross_attn_norm: bool = True,
-        qk_norm: str | None = "rms_norm_across_heads",
-        eps: float = 1e-6,
-        image_dim: int | None = None,
-        added_kv_proj_dim: int | None = None,
-        rope_max_seq_len: int = 1024,
-        pos_embed_seq_len: int | None = None,
-        m4v: dict | None = None,
-    ) -> None:
-        super().__init__(
-            patch_size=patch_size, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-            in_channels=in_channels, out_channels=out_channels, text_dim=text_dim, freq_dim=freq_dim,
-            ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=cross_attn_norm, qk_norm=qk_norm, eps=eps,
-            image_dim=image_dim, added_kv_proj_dim=added_kv_proj_dim, rope_max_seq_len=rope_max_seq_len,
-            pos_embed_seq_len=pos_embed_seq_len,
-        )
-        self._init_m4v()
-        for index, cfg in sorted((m4v or {}).get("layers", {}).items(), key=lambda kv: int(kv[0])):
-            self.blocks[int(index)].attn1 = WanMMDiMAttention(MMDiM(MMDiMConfig.from_dict(cfg)))
-        self._bind_context()
+    __init__ = converted_init(WanTransformer3DModel)
+    teacher_class = WanTransformer3DModel
+    converted_types = (WanMMDiMAttention,)
 
-    def _init_m4v(self) -> None:
+    def _init_m4v(self, m4v: dict) -> None:
         self._m4v_context = WanCallContext()
         self.condition_embedder.register_forward_hook(self._capture_text)
-
-    def _bind_context(self) -> None:
-        for module in self.modules():
-            if isinstance(module, WanMMDiMAttention):
-                module.context = self._m4v_context
 
     def _capture_text(self, module, args, output):
         _, _, text, image = output
         self._m4v_context.text = text if image is None else torch.cat([image, text], dim=1)
 
-    @classmethod
-    def from_teacher(cls, teacher: WanTransformer3DModel) -> "M4VWanTransformer3DModel":
-        """An independent copy of ``teacher`` with this class (no layer converted yet)."""
-        if not isinstance(teacher, WanTransformer3DModel):
-            raise TypeError(f"expected a WanTransformer3DModel, got {type(teacher).__name__}")
-        student = copy.deepcopy(teacher)
-        student.__class__ = cls
-        student._init_m4v()
-        student.register_to_config(m4v={"layers": {}})
-        return student
+    def _build_converted(self, m4v: dict) -> None:
+        for index, cfg in sorted(m4v.get("layers", {}).items(), key=lambda kv: int(kv[0])):
+            self.blocks[int(index)].attn1 = WanMMDiMAttention(MMDiM(MMDiMConfig.from_dict(cfg)))
 
-    def convert_(self, layers: list[int], mmdim: dict, meta: dict | None = None) -> list[str]:
-        """Replace ``blocks[i].attn1`` for ``i in layers`` by MM-DiM initialized from it."""
-        wanted = {f"blocks.{i}.attn1" for i in layers}
-        replaced = mambafy_(
-            self, WanSelfAttentionToMMDiM(mmdim=dict(mmdim)),
-            lambda m, fqn: fqn in wanted and not isinstance(m, WanMMDiMAttention),
-        )
-        self._bind_context()
-        self._record_conversion(meta or {})
-        return replaced
+    def _swaps(self, layers: list[int], mmdim: dict):
+        """``blocks[i].attn1`` for ``i in layers``, each initialized from its attention."""
+        return [(WanSelfAttentionToMMDiM(mmdim=mmdim), {f"blocks.{i}.attn1" for i in layers})]
 
-    def _record_conversion(self, meta: dict) -> None:
-        record_conversion(self, {str(i): blk.attn1.mmdim.config.to_dict() for i, blk in enumerate(self.blocks)
-                                 if isinstance(blk.attn1, WanMMDiMAttention)}, meta)
-
-    @property
-    def converted_layers(self) -> list[int]:
-        return [i for i, blk in enumerate(self.blocks) if isinstance(blk.attn1, WanMMDiMAttention)]
+    def converted_modules(self) -> dict[int, nn.Module]:
+        return {i: blk.attn1 for i, blk in enumerate(self.blocks) if isinstance(blk.attn1, WanMMDiMAttention)}
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
                 return_dict=True, attention_kwargs=None):

@@ -63,22 +63,21 @@ Init (see :mod:`m4v_convert.layers.init_from_attention`): x/B/C rows of ``in_pro
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-from diffusers.configuration_utils import register_to_config
 from diffusers.models.normalization import AdaLayerNormZeroSingle
 
-from m4v_convert.convert import mambafy_, record_conversion, register_handler
+from m4v_convert.convert import register_handler
 from m4v_convert.distill.records import LayerRecord
 from m4v_convert.errors import M4VError
 from m4v_convert.layers.init_from_attention import AttentionWeights, mmdim_from_attention
 from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
 from m4v_convert.layers.recompose import FrameBlock, VideoLayout
+from m4v_convert.models.converted import ConvertedModelMixin, converted_init
 
 from .attention import _context_norms
 from .layout import StageLayout
@@ -353,15 +352,15 @@ def split_layers(layers: Sequence[int], num_double: int) -> tuple[list[int], lis
 
 # ----------------------------------------------------------------------------- converted model
 
-class _ConvertedPyramidMixin:
+class _ConvertedPyramidMixin(ConvertedModelMixin):
     """What the converted miniFLUX and SD3 classes share: building converted layers from
-    ``config["m4v"]``, the swap, its record, and naming pyramid levels from ``m4v.full_grid``.
+    ``config["m4v"]``, the swap, and naming pyramid levels from ``m4v.full_grid``.
 
     Layers are numbered globally: ``transformer_blocks.{i}`` (double-stream / joint) is ``i``,
     ``single_transformer_blocks.{j}`` is ``num_layers + j``.
     """
 
-    teacher_class: type
+    converted_types = (PyramidMMDiMJointAttention, MMDiMSingleTransformerBlock)
 
     @property
     def _num_double(self) -> int:
@@ -371,9 +370,9 @@ class _ConvertedPyramidMixin:
     def _num_single(self) -> int:
         return len(getattr(self, "single_transformer_blocks", ()))
 
-    def _build_converted(self, m4v: dict | None) -> None:
+    def _build_converted(self, m4v: dict) -> None:
         n_double, n_single = self._num_double, self._num_single
-        for key, cfg in sorted((m4v or {}).get("layers", {}).items(), key=lambda kv: int(kv[0])):
+        for key, cfg in sorted(m4v.get("layers", {}).items(), key=lambda kv: int(kv[0])):
             i, config = int(key), MMDiMConfig.from_dict(cfg)
             if 0 <= i < n_double:
                 old = self.transformer_blocks[i].attn
@@ -389,39 +388,23 @@ class _ConvertedPyramidMixin:
             else:
                 raise ValueError(f"m4v.layers: layer {key} is not a block of this model (0-{n_double + n_single - 1})")
 
-    @classmethod
-    def from_teacher(cls, teacher):
-        """An independent copy of ``teacher`` with this class (no layer converted yet)."""
-        if not isinstance(teacher, cls.teacher_class):
-            raise TypeError(f"expected a {cls.teacher_class.__name__}, got {type(teacher).__name__}")
-        student = copy.deepcopy(teacher)
-        student.__class__ = cls
-        student.register_to_config(m4v={"layers": {}})
-        return student
-
-    def convert_(self, layers: Sequence[int], mmdim: dict, meta: dict | None = None) -> list[str]:
-        """Replace the blocks of global indices ``layers`` by MM-DiM initialized from them:
-        single-stream blocks whole (:class:`MMDiMSingleTransformerBlock`), double-stream / joint
-        blocks' attention (:class:`PyramidMMDiMJointAttention`, separate text weights). Whether a
-        recipe may convert double-stream blocks is the pipeline's decision, not the model's."""
+    def _swaps(self, layers: Sequence[int], mmdim: dict):
+        """The blocks of global indices ``layers``: single-stream blocks whole
+        (:class:`MMDiMSingleTransformerBlock`), double-stream / joint blocks' attention
+        (:class:`PyramidMMDiMJointAttention`, separate text weights). Whether a recipe may convert
+        double-stream blocks is the pipeline's decision, not the model's."""
         n_double, n_single = self._num_double, self._num_single
         bad = [i for i in layers if not 0 <= i < n_double + n_single]
         if bad:
             raise M4VError(f"layers {bad} out of range; this model has layers 0-{n_double + n_single - 1}")
         double, single = split_layers(layers, n_double)
-        replaced = []
+        swaps = []
         if double:
-            wanted = {f"transformer_blocks.{i}.attn" for i in double}
-            replaced += mambafy_(self, PyramidJointAttentionToMMDiM(mmdim=dict(mmdim)),
-                                 lambda m, fqn: fqn in wanted and not isinstance(m, PyramidMMDiMJointAttention))
+            swaps.append((PyramidJointAttentionToMMDiM(mmdim=mmdim), {f"transformer_blocks.{i}.attn" for i in double}))
         if single:
-            wanted = {f"single_transformer_blocks.{j}" for j in single}
-            replaced += mambafy_(
-                self, PyramidSingleBlockToMMDiM(mmdim=dict(mmdim), num_double_layers=n_double),
-                lambda m, fqn: fqn in wanted and not isinstance(m, MMDiMSingleTransformerBlock),
-            )
-        self._record_conversion(meta or {})
-        return replaced
+            swaps.append((PyramidSingleBlockToMMDiM(mmdim=mmdim, num_double_layers=n_double),
+                          {f"single_transformer_blocks.{j}" for j in single}))
+        return swaps
 
     def converted_modules(self) -> dict[int, nn.Module]:
         """Global layer index → the converted attention module (joint or single-stream), each with ``.mmdim``."""
@@ -431,14 +414,6 @@ class _ConvertedPyramidMixin:
                     for j, blk in enumerate(getattr(self, "single_transformer_blocks", ()))
                     if isinstance(blk, MMDiMSingleTransformerBlock)})
         return out
-
-    def _record_conversion(self, meta: dict) -> None:
-        record_conversion(self, {str(i): m.mmdim.config.to_dict() for i, m in sorted(self.converted_modules().items())},
-                          meta)
-
-    @property
-    def converted_layers(self) -> list[int]:
-        return sorted(self.converted_modules())
 
     @contextlib.contextmanager
     def pyramid_top_grid(self, grid: tuple[int, int]):
@@ -471,82 +446,15 @@ class M4VPyramidFluxTransformer(_ConvertedPyramidMixin, PyramidFluxTransformer):
     pyramid levels) and one ``MMDiMConfig`` dict per converted layer, keyed by global layer index.
     """
 
+    __init__ = converted_init(PyramidFluxTransformer)
     teacher_class = PyramidFluxTransformer
-
-    @register_to_config
-    def __init__(
-        self,
-        patch_size: int = 1,
-        in_channels: int = 64,
-        num_layers: int = 8,
-        num_single_layers: int = 16,
-        attention_head_dim: int = 64,
-        num_attention_heads: int = 30,
-        joint_attention_dim: int = 4096,
-        pooled_projection_dim: int = 768,
-        axes_dims_rope: Sequence[int] = (16, 24, 24),
-        use_flash_attn: bool = False,
-        use_temporal_causal: bool = True,
-        interp_condition_pos: bool = True,
-        use_gradient_checkpointing: bool = False,
-        gradient_checkpointing_ratio: float = 0.6,
-        m4v: dict | None = None,
-    ):
-        super().__init__(
-            patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
-            num_single_layers=num_single_layers, attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads, joint_attention_dim=joint_attention_dim,
-            pooled_projection_dim=pooled_projection_dim, axes_dims_rope=axes_dims_rope,
-            use_flash_attn=use_flash_attn, use_temporal_causal=use_temporal_causal,
-            interp_condition_pos=interp_condition_pos, use_gradient_checkpointing=use_gradient_checkpointing,
-            gradient_checkpointing_ratio=gradient_checkpointing_ratio,
-        )
-        self._build_converted(m4v)
 
 
 class M4VPyramidDiffusionMMDiT(_ConvertedPyramidMixin, PyramidDiffusionMMDiT):
     """The SD3 variant with some joint blocks' attention converted to MM-DiM (text projections)."""
 
+    __init__ = converted_init(PyramidDiffusionMMDiT)
     teacher_class = PyramidDiffusionMMDiT
-
-    @register_to_config
-    def __init__(
-        self,
-        sample_size: int = 128,
-        patch_size: int = 2,
-        in_channels: int = 16,
-        num_layers: int = 24,
-        attention_head_dim: int = 64,
-        num_attention_heads: int = 24,
-        caption_projection_dim: int = 1536,
-        pooled_projection_dim: int = 2048,
-        pos_embed_max_size: int = 192,
-        max_num_frames: int = 200,
-        qk_norm: str | None = "rms_norm",
-        pos_embed_type: str = "sincos",
-        temp_pos_embed_type: str = "rope",
-        joint_attention_dim: int = 4096,
-        use_gradient_checkpointing: bool = False,
-        use_flash_attn: bool = False,
-        use_temporal_causal: bool = True,
-        use_t5_mask: bool = True,
-        add_temp_pos_embed: bool = True,
-        interp_condition_pos: bool = True,
-        gradient_checkpointing_ratio: float = 0.6,
-        m4v: dict | None = None,
-    ):
-        super().__init__(
-            sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
-            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
-            caption_projection_dim=caption_projection_dim, pooled_projection_dim=pooled_projection_dim,
-            pos_embed_max_size=pos_embed_max_size, max_num_frames=max_num_frames, qk_norm=qk_norm,
-            pos_embed_type=pos_embed_type, temp_pos_embed_type=temp_pos_embed_type,
-            joint_attention_dim=joint_attention_dim, use_gradient_checkpointing=use_gradient_checkpointing,
-            use_flash_attn=use_flash_attn, use_temporal_causal=use_temporal_causal, use_t5_mask=use_t5_mask,
-            add_temp_pos_embed=add_temp_pos_embed, interp_condition_pos=interp_condition_pos,
-            gradient_checkpointing_ratio=gradient_checkpointing_ratio,
-        )
-        self._build_converted(m4v)
 
 
 CONVERTED_CLASSES = {"M4VPyramidFluxTransformer": M4VPyramidFluxTransformer,

@@ -1,0 +1,133 @@
+"""The converted-model base: one mixin for every backbone's ``M4V<Model>`` class.
+
+A converted class is ``class M4VFoo(ConvertedModelMixin, Foo)`` with ``__init__ =
+converted_init(Foo)``. The mixin owns the life of a conversion:
+
+- ``from_teacher(teacher, ...)``: an independent copy of a loaded teacher with the converted class
+  (deep copy, class swap, an empty ``config["m4v"]`` record); nothing is converted yet;
+- ``convert_(layers, mmdim, meta)``: the in-place swap (:func:`m4v_convert.convert.mambafy_`, a
+  layer already converted is left alone), binding the call context, recording the conversion in
+  ``config["m4v"]``;
+- ``__init__(**config)`` (what ``from_pretrained`` calls): the teacher's constructor, then the
+  converted layers rebuilt from ``config["m4v"]`` before the weights are loaded;
+- ``converted_layers`` and the call-context binding.
+
+A backbone's class supplies only what differs: which modules are converted (``converted_types``,
+``converted_modules``), what to swap (``_swaps``), how to rebuild layers from the record
+(``_build_converted``) and, where diffusers does not pass a converted layer what it needs (the
+frame grid, the text), a call context (``_init_m4v`` sets ``_m4v_context``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Iterable, Sequence
+
+import torch.nn as nn
+
+from m4v_convert.convert import mambafy_, record_conversion
+
+
+class ConvertedModelMixin:
+    """Mixed in before a diffusers model class; see the module docstring."""
+
+    #: ``from_teacher`` accepts only instances of this class (None: any model)
+    teacher_class: type | None = None
+    #: the modules a conversion puts in (a second ``convert_`` skips them; they get the call context)
+    converted_types: tuple[type, ...] = ()
+
+    # ------------------------------------------------------------------ what a backbone supplies
+
+    def _init_m4v(self, m4v: dict, *args) -> None:
+        """Set up what converted layers read at call time (``self._m4v_context``, hooks); default none.
+        ``args``: those given to ``from_teacher`` (none when rebuilt from a saved config)."""
+
+    def _new_record(self, teacher: nn.Module, *args) -> dict:
+        """``config["m4v"]`` of a fresh copy of ``teacher`` (no layer converted)."""
+        return {"layers": {}}
+
+    def _build_converted(self, m4v: dict) -> None:
+        """Put the converted layers recorded in ``m4v`` in place (before weights are loaded)."""
+        raise NotImplementedError
+
+    def _swaps(self, layers: Sequence, mmdim: dict) -> Iterable[tuple[Any, set[str]]]:
+        """(swap config for ``mambafy_``, names of the modules it replaces), for ``convert_``."""
+        raise NotImplementedError
+
+    def converted_modules(self) -> dict[int, nn.Module]:
+        """Layer index → the converted module (each has ``.mmdim``)."""
+        raise NotImplementedError
+
+    def _layer_records(self) -> dict:
+        """``config["m4v"]["layers"]``: one ``MMDiMConfig`` dict per converted layer."""
+        return {str(i): m.mmdim.config.to_dict() for i, m in sorted(self.converted_modules().items())}
+
+    # ------------------------------------------------------------------ shared
+
+    def _m4v_setup(self, m4v: dict | None) -> None:
+        """After the teacher's constructor: record ``m4v`` and rebuild its converted layers."""
+        self.register_to_config(m4v=m4v)
+        self._init_m4v(m4v or {})
+        self._build_converted(m4v or {})
+        self._bind_context()
+
+    @classmethod
+    def from_teacher(cls, teacher: nn.Module, *args):
+        """An independent copy of ``teacher`` with this class (no layer converted yet); ``args``
+        are the backbone's own (a generic recipe's spec)."""
+        if cls.teacher_class is not None and not isinstance(teacher, cls.teacher_class):
+            raise TypeError(f"expected a {cls.teacher_class.__name__}, got {type(teacher).__name__}")
+        student = copy.deepcopy(teacher)
+        student.__class__ = cls
+        m4v = student._new_record(teacher, *args)
+        student.register_to_config(m4v=m4v)
+        student._init_m4v(m4v, *args)
+        return student
+
+    def convert_(self, layers: Sequence, mmdim: dict, meta: dict | None = None) -> list[str]:
+        """Replace ``layers`` by MM-DiM initialized from them; returns the replaced module names."""
+        replaced = []
+        for swap, names in self._swaps(layers, dict(mmdim)):
+            replaced += self._swap_modules(swap, names)
+        self._finish_conversion(self._layer_records(), meta)
+        return replaced
+
+    def _swap_modules(self, swap, names: set[str]) -> list[str]:
+        return mambafy_(self, swap, lambda m, fqn: fqn in names and not isinstance(m, self.converted_types))
+
+    def _finish_conversion(self, layers: dict, meta: dict | None) -> None:
+        self._bind_context()
+        record_conversion(self, layers, meta or {})
+
+    def _bind_context(self) -> None:
+        ctx = getattr(self, "_m4v_context", None)
+        if ctx is None:
+            return
+        for module in self.modules():
+            if isinstance(module, self.converted_types) and hasattr(module, "context"):
+                module.context = ctx
+
+    @property
+    def converted_layers(self) -> list[int]:
+        return sorted(self.converted_modules())
+
+
+def converted_init(base: type):
+    """The ``__init__`` of ``M4V<Base>``: ``Base``'s arguments (its signature, so diffusers'
+    ``from_pretrained`` / ``from_config`` pass the saved config through) plus keyword ``m4v``, the
+    conversion record, from which the converted layers are rebuilt."""
+    base_init = base.__init__
+
+    def __init__(self, *args, m4v: dict | None = None, **kwargs):
+        base_init(self, *args, **kwargs)
+        self._m4v_setup(m4v)
+
+    sig = inspect.signature(base_init)
+    params = list(sig.parameters.values())
+    m4v_param = inspect.Parameter("m4v", inspect.Parameter.KEYWORD_ONLY, default=None)
+    head = [p for p in params if p.kind != p.VAR_KEYWORD]
+    tail = [p for p in params if p.kind == p.VAR_KEYWORD]
+    __init__.__signature__ = sig.replace(parameters=head + [m4v_param] + tail)
+    __init__.__doc__ = f"``{base.__name__}``'s arguments, plus ``m4v``: the conversion record (config.json)."
+    return __init__
