@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from m4v_convert.backbones.wan import M4VWanTransformer3DModel  # noqa: E402
-from m4v_convert.backbones.wan_distill import WanDistillAdapter  # noqa: E402
+from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel  # noqa: E402
+from m4v_convert.backbones.wan.distill import WanDistillAdapter  # noqa: E402
 from m4v_convert.distill.calibration import CalibSpec, noised_batch, synthetic_samples  # noqa: E402
 from m4v_convert.distill.stage1 import Stage1Task  # noqa: E402
 from m4v_convert.distill.stage2 import Stage2Task  # noqa: E402
@@ -50,11 +50,11 @@ def build(gpu: bool, device, seed: int = 0):
         return teacher.eval(), (16, 21, 60, 104), 512
     shipped = ROOT / "checkpoints" / "wan2.1-tiny-untrained"
     if (shipped / "config.json").is_file():
-        from m4v_convert.backbones.wan_io import load_wan_transformer
+        from m4v_convert.backbones.wan.load import load_wan_transformer
 
         teacher = load_wan_transformer(shipped, dtype=torch.float32, device=device)
     else:
-        from m4v_convert.testing import make_tiny_wan
+        from m4v_convert.backbones.wan.testing import make_tiny_wan
 
         teacher = make_tiny_wan(seed=seed, num_layers=4, num_attention_heads=4, attention_head_dim=32,
                                 in_channels=16, out_channels=16, text_dim=64, freq_dim=64, ffn_dim=256)

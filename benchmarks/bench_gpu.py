@@ -213,7 +213,7 @@ def build_layer_case(name, spec, device, dtype, recipe_mmdim):
     if kind == "wan":
         from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanRotaryPosEmbed
 
-        from m4v_convert.backbones.wan import WanSelfAttentionToMMDiM, attention_weights, wan_rotary_to_mmdim
+        from m4v_convert.backbones.wan.model import WanSelfAttentionToMMDiM, attention_weights, wan_rotary_to_mmdim
 
         with torch.device(device):
             attn = WanAttention(dim=d, heads=heads, dim_head=hd, eps=1e-6, processor=WanAttnProcessor()).to(dtype).eval()
@@ -322,7 +322,7 @@ def cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module
 def section_step(args, device, dtype, results):
     from diffusers import WanTransformer3DModel
 
-    from m4v_convert.backbones.wan import M4VWanTransformer3DModel
+    from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
     from m4v_convert.recipes import load_recipe
 
     sizes = SMALL_STEP if args.cpu_small else FULL_STEP

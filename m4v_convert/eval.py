@@ -21,7 +21,7 @@ Metrics (all on held-out prompts and seeds of the synthetic shapes task, :mod:`m
   (``ShapesTask.adherence``), plus the student − teacher difference in points, and the agreement
   (fraction of samples where both read back the same colour and direction).
 * **95% intervals** (``psnr_db_ci95``, ``adherence_delta_ci95``): percentile bootstrap over the
-  samples (:func:`bootstrap_ci95`, paired: a resample keeps each sample's teacher and student
+  samples (:func:`m4v_convert.metrics.bootstrap_ci95`, paired: a resample keeps each sample's teacher and student
   together; seeded). They measure how much the numbers would move with other noise seeds, which
   matters at a few seeds per prompt: one sample's direction reading is worth 50/N points of
   adherence.
@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from m4v_convert.errors import CheckpointError, M4VError
+from m4v_convert.metrics import (bootstrap_ci95, metrics_json, pair_scores, paired_psnr_delta, psnr_of_mse,
+                                 psnr_without, relative_error)
 from m4v_convert.synthetic import Labels, ShapesTask, TaskConfig, euler_sample, heldout_labels, read_prompts
 
 #: config entries that must agree between teacher and student (the base WanTransformer3DModel's)
@@ -63,88 +64,6 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "no-temporal": ({"temporal": False}, "w/o temporal branch"),
     "forward-only": ({"bidirectional": False}, "forward scan only (no reversed scan)"),
 }
-
-
-# ---------------------------------------------------------------------------------------- metrics
-
-
-def normalize_to(reference: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
-    """Map every tensor with the affine map that sends ``reference``'s [min, max] to [0, 1]."""
-    lo, hi = reference.min(), reference.max()
-    scale = (hi - lo).clamp(min=1e-12)
-    return [(x - lo) / scale for x in (reference, *xs)]
-
-
-def psnr_of_mse(mse: float, data_range: float = 1.0) -> float:
-    """``10·log10(data_range² / MSE)``; ``inf`` for an MSE of 0."""
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> float:
-    """``10·log10(data_range² / MSE)``; ``inf`` when identical."""
-    return psnr_of_mse(float((x.double() - y.double()).pow(2).mean()), data_range)
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(r * r) / (2 * sigma * sigma))
-    g = g / g.sum()
-    return torch.outer(g, g)
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7, sigma: float | None = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> float:
-    """Mean SSIM over the trailing two (H, W) dims of ``x`` and ``y`` (any leading dims).
-
-    Local statistics with a ``win_size``² window (Gaussian of std ``sigma``, or uniform when
-    ``sigma`` is None) at valid positions only; population (biased) variances, as in Wang et al.
-    """
-    if x.shape != y.shape:
-        raise ValueError(f"ssim: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
-    h, w = x.shape[-2:]
-    win = min(win_size, h, w)
-    kernel = (_gaussian_window(win, sigma) if sigma else torch.full((win, win), 1.0 / (win * win), dtype=torch.float64))
-    kernel = kernel.view(1, 1, win, win)
-    a = x.double().reshape(-1, 1, h, w)
-    b = y.double().reshape(-1, 1, h, w)
-
-    def filt(t):
-        return F.conv2d(t, kernel)
-
-    mu_a, mu_b = filt(a), filt(b)
-    var_a = filt(a * a) - mu_a ** 2
-    var_b = filt(b * b) - mu_b ** 2
-    cov = filt(a * b) - mu_a * mu_b
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
-
-
-def pair_scores(xs_t: torch.Tensor, xs_s: torch.Tensor, with_ssim: bool = True) -> tuple[list[float], list[float]]:
-    """Per sample pair (teacher, student): MSE and SSIM (empty list without ``with_ssim``) after mapping
-    both with the teacher's [min, max] to [0, 1]."""
-    mses, ssims = [], []
-    for a, b in zip(xs_t, xs_s):
-        na, nb = normalize_to(a, b)
-        mses.append(float((na.double() - nb.double()).pow(2).mean()))
-        if with_ssim:
-            ssims.append(ssim(na, nb))
-    return mses, ssims
-
-
-def psnr_without(xs_t: torch.Tensor, xs_s: torch.Tensor, field: torch.Tensor) -> tuple[float, list[float]]:
-    """Pooled PSNR and its bootstrap 95% interval of the samples minus a fixed ``field`` both carry
-    (a task's codes): the error is the same, the range normalized over shrinks to the content's, so
-    the PSNR is lower than with the field and comparable with a task that has none."""
-    mses, _ = pair_scores(xs_t - field, xs_s - field, with_ssim=False)
-    mse = sum(mses) / len(mses)
-    (boot,) = resampled_means([mses])
-    return psnr_of_mse(mse), psnr_ci95(boot)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``‖a − b‖ / ‖b‖``."""
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -279,35 +198,6 @@ def sample_scores(read: list, labels: list[Labels]) -> list[float]:
     """Per-sample adherence score (50 points for the right colour, 50 for the right direction);
     their mean is ``ShapesTask.adherence``'s ``score``."""
     return [50.0 * (r[0] == lab.colour) + 50.0 * (r[1] == lab.direction) for r, lab in zip(read, labels)]
-
-
-CI95 = (0.025, 0.975)
-
-
-def resampled_means(rows: list, resamples: int = 2000, seed: int = 0) -> torch.Tensor:
-    """(k, resamples) bootstrap means of k per-sample series of the same samples: every resample
-    draws one set of sample indices (with replacement, seeded) for all k, so pairs stay together."""
-    x = torch.tensor(rows, dtype=torch.float64)
-    idx = torch.randint(x.shape[1], (resamples, x.shape[1]), generator=torch.Generator().manual_seed(seed))
-    return x[:, idx].mean(dim=-1)
-
-
-def bootstrap_ci95(mses: list[float], scores_teacher: list[float], scores_student: list[float],
-                   resamples: int = 2000, seed: int = 0) -> dict:
-    """Percentile-bootstrap 95% intervals of the pooled PSNR and of Δ adherence, resampling samples
-    with replacement (each keeps its teacher/student pair)."""
-    diff = [s - t for s, t in zip(scores_student, scores_teacher)]
-    mse, delta = resampled_means([mses, diff], resamples, seed)
-    q = torch.tensor(CI95, dtype=torch.float64)
-    return {"psnr_db_ci95": psnr_ci95(mse), "adherence_delta_ci95": torch.quantile(delta, q).tolist(),
-            "bootstrap": {"resamples": resamples, "seed": seed}}
-
-
-def psnr_ci95(resampled_mse: torch.Tensor) -> list[float]:
-    """95% interval of the pooled PSNR from bootstrap means of the per-sample MSE (data range 1)."""
-    # PSNR falls as MSE rises: its 2.5% point is the MSE's 97.5% point (inf where MSE is 0)
-    q = torch.tensor(CI95, dtype=torch.float64).flip(0)
-    return (10 * torch.log10(1.0 / torch.quantile(resampled_mse, q))).tolist()
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -463,13 +353,9 @@ def _settings(prompts: Path | None, seeds: int, steps: int, shift: float) -> Eva
     return EvalSettings(labels=labels, seeds=seeds, steps=steps, shift=shift)
 
 
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2)  # Infinity for identical samples (json.loads reads it back)
-
-
 def write_eval_outputs(folder: Path, metrics: dict, task: ShapesTask, xs_t, xs_s) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(_json(metrics) + "\n")
+    (folder / "metrics.json").write_text(metrics_json(metrics) + "\n")
     seeds = metrics["seeds_per_prompt"]
     # one row per prompt (its first seed) in the pictures
     idx = list(range(0, xs_t.shape[0], seeds))
@@ -538,21 +424,6 @@ def metrics_table(rows: list[tuple[str, dict]], title: str, teacher_row: bool = 
     for name, m in rows:
         table.add_row(name, *_row(m))
     return table
-
-
-def paired_psnr_delta(reference: dict, other: dict, resamples: int = 2000, seed: int = 0) -> dict:
-    """PSNR of ``other`` minus ``reference`` (two evals of the same samples, e.g. two ablation
-    variants), with a paired percentile-bootstrap 95% interval: a resample draws the same samples
-    for both, so the noise both share cancels and differences far below either interval show."""
-    same = (len(reference["psnr_db_per_sample"]) == len(other["psnr_db_per_sample"])
-            and reference["prompts"] == other["prompts"] and reference["seeds_per_prompt"] == other["seeds_per_prompt"])
-    if not same:
-        raise M4VError("paired PSNR: the two evals are not on the same samples")
-
-    a, b = ([10 ** (-p / 10) for p in m["psnr_db_per_sample"]] for m in (reference, other))  # MSEs
-    mse_a, mse_b = resampled_means([a, b], resamples, seed)
-    q = torch.quantile(10 * torch.log10(mse_a / mse_b), torch.tensor(CI95, dtype=torch.float64))
-    return {"psnr_delta_db": 10 * math.log10(sum(a) / sum(b)), "psnr_delta_db_ci95": q.tolist()}
 
 
 def interval_text(m: dict) -> str:
@@ -657,7 +528,7 @@ def ablate_work_dir(out: Path) -> Path:
 def _write_json_atomic(path: Path, obj) -> None:
     from m4v_convert.distill.state import atomic_write_text
 
-    atomic_write_text(path, _json(obj) + "\n")
+    atomic_write_text(path, metrics_json(obj) + "\n")
 
 
 def _ablate_settings(opts: AblateOptions, rec, settings: EvalSettings, calib_label: str, task_source: str,
@@ -845,7 +716,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                 full = unit_name("full", seed, seeds)
                 if full in results and name != "full":  # against all components of the same seed, same samples
                     metrics["vs_full"] = paired_psnr_delta(results[full], metrics)
-                (tmp / "variants" / unit / "metrics.json").write_text(_json(metrics) + "\n")
+                (tmp / "variants" / unit / "metrics.json").write_text(metrics_json(metrics) + "\n")
             summary = across_seeds(results, opts.variants, seeds) if len(seeds) > 1 else None
             report = {
                 "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
@@ -855,7 +726,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             }
             if summary is not None:
                 report["across_seeds"] = summary
-            (tmp / "ablation.json").write_text(_json(report) + "\n")
+            (tmp / "ablation.json").write_text(metrics_json(report) + "\n")
             (tmp / "ablation.md").write_text(
                 f"# MM-DiM component ablation\n\nteacher `{opts.teacher}`, equal distillation budget per variant "
                 f"(layers {opts.layers or 'recipe default'}, stage-1 steps "

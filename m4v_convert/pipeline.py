@@ -85,9 +85,9 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     accelerate's launcher; inside one (``accelerate launch`` / ``torchrun``) every process trains
     its share of each batch and rank 0 writes the output.
     """
-    from m4v_convert.backbones.wan import M4VWanTransformer3DModel
-    from m4v_convert.backbones.wan_distill import WanDistillAdapter
-    from m4v_convert.backbones.wan_io import load_wan_transformer
+    from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
+    from m4v_convert.backbones.wan.distill import WanDistillAdapter
+    from m4v_convert.backbones.wan.load import load_wan_transformer
     from m4v_convert.convert import parse_layers
     from m4v_convert.distill.calibration import CalibSpec
     from m4v_convert.distill.distributed import in_distributed_env
@@ -141,7 +141,8 @@ def convert(opts: ConvertOptions, console=None) -> dict:
     print_distill_report(con, report)
 
     # report + save
-    from m4v_convert.flops.report import build_wan_flops_report, write_flops_report
+    from m4v_convert.backbones.wan.flops import build_wan_flops_report
+    from m4v_convert.flops.report import write_flops_report
 
     height, width = opts.report_size
     flops = build_wan_flops_report(cfg, opts.report_frames, height, width,
@@ -315,18 +316,3 @@ Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of 
 See `flops.md` / `flops.json` / `flops.png`: original {flops['original_total_flops'] / 1e12:.3f} TFLOPs,
 converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs per forward at the report size.
 """
-
-
-def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | None, frames: int | None,
-                    layers: str | None, crosscheck: bool) -> tuple[dict, str]:
-    """``m4v-convert flops`` for a published Wan config (registry entry ``wan``); defaults:
-    480×832, 81 frames (the Wan2.1 release's video)."""
-    from m4v_convert.convert import parse_layers
-    from m4v_convert.flops.report import build_wan_flops_report, markdown_report
-
-    height, width = size or (480, 832)
-    chosen = parse_layers(layers or recipe.default_layers, config["num_layers"])
-    report = build_wan_flops_report(config, frames or 81, height, width,
-                                    text_len=int(recipe.video.get("text_len", 512)), converted_layers=chosen,
-                                    mmdim_config=recipe.mmdim, crosscheck=crosscheck, name=f"{recipe.name} {model}")
-    return report, markdown_report(report)

@@ -9,13 +9,13 @@ are here next to the sections of ``backbone: generic`` (``model``, ``attention``
 
 Everything here is checked from the YAML alone. What needs the model's module tree (patterns
 that match nothing, Q/K/V shapes vs heads, slices out of range) is checked against a meta-device
-model by ``m4v_convert.backbones.generic.check_recipe`` before any weight is read.
+model by ``m4v_convert.backbones.generic.pipeline.check_recipe`` before any weight is read.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
@@ -25,10 +25,6 @@ PosInt = Annotated[StrictInt, Field(ge=1)]
 NonNegNumber = Annotated[Number, Field(ge=0)]
 PosNumber = Annotated[Number, Field(gt=0)]
 Bounds = Annotated[list[Union[StrictInt, StrictStr]], Field(min_length=2, max_length=2)]  # [start, end)
-
-BACKBONES = ("wan", "pyramidflow", "generic")
-PYRAMIDFLOW_VARIANTS = ("miniflux", "sd3")
-PYRAMIDFLOW_RESOLUTIONS = ("384p", "768p")
 
 # A size in a recipe: an int, a config key ("config.patch_size", "config.patch_size[1]") or, for
 # slices of fused projections, a multiple of the attention's width ("inner", "2*inner", "d_model").
@@ -361,24 +357,32 @@ class RecipeFile(Strict):
 
     @model_validator(mode="after")
     def _backbone_fields(self):
+        """The fields a backbone's registry entry says are its own, or required by it."""
+        from m4v_convert.backbones import registry
+
         given = self.model_fields_set
-        pyramid_only = [k for k in ("variant", "resolution", "allow_double_stream") if k in given]
         calib_given = self.calib.model_fields_set if self.calib is not None else set()
-        pyramid_only += [f"calib.{k}" for k in ("corrupt_ratio", "teacher_first_frame_steps") if k in calib_given]
-        generic_only = [k for k in ("model", "attention", "tokens", "grid", "rope", "inputs") if k in given]
-        if self.backbone != "pyramidflow" and pyramid_only:
-            raise _field_error(pyramid_only[0], "is only used by backbone 'pyramidflow'")
-        if self.backbone != "generic" and generic_only:
-            raise _field_error(generic_only[0], "is only used by backbone 'generic'")
-        if self.backbone == "pyramidflow":
-            for key, allowed in (("variant", PYRAMIDFLOW_VARIANTS), ("resolution", PYRAMIDFLOW_RESOLUTIONS)):
-                if getattr(self, key) is None:
-                    raise _field_error(key, f"backbone 'pyramidflow' needs this field (one of {list(allowed)})")
-        if self.backbone == "generic":
-            for key in ("model", "attention", "tokens", "grid"):
-                if getattr(self, key) is None:
-                    raise _field_error(key, "backbone 'generic' needs this section (see docs/recipes.md)")
+        for entry in registry.entries():
+            if entry.name == self.backbone:
+                continue
+            for key in entry.recipe_fields:
+                section, _, sub = key.rpartition(".")
+                if (sub in calib_given) if section == "calib" else (key in given):
+                    raise _field_error(key, f"is only used by backbone '{entry.name}'")
+        for key in registry.get(self.backbone).recipe_required:
+            if getattr(self, key) is None:
+                allowed = _literal_values(type(self).model_fields[key].annotation)
+                what = f"this field (one of {list(allowed)})" if allowed else "this section (see docs/recipes.md)"
+                raise _field_error(key, f"backbone '{self.backbone}' needs {what}")
         return self
+
+
+def _literal_values(annotation) -> tuple:
+    """The values of a ``Literal[...] | None`` field (empty for any other type)."""
+    for arg in get_args(annotation) or (annotation,):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return ()
 
 
 class FieldError(ValueError):

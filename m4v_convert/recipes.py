@@ -5,7 +5,7 @@ A recipe is validated on load, before any weight is read, against the pydantic m
 line of a :class:`RecipeError` naming the file, the line, the field path and what was expected.
 ``backbone: generic`` recipes describe a diffusers video DiT the toolkit has no code for (see
 ``docs/recipes.md``); what needs the model's module tree is checked by
-``m4v_convert.backbones.generic.check_recipe``.
+``m4v_convert.backbones.generic.pipeline.check_recipe``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from m4v_convert.backbones import registry
 from m4v_convert.errors import RecipeError
 from m4v_convert.layers.mmdim import MMDiMConfig
-from m4v_convert.recipe_schema import (BACKBONES, PYRAMIDFLOW_RESOLUTIONS, PYRAMIDFLOW_VARIANTS,  # noqa: F401
-                                       FieldError, RecipeFile)
+from m4v_convert.recipe_schema import FieldError, RecipeFile
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _MMDIM_FIXED = {"d_model", "nheads", "headdim", "d_state", "ngroups", "layer_index", "extra"}
@@ -242,10 +242,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise RecipeError("\n".join(msgs)) from None
     mmdim = data.get("mmdim") or {}
     _check_mmdim(mmdim, where)
-    if data.get("backbone") == "pyramidflow" and mmdim.get("bidirectional"):
-        raise RecipeError(f"{where(('mmdim', 'bidirectional'))}: field 'mmdim.bidirectional' must be false for "
-                          "PyramidFlow: its attention is causal over frames (autoregressive generation), and a "
-                          "reversed scan would let every frame read the frames after it")
+    for key, why in registry.get(spec.backbone).refused_mmdim:
+        if mmdim.get(key):
+            raise RecipeError(f"{where(('mmdim', key))}: field 'mmdim.{key}' {why}")
     published = {}
     for key, rel in (data.get("published") or {}).items():
         p = (path.parent / rel).resolve()

@@ -11,7 +11,7 @@ reproduces it bit for bit.
 import sys
 from pathlib import Path
 
-from m4v_convert.testing import make_tiny_wan, save_tiny_wan
+from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan
 
 CONFIG = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=256, text_dim=64, freq_dim=64,
               in_channels=16, out_channels=16, rope_max_seq_len=256)
@@ -25,7 +25,7 @@ untrained** and generates noise. It exists so that `m4v-convert wan2.1` runs out
 machine with no model download, through exactly the code path a real 1.3B/14B checkpoint takes.
 
 Made by `python scripts/make_default_checkpoint.py {folder}` (seed {seed}); weights from
-`m4v_convert.testing.make_tiny_wan` (normal noise scaled by fan-in, norms 1 + noise).
+`m4v_convert.backbones.wan.testing.make_tiny_wan` (normal noise scaled by fan-in, norms 1 + noise).
 """
 
 

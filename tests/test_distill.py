@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cli import app
 from m4v_convert import load_converted
 from m4v_convert.errors import M4VError, RecipeError
-from m4v_convert.testing import make_tiny_wan, save_tiny_wan
+from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -26,14 +26,15 @@ runner = CliRunner()
 def _cheap_flops_report():
     """These tests are about training: skip the FLOPs report's meta-device cross-check and plot
     (tested in test_flops.py / test_wan_convert.py) in the conversions run in this process, on 1 thread."""
+    import m4v_convert.backbones.wan.flops as wan_flops
     import m4v_convert.flops.report as report
 
-    build = report.build_wan_flops_report
+    build = wan_flops.build_wan_flops_report
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, and much faster on busy shared cores
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(report, "build_wan_flops_report", lambda *a, **k: build(*a, **{**k, "crosscheck": False}))
+            mp.setattr(wan_flops, "build_wan_flops_report", lambda *a, **k: build(*a, **{**k, "crosscheck": False}))
             mp.setattr(report, "_plot", lambda rep, path: Path(path).write_bytes(b""), raising=False)
             yield
     finally:
@@ -198,11 +199,11 @@ def test_teacher_generated_calibration_is_cached_and_reused(ckpt, recipe_file, t
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(teacher):
-    from m4v_convert.backbones.wan import M4VWanTransformer3DModel
-    from m4v_convert.backbones.wan_distill import WanDistillAdapter
+    from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
+    from m4v_convert.backbones.wan.distill import WanDistillAdapter
     from m4v_convert.distill.stage1 import Stage1Task
     from m4v_convert.distill.stage2 import Stage2Task
-    from m4v_convert.testing import tiny_wan_inputs
+    from m4v_convert.backbones.wan.testing import tiny_wan_inputs
 
     batch = tiny_wan_inputs(teacher, batch=2, frames=2, height=8, width=8, text_len=6)
     adapter = WanDistillAdapter(layers=[0, 1], patch_size=(1, 2, 2))

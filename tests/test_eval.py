@@ -8,14 +8,15 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from m4v_convert.backbones.wan import M4VWanTransformer3DModel
+from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
 from m4v_convert.errors import M4VError
-from m4v_convert.eval import EvalSettings, bootstrap_ci95, paired_psnr_delta, eval_work, evaluate, normalize_to, psnr, sample, ssim
+from m4v_convert.eval import EvalSettings, eval_work, evaluate, sample
+from m4v_convert.metrics import bootstrap_ci95, normalize_to, paired_psnr_delta, psnr, ssim
 from m4v_convert.io.converted import save_converted
 from m4v_convert.synthetic import (
     Labels, ShapesTask, TaskConfig, all_labels, heldout_labels, parse_prompt, read_prompts, train_labels,
 )
-from m4v_convert.testing import make_tiny_wan, save_tiny_wan
+from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan
 
 runner = CliRunner()
 TINY_MMDIM = {"bc_norm": "across_groups", "rotary": True, "temporal_causal": False, "temporal_dim": 8,
@@ -148,7 +149,7 @@ def test_eval_teacher_vs_itself_is_exact_and_vs_converted_is_not(teacher):
 def test_eval_of_a_coded_task_reports_the_psnr_of_the_content_too(teacher):
     import dataclasses
 
-    from m4v_convert.eval import psnr_without
+    from m4v_convert.metrics import psnr_without
 
     settings = EvalSettings(labels=heldout_labels()[:2], **SMALL)
     plain, _, _ = evaluate(teacher, _student(teacher, [0]), ShapesTask(TINY_TASK), settings)
@@ -160,7 +161,7 @@ def test_eval_of_a_coded_task_reports_the_psnr_of_the_content_too(teacher):
 
 
 def test_psnr_without_a_fixed_field_is_the_psnr_of_the_content():
-    from m4v_convert.eval import pair_scores, psnr_without
+    from m4v_convert.metrics import pair_scores, psnr_without
 
     g = torch.Generator().manual_seed(0)
     xs_t = torch.randn(6, 4, 3, 8, 8, generator=g)
@@ -431,7 +432,7 @@ def test_cli_ablate_continues_an_interrupted_run_with_the_same_numbers(folders, 
 def test_cli_ablate_distils_each_variant_at_every_seed_and_pairs_within_a_seed(folders, tiny_recipe, tmp_path):
     from safetensors.torch import load_file
 
-    from m4v_convert.eval import paired_psnr_delta
+    from m4v_convert.metrics import paired_psnr_delta
 
     def ablate(out, *extra):
         return runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(out), "--recipe", str(tiny_recipe),

@@ -7,14 +7,12 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from m4v_convert.flops.analytic import (
-    attention_flops, flops_vs_frames, mmdim_flops, mmdim_sequence_length, ssd_chunked_flops, wan_latent_grid,
-    wan_model_flops,
+from m4v_convert.backbones.wan.flops import (
+    build_wan_flops_report, crosscheck_wan, flops_vs_frames, wan_latent_grid, wan_model_flops,
 )
-from m4v_convert.flops.measured import (
-    compare, crosscheck_mmdim, crosscheck_wan, measure_flop_counts, measure_flops, mmdim_component_rows,
-)
-from m4v_convert.flops.report import build_wan_flops_report, format_tflops, write_flops_report
+from m4v_convert.flops.analytic import attention_flops, mmdim_flops, mmdim_sequence_length, ssd_chunked_flops
+from m4v_convert.flops.measured import compare, crosscheck_mmdim, measure_flop_counts, measure_flops, mmdim_component_rows
+from m4v_convert.flops.report import format_tflops, write_flops_report
 from m4v_convert.layers.mmdim import MMDiM, MMDiMConfig
 from m4v_convert.layers.recompose import FrameBlock, Recomposer, VideoLayout
 from m4v_convert.ops.ssd_chunked import ssd_scan_chunked

@@ -259,8 +259,8 @@ def test_mmdim_block_autocast_bf16_runs_the_kernels(count_kernel_calls):
 
 
 def _tiny_converted(seed: int = 1):
-    from m4v_convert.backbones.wan import M4VWanTransformer3DModel
-    from m4v_convert.testing import make_tiny_wan
+    from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
+    from m4v_convert.backbones.wan.testing import make_tiny_wan
 
     teacher = make_tiny_wan(seed=seed)
     student = M4VWanTransformer3DModel.from_teacher(teacher)
@@ -275,7 +275,7 @@ def _tiny_converted(seed: int = 1):
 
 
 def _wan_inputs(model):
-    from m4v_convert.testing import tiny_wan_inputs
+    from m4v_convert.backbones.wan.testing import tiny_wan_inputs
 
     kw = tiny_wan_inputs(model, batch=2, frames=5, height=16, width=16, text_len=7)  # 320 tokens
     kw["encoder_hidden_states"][0, 4:] = 0  # pipeline padding in item 0

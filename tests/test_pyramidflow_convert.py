@@ -613,7 +613,7 @@ def test_recipes_validate_pyramidflow_fields(tmp_path):
 # ---------------------------------------------------------------- FLOPs
 
 def test_flops_hand_check_on_a_tiny_config():
-    from m4v_convert.flops.pyramidflow import crosscheck_single_block, single_block_flops, stage_layout
+    from m4v_convert.backbones.pyramidflow.flops import crosscheck_single_block, single_block_flops, stage_layout
     from m4v_convert.layers.mmdim import MMDiMConfig
 
     grids = [(1, 2), (2, 4), (4, 8)]
@@ -641,7 +641,7 @@ def test_flops_of_double_stream_blocks_by_hand_and_measured(variant, index):
     AdaLN-Zero (SD3's last block: no text MLP / out-projection, a 2d continuous AdaLN); converted:
     the MM-DiM over N' instead of the attention. Checked by hand and with FlopCounterMode."""
     from m4v_convert.backbones.pyramidflow.testing import tiny_sd3_config
-    from m4v_convert.flops.pyramidflow import (crosscheck_double_block, double_block_flops, miniflux_dims,
+    from m4v_convert.backbones.pyramidflow.flops import (crosscheck_double_block, double_block_flops, miniflux_dims,
                                                stage_layout)
     from m4v_convert.layers.mmdim import MMDiMConfig
 
@@ -1056,10 +1056,10 @@ def test_sampler_is_the_releases_generate_loop(teacher, steps):
 
 
 def test_sampler_with_the_release_schedule_makes_the_calls_the_flops_report_counts(teacher):
-    """The whole-generation FLOPs sum (flops.pyramidflow: SCHEDULE, stage_layout) and the sampler
+    """The whole-generation FLOPs sum (backbones.pyramidflow.flops: SCHEDULE, stage_layout) and the sampler
     agree call by call: same number of model calls, and each call's clips are the layout it sums."""
     from m4v_convert.backbones.pyramidflow.sampler import sample_pyramid_video
-    from m4v_convert.flops.pyramidflow import SCHEDULE, stage_layout, token_grids
+    from m4v_convert.backbones.pyramidflow.flops import SCHEDULE, stage_layout, token_grids
 
     frames, calls = 5, []
 

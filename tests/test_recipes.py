@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from m4v_convert import load_converted
-from m4v_convert.backbones import generic as G
-from m4v_convert.backbones.generic_pipeline import as_converted, check_recipe
+from m4v_convert.backbones.generic import model as G
+from m4v_convert.backbones.generic.pipeline import as_converted, check_recipe
 from m4v_convert.errors import M4VError, RecipeError
 from m4v_convert.recipes import RECIPES_DIR, available_recipes, load_recipe
 
@@ -288,8 +288,8 @@ def test_converted_model_keeps_forward_signature_and_return_structure(checkpoint
 
 def test_generic_recipe_converts_wan_exactly_like_the_wan_adapter():
     """wan2.2-ti2v.yaml (generic path) on a WanTransformer3DModel == the dedicated Wan adapter."""
-    from m4v_convert.backbones.wan import M4VWanTransformer3DModel, record_teacher_layers
-    from m4v_convert.testing import make_tiny_wan, tiny_wan_inputs
+    from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel, record_teacher_layers
+    from m4v_convert.backbones.wan.testing import make_tiny_wan, tiny_wan_inputs
 
     teacher = make_tiny_wan()
     r, wan = load_recipe("wan2.2-ti2v"), load_recipe("wan2.1")

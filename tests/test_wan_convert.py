@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 from cli import app
 from m4v_convert import load_converted
-from m4v_convert.backbones.wan import M4VWanTransformer3DModel, WanMMDiMAttention, record_teacher_layers
+from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel, WanMMDiMAttention, record_teacher_layers
 from m4v_convert.convert import parse_layers
 from m4v_convert.errors import M4VError
 from m4v_convert.io.converted import save_converted
-from m4v_convert.testing import make_tiny_wan, save_tiny_wan, tiny_wan_inputs
+from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan, tiny_wan_inputs
 
 RECIPE_MMDIM = {"bc_norm": "across_groups", "rotary": True, "temporal_causal": False, "temporal_dim": 8,
                 "temporal_heads": 2}

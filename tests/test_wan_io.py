@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from m4v_convert.backbones import wan_io
-from m4v_convert.backbones.wan_io import (
+from m4v_convert.backbones.wan import load as wan_io
+from m4v_convert.backbones.wan.load import (
     find_wan_checkpoint,
     infer_wan_original_config,
     load_wan_transformer,
@@ -20,7 +20,7 @@ from m4v_convert.backbones.wan_io import (
 )
 from m4v_convert.errors import CheckpointError, M4VError
 from m4v_convert.io.safetensors_io import read_header, read_metadata, read_state_dict
-from m4v_convert.testing import (
+from m4v_convert.backbones.wan.testing import (
     LAYOUTS,
     make_tiny_wan,
     save_tiny_wan,

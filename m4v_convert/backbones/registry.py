@@ -42,6 +42,13 @@ class Backbone:
       what ``m4v-convert recipes --check`` shows without converting.
     - ``eval_options`` / ``evaluate`` (optional): the ``eval`` job for this family's students;
       ``eval_refusal`` finishes the message for an ``eval`` flag this job does not take.
+
+    Recipe fields (plain data, checked by the recipe loader before any model is read):
+
+    - ``recipe_fields``: the recipe fields only this family reads (``calib.x`` for a field of the
+      ``calib`` section); another family's recipe that sets one is refused.
+    - ``recipe_required``: the fields (or sections) this family's recipes must set.
+    - ``refused_mmdim``: ``(mmdim key, why)``: MM-DiM settings this family cannot take when true.
     """
 
     name: str
@@ -55,6 +62,9 @@ class Backbone:
     eval_options: str | None = None
     evaluate: str | None = None
     eval_refusal: str = ""
+    recipe_fields: tuple[str, ...] = ()
+    recipe_required: tuple[str, ...] = ()
+    refused_mmdim: tuple[tuple[str, str], ...] = ()
 
     def options_from_flags(self, **flags) -> Any:
         """The conversion job's options from a command's flags (see :func:`options_from_flags`)."""
@@ -115,6 +125,10 @@ def _entries() -> dict[str, Backbone]:
 
 def names() -> list[str]:
     return list(_entries())
+
+
+def entries() -> list[Backbone]:
+    return list(_entries().values())
 
 
 def get(name: str) -> Backbone:

@@ -63,8 +63,8 @@ class DistillReport:
 
 class DistillAdapter(Protocol):
     """What :func:`run_distillation` needs of a backbone. Implemented by
-    ``backbones/wan_distill.py``, ``backbones/pyramidflow/distill.py`` and
-    ``backbones/generic_distill.py``; optional attributes: ``fine_tune_unsupported`` (a reason:
+    ``backbones/wan/distill.py``, ``backbones/pyramidflow/distill.py`` and
+    ``backbones/generic/distill.py``; optional attributes: ``fine_tune_unsupported`` (a reason:
     stage 3 is skipped with it) and ``lora_targets`` (None: ``--train lora`` is refused)."""
 
     layers: list[int]

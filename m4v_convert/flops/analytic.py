@@ -1,4 +1,6 @@
-"""Analytic FLOP counts: attention, MM-DiM (as implemented), whole Wan2.1 models.
+"""Analytic FLOP counts of the layers every backbone shares: attention, MM-DiM (as implemented).
+
+Whole-model counts are the backbone's own (``backbones/<family>/flops.py``).
 
 Conventions (DESIGN §5): a multiply-add is 2 FLOPs; counts are for one forward pass of one
 batch item (everything here is linear in the batch size); ``nn.Linear`` biases are not
@@ -20,34 +22,11 @@ Each count is split the way ``torch.utils.flop_counter.FlopCounterMode`` can che
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Iterable
-
 from m4v_convert.layers.mmdim import MMDiMConfig
 from m4v_convert.layers.recompose import VideoLayout
 
 MAC = 2  # FLOPs per multiply-add
 
-# Wan VAE: 4x in time (first frame kept), 8x in space.
-WAN_VAE_TEMPORAL = 4
-WAN_VAE_SPATIAL = 8
-WAN_IMAGE_TOKENS = 257  # CLIP image tokens of Wan2.1 I2V (diffusers' image embedder input)
-
-# Defaults of diffusers' WanTransformer3DModel.__init__ (used for keys a config dict omits).
-WAN_DEFAULTS = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 40,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 13824,
-    "num_layers": 40,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "pos_embed_seq_len": None,
-}
 
 
 def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
@@ -225,64 +204,6 @@ def mmdim_flops(config: MMDiMConfig, layout: VideoLayout, text_len: int) -> dict
     }
 
 
-# ----------------------------------------------------------------------------- Wan2.1
-
-def wan_config(config: dict) -> dict:
-    """A diffusers ``WanTransformer3DModel`` config dict with defaults filled in (private keys
-    such as ``_class_name`` dropped)."""
-    out = dict(WAN_DEFAULTS)
-    out.update({k: v for k, v in config.items() if not k.startswith("_")})
-    out["patch_size"] = tuple(out["patch_size"])
-    return out
-
-
-def wan_latent_grid(config: dict, frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Pixel video size → token grid (T, H, W) after the VAE (4× time, 8× space) and the patch."""
-    cfg = wan_config(config)
-    if min(frames, height, width) < 1:
-        raise ValueError(f"video: frames, height, width must be >= 1, got {(frames, height, width)}")
-    pt, ph, pw = cfg["patch_size"]
-    lt = (frames - 1) // WAN_VAE_TEMPORAL + 1
-    lh, lw = height // WAN_VAE_SPATIAL, width // WAN_VAE_SPATIAL
-    t, h, w = lt // pt, lh // ph, lw // pw
-    if min(t, h, w) < 1:
-        raise ValueError(f"video {frames}x{height}x{width}: too small for patch {cfg['patch_size']} "
-                         f"(latent {lt}x{lh}x{lw})")
-    return t, h, w
-
-
-def wan_image_len(config: dict, image_len: int = WAN_IMAGE_TOKENS) -> int:
-    """Image-context tokens of an I2V/FLF2V config (0 for text-to-video)."""
-    cfg = wan_config(config)
-    if cfg["image_dim"] is None and cfg["added_kv_proj_dim"] is None:
-        return 0
-    return image_len * (2 if cfg["pos_embed_seq_len"] else 1)
-
-
-def default_mmdim_config(config: dict, index: int, mmdim: dict | None = None) -> MMDiMConfig:
-    """The MM-DiM replacing ``blocks.{index}.attn1`` of a Wan model (one SSM head per attention
-    head, ``d_state = headdim``), with recipe hyper-parameters ``mmdim`` on top."""
-    cfg = wan_config(config)
-    heads, hd = cfg["num_attention_heads"], cfg["attention_head_dim"]
-    return MMDiMConfig(d_model=heads * hd, nheads=heads, headdim=hd, layer_index=index, **(mmdim or {}))
-
-
-def mmdim_config_fn_from(config: dict, mmdim=None) -> Callable[[int], MMDiMConfig]:
-    """Normalize ``mmdim`` to ``index -> MMDiMConfig``.
-
-    ``mmdim``: None (defaults), a dict of MMDiMConfig fields (a recipe's ``mmdim`` section,
-    without d_model/nheads/headdim), an :class:`MMDiMConfig` (used for every layer with its
-    ``layer_index`` set), or already a callable.
-    """
-    if callable(mmdim) and not isinstance(mmdim, (dict, MMDiMConfig)):
-        return mmdim
-    if isinstance(mmdim, MMDiMConfig):
-        return lambda i: dataclasses.replace(mmdim, layer_index=i)
-    if mmdim is None or isinstance(mmdim, dict):
-        return lambda i: default_mmdim_config(config, i, mmdim)
-    raise TypeError(f"mmdim: expected None, a dict, an MMDiMConfig or a callable, got {type(mmdim).__name__}")
-
-
 def resolve_layers(layers, num_layers: int) -> list[int]:
     """``"all"``, an int, or an iterable of ints → sorted unique indices in range."""
     if layers is None:
@@ -302,138 +223,7 @@ def resolve_layers(layers, num_layers: int) -> list[int]:
     return out
 
 
-def wan_model_flops(config: dict, frames: int, height: int, width: int, text_len: int = 512,
-                    converted_layers: Iterable[int] | str = (), mmdim_config_fn=None,
-                    image_len: int = WAN_IMAGE_TOKENS) -> dict:
-    """Whole-model FLOPs of one ``WanTransformer3DModel`` forward (batch 1), original and with
-    ``converted_layers`` self-attentions replaced by MM-DiM.
-
-    ``frames``/``height``/``width`` are pixel sizes; latent ``T = (frames-1)//4 + 1``,
-    ``H = height//8``, ``W = width//8``; tokens ``N = T/pt · H/ph · W/pw``. ``mmdim_config_fn``:
-    see :func:`mmdim_config_fn_from` (None = defaults). Per block: self-attention (or MM-DiM),
-    cross-attention to ``text_len`` projected text tokens (plus the image tokens of an I2V
-    config), FFN ``4·N·d·ffn``; plus patch embedding, condition embedder and output head.
-    Counts are matmul-like except the MM-DiM ``total`` (see :func:`mmdim_flops`);
-    ``converted_total_matmul_flops`` is the FlopCounterMode-comparable converted total.
-    """
-    cfg = wan_config(config)
-    heads, hd = cfg["num_attention_heads"], cfg["attention_head_dim"]
-    d = heads * hd
-    nl = cfg["num_layers"]
-    pt, ph, pw = cfg["patch_size"]
-    t, h, w = wan_latent_grid(cfg, frames, height, width)
-    n = t * h * w
-    img = wan_image_len(cfg, image_len)
-    layers_conv = set(resolve_layers(converted_layers, nl))
-    fn = mmdim_config_fn_from(cfg, mmdim_config_fn)
-    layout = VideoLayout.single(t, h, w)
-
-    # embeddings and head
-    patch = MAC * n * d * cfg["in_channels"] * pt * ph * pw
-    time_emb = linear_flops(1, cfg["freq_dim"], d) + linear_flops(1, d, d) + linear_flops(1, d, 6 * d)
-    text_emb = linear_flops(text_len, cfg["text_dim"], d) + linear_flops(text_len, d, d)
-    image_emb = 0
-    if cfg["image_dim"] is not None:
-        idim = cfg["image_dim"]
-        image_emb = linear_flops(img, idim, idim) + linear_flops(img, idim, d)
-    head = linear_flops(n, d, cfg["out_channels"] * pt * ph * pw)
-    embeddings = {"patch_embedding": patch, "time_embedding": time_emb, "text_embedding": text_emb,
-                  "image_embedding": image_emb, "head": head}
-
-    self_attn = attention_flops(n, d, heads, hd)
-    cross = attention_flops(n, d, heads, hd, kv_tokens=text_len)
-    if img:
-        added_kv = cfg["added_kv_proj_dim"] or d
-        cross = dict(cross, image_projections=2 * linear_flops(img, added_kv, d),
-                     image_scores=2 * MAC * n * img * d)
-        cross["total"] += cross["image_projections"] + cross["image_scores"]
-    ffn = 2 * linear_flops(n, d, cfg["ffn_dim"])
-
-    mmdim_cache: dict[tuple, dict] = {}
-    layers = []
-    for i in range(nl):
-        mc = fn(i)
-        key = tuple(sorted((k, v) for k, v in dataclasses.asdict(mc).items() if k not in ("layer_index", "extra")))
-        if key not in mmdim_cache:  # the zigzag path changes no count
-            mmdim_cache[key] = mmdim_flops(mc, layout, text_len + img)
-        mm = mmdim_cache[key]
-        rest = cross["total"] + ffn
-        converted = i in layers_conv
-        layers.append({
-            "index": i,
-            "converted": converted,
-            "attention_flops": self_attn["total"],
-            "attention_projections": self_attn["projections"],
-            "attention_scores": self_attn["scores"],
-            "mmdim_flops": mm["total"],
-            "mmdim_matmul_flops": mm["matmul"],
-            "mmdim_parts": dict(mm["parts"]),
-            "mmdim_elementwise_flops": mm["elementwise_total"],
-            "mmdim_sequence_length": mm["shape"]["sequence_length"],
-            "cross_attention_flops": cross["total"],
-            "ffn_flops": ffn,
-            "block_original_flops": self_attn["total"] + rest,
-            "block_converted_flops": (mm["total"] if converted else self_attn["total"]) + rest,
-        })
-
-    base = sum(embeddings.values())
-    original = base + sum(lay["block_original_flops"] for lay in layers)
-    converted_total = base + sum(lay["block_converted_flops"] for lay in layers)
-    converted_matmul = converted_total - sum(
-        lay["mmdim_flops"] - lay["mmdim_matmul_flops"] for lay in layers if lay["converted"])
-    return {
-        "video": {"frames": frames, "height": height, "width": width},
-        "latent": {"frames": (frames - 1) // WAN_VAE_TEMPORAL + 1, "height": height // WAN_VAE_SPATIAL,
-                   "width": width // WAN_VAE_SPATIAL},
-        "token_grid": {"frames": t, "height": h, "width": w},
-        "tokens": n,
-        "text_len": text_len,
-        "image_len": img,
-        "model": {"num_layers": nl, "d_model": d, "heads": heads, "head_dim": hd, "ffn_dim": cfg["ffn_dim"]},
-        "converted_layers": sorted(layers_conv),
-        "embeddings": embeddings,
-        "self_attention": self_attn,
-        "cross_attention": cross,
-        "ffn_flops": ffn,
-        "layers": layers,
-        "original_total_flops": original,
-        "converted_total_flops": converted_total,
-        "converted_total_matmul_flops": converted_matmul,
-        "attention_scores_total_flops": sum(lay["attention_scores"] for lay in layers),
-        "speedup": original / converted_total,
-    }
-
-
-def wan_frame_grid(max_frames: int, min_frames: int = 1) -> list[int]:
-    """Valid Wan pixel frame counts (4k + 1) in [min_frames, max_frames]."""
-    start = min_frames + (-(min_frames - 1)) % WAN_VAE_TEMPORAL
-    return list(range(max(start, 1), max_frames + 1, WAN_VAE_TEMPORAL))
-
-
-def flops_vs_frames(config: dict, height: int, width: int, frames: Iterable[int] | None = None,
-                    text_len: int = 512, converted_layers: Iterable[int] | str = "all", mmdim_config_fn=None,
-                    max_frames: int = 161) -> dict:
-    """Whole-model FLOPs against the number of pixel frames, original vs converted.
-
-    ``frames``: the frame counts to evaluate (default ``1, 5, ..., max_frames``).
-    ``crossover_frames``: the smallest evaluated frame count at which the converted model costs
-    less than the original (None if it never does in the range).
-    """
-    grid = list(frames) if frames is not None else wan_frame_grid(max_frames)
-    if not grid:
-        raise ValueError("frames: expected at least one frame count")
-    original, converted = [], []
-    for f in grid:
-        r = wan_model_flops(config, f, height, width, text_len, converted_layers, mmdim_config_fn)
-        original.append(r["original_total_flops"])
-        converted.append(r["converted_total_flops"])
-    crossover = next((f for f, o, c in zip(grid, original, converted) if c < o), None)
-    return {"frames": grid, "original": original, "converted": converted, "crossover_frames": crossover,
-            "height": height, "width": width}
-
-
 __all__ = [
-    "MAC", "attention_flops", "default_mmdim_config", "flops_vs_frames", "linear_flops",
-    "mmdim_config_fn_from", "mmdim_flops", "mmdim_sequence_length", "resolve_layers", "ssd_chunked_flops",
-    "temporal_flops", "wan_config", "wan_frame_grid", "wan_latent_grid", "wan_model_flops",
+    "MAC", "attention_flops", "linear_flops", "mmdim_flops", "mmdim_sequence_length", "resolve_layers",
+    "ssd_chunked_flops", "temporal_flops",
 ]

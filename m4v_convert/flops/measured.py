@@ -9,16 +9,12 @@ tensors, so a full-size model needs no weights and no memory (DESIGN §5).
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import time
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from m4v_convert.flops.analytic import (
-    mmdim_config_fn_from, mmdim_flops, resolve_layers, wan_config, wan_image_len, wan_latent_grid, wan_model_flops,
-)
+from m4v_convert.flops.analytic import mmdim_flops
 from m4v_convert.layers.mmdim import MMDiM
 from m4v_convert.layers.recompose import VideoLayout
 
@@ -133,27 +129,6 @@ def compare(component: str, analytic: float, measured: float, note: str | None =
     return row
 
 
-def _wan_inputs(cfg: dict, frames: int, height: int, width: int, text_len: int, device="meta"):
-    pt, ph, pw = cfg["patch_size"]
-    t, h, w = wan_latent_grid(cfg, frames, height, width)
-    latent = torch.empty(1, cfg["in_channels"], t * pt, h * ph, w * pw, device=device)
-    timestep = torch.zeros(1, device=device)
-    text = torch.empty(1, text_len, cfg["text_dim"], device=device)
-    kwargs = {}
-    img = wan_image_len(cfg)
-    if img:
-        kwargs["encoder_hidden_states_image"] = torch.empty(1, img // (2 if cfg["pos_embed_seq_len"] else 1),
-                                                            cfg["image_dim"], device=device)
-    return (latent, timestep, text), kwargs
-
-
-def _diffusers_kwargs(cfg: dict) -> dict:
-    from diffusers import WanTransformer3DModel  # noqa: PLC0415
-
-    accepted = set(inspect.signature(WanTransformer3DModel.__init__).parameters) - {"self"}
-    return {k: v for k, v in cfg.items() if k in accepted}
-
-
 def mmdim_component_rows(analytic: dict, counts: dict[str, dict[str, int]], prefix: str, label: str) -> list[dict]:
     """Rows comparing :func:`mmdim_flops` with the FlopCounterMode counts of one MMDiM module
     found at ``prefix`` (``""`` for a standalone block)."""
@@ -201,122 +176,3 @@ def crosscheck_mmdim(config, layout: VideoLayout, text_len: int, label: str = "m
     counts = measure_flop_counts(block, video, layout, text)
     analytic = mmdim_flops(as_run_config(config), layout, text_len)
     return {"analytic": analytic, "counts": counts, "rows": mmdim_component_rows(analytic, counts, "", label)}
-
-
-def crosscheck_wan(config: dict, frames: int, height: int, width: int, text_len: int = 512,
-                   converted_layers=(), mmdim_config=None) -> dict:
-    """Build the full-size diffusers Wan model (and the converted one) on meta, count its FLOPs
-    with FlopCounterMode and compare with :func:`wan_model_flops`.
-
-    ``mmdim_config``: None, a dict of MMDiMConfig fields (recipe ``mmdim``), an MMDiMConfig or
-    ``index -> MMDiMConfig``. The converted model is
-    ``m4v_convert.backbones.wan.M4VWanTransformer3DModel``; if it cannot be built, the check
-    falls back to a standalone MMDiM layer (always run as well, for the per-part breakdown).
-
-    Returns ``{"components": [rows], "layers": [...], "flagged": [...], "unexplained": [...],
-    "ok": bool, "converted_model": "checked" | reason, "seconds": float}``; each row has
-    ``component, analytic, measured, rel_diff, flagged, explanation``.
-    """
-    from diffusers import WanTransformer3DModel  # noqa: PLC0415
-
-    start = time.perf_counter()
-    cfg = wan_config(config)
-    fn = mmdim_config_fn_from(cfg, mmdim_config)
-    conv = resolve_layers(converted_layers, cfg["num_layers"])
-    analytic = wan_model_flops(cfg, frames, height, width, text_len, conv, fn)
-    args, kwargs = _wan_inputs(cfg, frames, height, width, text_len)
-
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**_diffusers_kwargs(cfg))
-    counts = measure_flop_counts(model, *args, **kwargs)
-    del model
-    emb = analytic["embeddings"]
-    layers = analytic["layers"]
-    rows = [
-        compare("patch_embedding", emb["patch_embedding"], _ops_sum(counts, "patch_embedding")),
-        compare("condition_embedder", emb["time_embedding"] + emb["text_embedding"] + emb["image_embedding"],
-                _ops_sum(counts, "condition_embedder")),
-        compare("head", emb["head"], _ops_sum(counts, "proj_out")),
-    ]
-    layer_rows = []
-    sums = {"self_attention.projections": [0, 0], "self_attention.scores": [0, 0], "cross_attention": [0, 0],
-            "ffn": [0, 0]}
-    for lay in layers:
-        i = lay["index"]
-        meas = {
-            "self_attention.projections": _ops_sum(counts, f"blocks.{i}.attn1", "linear"),
-            "self_attention.scores": _ops_sum(counts, f"blocks.{i}.attn1", "matmul"),
-            "cross_attention": _ops_sum(counts, f"blocks.{i}.attn2"),
-            "ffn": _ops_sum(counts, f"blocks.{i}.ffn"),
-        }
-        ana = {"self_attention.projections": lay["attention_projections"],
-               "self_attention.scores": lay["attention_scores"],
-               "cross_attention": lay["cross_attention_flops"], "ffn": lay["ffn_flops"]}
-        for k in sums:
-            sums[k][0] += ana[k]
-            sums[k][1] += meas[k]
-        layer_rows.append({"index": i, "attention_analytic": lay["attention_flops"],
-                           "attention_measured": meas["self_attention.projections"] + meas["self_attention.scores"],
-                           "attention_scores_analytic": lay["attention_scores"],
-                           "attention_scores_measured": meas["self_attention.scores"]})
-    rows += [compare(k, a, m, note=f"summed over {len(layers)} layers") for k, (a, m) in sums.items()]
-    rows.append(compare("original_total", analytic["original_total_flops"], _ops_sum(counts, "")))
-
-    # converted model
-    converted_status = "no layers converted"
-    if conv:
-        try:
-            from m4v_convert.backbones.wan import M4VWanTransformer3DModel  # noqa: PLC0415
-
-            m4v = {"layers": {str(i): fn(i).to_dict() for i in conv}}
-            with torch.device("meta"):
-                student = M4VWanTransformer3DModel(**_diffusers_kwargs(cfg), m4v=m4v)
-            ccounts = measure_flop_counts(student, *args, **kwargs)
-            del student
-        except Exception as exc:  # noqa: BLE001 (the adapter is optional; say why it was skipped)
-            converted_status = f"skipped: {type(exc).__name__}: {exc}"
-        else:
-            converted_status = "checked"
-            run_fn = lambda i: as_run_config(fn(i))  # noqa: E731
-            analytic_run = wan_model_flops(cfg, frames, height, width, text_len, conv, run_fn)
-            by_index = {lay["index"]: lay for lay in analytic_run["layers"]}
-            lz = text_len + analytic["image_len"]
-            layout = VideoLayout.single(*(analytic["token_grid"][k] for k in ("frames", "height", "width")))
-            mm_a = mm_m = 0
-            for i in conv:
-                mm_a += by_index[i]["mmdim_matmul_flops"]
-                mm_m += _ops_sum(ccounts, f"blocks.{i}.attn1")
-                layer_rows[i]["mmdim_analytic"] = by_index[i]["mmdim_matmul_flops"]
-                layer_rows[i]["mmdim_measured"] = _ops_sum(ccounts, f"blocks.{i}.attn1")
-            rows.append(compare("converted.mmdim_layers", mm_a, mm_m, note=f"matmul parts, layers {conv}"))
-            first = conv[0]
-            rows += mmdim_component_rows(mmdim_flops(run_fn(first), layout, lz), ccounts,
-                                         f"blocks.{first}.attn1.mmdim", f"converted.blocks.{first}.mmdim")
-            rows.append(compare("converted_total", analytic_run["converted_total_matmul_flops"],
-                                _ops_sum(ccounts, ""),
-                                note="analytic total at the PyTorch scan's chunk, without the non-matmul "
-                                     f"multiply-adds (with them: {analytic_run['converted_total_flops']})"))
-
-    # standalone layer (always; the fallback when the converted model cannot be built)
-    index = conv[0] if conv else 0
-    tg = analytic["token_grid"]
-    layout = VideoLayout.single(tg["frames"], tg["height"], tg["width"])
-    mc = fn(index)
-    standalone = crosscheck_mmdim(mc, layout, text_len + analytic["image_len"], label="standalone.mmdim")
-    rows += standalone["rows"]
-
-    flagged = [r["component"] for r in rows if r["flagged"]]
-    unexplained = [r["component"] for r in rows
-                   if r["flagged"] and r["component"].rsplit(".", 1)[-1] not in EXPLANATIONS]
-    return {
-        "components": rows,
-        "layers": layer_rows,
-        "standalone_mmdim": {"layer_index": index, "config": dataclasses.asdict(mc),
-                             "sequence_length": standalone["analytic"]["shape"]["sequence_length"]},
-        "converted_model": converted_status,
-        "tolerance": TOLERANCE,
-        "flagged": flagged,
-        "unexplained": unexplained,
-        "ok": not unexplained,
-        "seconds": time.perf_counter() - start,
-    }

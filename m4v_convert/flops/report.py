@@ -1,9 +1,9 @@
 """The FLOPs report: ``flops.json``, ``flops.md`` and ``flops.png`` (DESIGN §1 step 4, §5).
 
-:func:`build_wan_flops_report` computes everything (analytic counts at the target size, the
-curve against the number of frames with its crossover, the FlopCounterMode cross-check);
-:func:`write_flops_report` only formats what the dict holds, so no number is written that was
-not computed.
+A backbone's report builder (e.g. :func:`m4v_convert.backbones.wan.flops.build_wan_flops_report`)
+computes everything (analytic counts at the target size, the curve against the number of frames
+with its crossover, the FlopCounterMode cross-check); :func:`write_flops_report` only formats what
+the dict holds, so no number is written that was not computed.
 """
 
 from __future__ import annotations
@@ -11,39 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from m4v_convert.flops.analytic import (
-    flops_vs_frames, mmdim_config_fn_from, resolve_layers, wan_config, wan_frame_grid, wan_model_flops,
-)
 
 T = 1e12  # FLOPs per TFLOP
-
-
-def build_wan_flops_report(config: dict, frames: int, height: int, width: int, text_len: int = 512,
-                           converted_layers="all", mmdim_config=None, crosscheck: bool = True,
-                           curve_frames=None, name: str | None = None) -> dict:
-    """Everything the report shows, for a Wan2.1 config at a pixel video size.
-
-    ``curve_frames``: frame counts of the FLOPs-vs-frames curve (default ``1, 5, ...`` up to
-    twice ``frames``). ``crosscheck``: also build the models on meta and compare with
-    FlopCounterMode (a few seconds per model).
-    """
-    cfg = wan_config(config)
-    fn = mmdim_config_fn_from(cfg, mmdim_config)
-    layers = resolve_layers(converted_layers, cfg["num_layers"])
-    report = wan_model_flops(cfg, frames, height, width, text_len, layers, fn)
-    grid = list(curve_frames) if curve_frames is not None else wan_frame_grid(max(2 * frames - 1, 9))
-    curve = flops_vs_frames(cfg, height, width, grid, text_len, layers, fn)
-    report["name"] = name or "WanTransformer3DModel"
-    report["mmdim_config"] = fn(layers[0] if layers else 0).to_dict()
-    report["curve"] = curve
-    report["crossover_frames"] = curve["crossover_frames"]
-    if crosscheck:
-        from m4v_convert.flops.measured import crosscheck_wan  # noqa: PLC0415 (builds full models)
-
-        report["crosscheck"] = crosscheck_wan(cfg, frames, height, width, text_len, layers, fn)
-    else:
-        report["crosscheck"] = {"skipped": "crosscheck=False"}
-    return report
 
 
 def format_tflops(x) -> str:
@@ -152,7 +121,7 @@ def write_flops_report(report: dict, out_dir) -> dict[str, Path]:
     """Write ``flops.json`` (the dict), ``flops.md`` (tables) and ``flops.png`` (FLOPs vs frames,
     original vs converted, crossover marked) into ``out_dir``; return their paths.
 
-    ``report`` is what :func:`build_wan_flops_report` returns (any dict with the same keys:
+    ``report`` is what a backbone's report builder returns (:func:`m4v_convert.backbones.wan.flops.build_wan_flops_report`) (any dict with the same keys:
     ``original_total_flops``, ``converted_total_flops``, ``layers``, ``video``, ``tokens``,
     ``crossover_frames``, ``crosscheck``, ``curve``).
     """

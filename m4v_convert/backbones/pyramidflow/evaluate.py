@@ -110,7 +110,7 @@ def prediction_errors(teacher, student, clean: list[PyramidSample], spec: Pyrami
 def evaluate_pyramid(teacher, student, conditions: list[PyramidSample], spec: PyramidCalibSpec, seeds: int,
                      steps: int, device, real_latents: bool, progress=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """All metrics; returns (metrics, teacher samples, student samples), samples (N, C, F, H, W)."""
-    from m4v_convert.eval import pair_scores, psnr_ci95, psnr_of_mse, relative_error, resampled_means
+    from m4v_convert.metrics import pair_scores, psnr_ci95, psnr_of_mse, relative_error, resampled_means
 
     t0 = time.time()
     xs = {"teacher": [], "student": []}
@@ -178,7 +178,7 @@ def write_frames_png(xs_t: torch.Tensor, xs_s: torch.Tensor, path: Path, rows: i
 
 
 def run_pyramid_eval(opts: PyramidEvalOptions, console=None) -> dict:
-    from m4v_convert.eval import _json
+    from m4v_convert.metrics import metrics_json
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
     from m4v_convert.pipeline import _console, resolve_device
 
@@ -224,7 +224,7 @@ def run_pyramid_eval(opts: PyramidEvalOptions, console=None) -> dict:
     metrics.update(teacher=str(Path(opts.teacher).resolve()), student=str(Path(opts.student).resolve()),
                    conditions_source=source, converted_layers=list(student.converted_layers))
     with atomic_output_dir(opts.out, opts.overwrite) as tmp:
-        (tmp / "metrics.json").write_text(_json(metrics) + "\n")
+        (tmp / "metrics.json").write_text(metrics_json(metrics) + "\n")
         write_frames_png(xs_t, xs_s, tmp / "frames.png")
     lo, hi = metrics["psnr_db_ci95"]
     errs = ", ".join(f"{k} {v:.3f}" for k, v in metrics["pred_rel_error"].items())

@@ -229,7 +229,7 @@ def load_pyramidflow(
                 for k in st.keys():
                     t = st.get_tensor(k)
                     # a copy: get_tensor views the mapped file at unaligned offsets, which keeps the file
-                    # mapped and changes matmul summation order (wan_io._own_cpu_tensors says more)
+                    # mapped and changes matmul summation order (wan/load.py's _own_cpu_tensors says more)
                     state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
         except Exception as e:
             raise CheckpointError(f"{f} could not be read ({type(e).__name__}: {e})") from None

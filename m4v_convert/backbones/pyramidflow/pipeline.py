@@ -105,7 +105,7 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
     from m4v_convert.convert import parse_layers
     from m4v_convert.distill.distributed import in_distributed_env
     from m4v_convert.distill.job import make_plan, plot_losses, run_distillation
-    from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
+    from m4v_convert.backbones.pyramidflow.flops import RESOLUTIONS, markdown_report, pyramidflow_flops_report
     from m4v_convert.io.converted import save_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
     from m4v_convert.pipeline import _console, _ranges as ranges, print_distill_report
@@ -344,7 +344,7 @@ def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | No
     """``m4v-convert flops`` for a published PyramidFlow config (registry entry ``pyramidflow``);
     defaults: the recipe's resolution and the release's maximum frames."""
     from m4v_convert.convert import parse_layers
-    from m4v_convert.flops.pyramidflow import RESOLUTIONS, markdown_report, pyramidflow_flops_report
+    from m4v_convert.backbones.pyramidflow.flops import RESOLUTIONS, markdown_report, pyramidflow_flops_report
 
     height, width, max_frames = RESOLUTIONS[recipe.resolution]
     if size is not None:

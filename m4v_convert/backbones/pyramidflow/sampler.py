@@ -88,7 +88,7 @@ def sample_pyramid_video(
     text ``(B, Lz, text_dim)``, text_mask ``(B, Lz)``, pooled ``(B, pooled_dim)``; ``steps``: Euler
     steps per stage (one number for all, or one per stage), ``first_frame_steps`` those of the first
     latent frame (default: ``steps``; the release generates with 20 for the first frame and 10 for the
-    others, :data:`m4v_convert.flops.pyramidflow.SCHEDULE`); ``on_unit(done, total)`` after each
+    others, :data:`m4v_convert.backbones.pyramidflow.flops.SCHEDULE`); ``on_unit(done, total)`` after each
     latent frame. Randomness comes from ``generator`` only (CPU), so a seed gives the same video.
     """
     def per_stage(value, name):

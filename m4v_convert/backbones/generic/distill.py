@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from m4v_convert.backbones import generic as G
+from m4v_convert.backbones.generic import model as G
 from m4v_convert.distill.calibration import CalibSpec, check_uniform, folder_samples, noised_batch, synthetic_samples
 from m4v_convert.distill.stage1 import calibrate_output_norms
 

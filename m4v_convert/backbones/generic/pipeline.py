@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import m4v_convert
-from m4v_convert.backbones import generic as G
+from m4v_convert.backbones.generic import model as G
 from m4v_convert.backbones import registry
 from m4v_convert.errors import CheckpointError, M4VError, RecipeError
 
@@ -273,7 +273,7 @@ def convert_generic(opts: GenericOptions, console=None) -> dict:
         raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}")
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     check_output_dir(opts.out, opts.overwrite)
-    from m4v_convert.backbones.generic_distill import FINE_TUNE_UNSUPPORTED
+    from m4v_convert.backbones.generic.distill import FINE_TUNE_UNSUPPORTED
     from m4v_convert.distill.job import make_plan
 
     if opts.data is not None:
@@ -339,7 +339,7 @@ def _distill(recipe, opts, plan, teacher, student, infos, cfg, device, dtype, co
     """The planned stages on the shared job (:func:`m4v_convert.distill.job.run_distillation`:
     checkpoints, ``--resume``, guards, log); stage 3 is skipped with the reason
     (``generic_distill.FINE_TUNE_UNSUPPORTED``)."""
-    from m4v_convert.backbones.generic_distill import GenericDistillAdapter
+    from m4v_convert.backbones.generic.distill import GenericDistillAdapter
     from m4v_convert.distill.calibration import CalibSpec
     from m4v_convert.distill.distributed import DistContext
     from m4v_convert.distill.job import run_distillation

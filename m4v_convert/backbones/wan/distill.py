@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from m4v_convert.backbones.wan import M4VWanTransformer3DModel, record_teacher_layers
+from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel, record_teacher_layers
 from m4v_convert.distill.calibration import CalibSpec, check_uniform, folder_samples, noised_batch
 from m4v_convert.distill.stage1 import calibrate_output_norms
 

@@ -107,8 +107,8 @@ def tiny_wan_inputs(
 
 
 def original_wan_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's tensors under the original Wan names (see ``wan_io.wan_key_to_original``)."""
-    from m4v_convert.backbones.wan_io import wan_key_to_original
+    """The model's tensors under the original Wan names (see ``load.wan_key_to_original``)."""
+    from m4v_convert.backbones.wan.load import wan_key_to_original
 
     return {wan_key_to_original(k): v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
