@@ -269,9 +269,8 @@ def flops(
     if frames is not None and frames < 1:
         raise M4VError(f"--frames: expected >= 1, got {frames}")
     cfg = json.loads(rec.published[model].read_text())
-    published_flops = registry.resolve(registry.for_recipe(rec).published_flops)
-    report, markdown = published_flops(rec, cfg, model, _parse_size(size) if size else None, frames, layers,
-                                       crosscheck)
+    report, markdown = registry.for_recipe(rec).flops_report(rec, cfg, model, _parse_size(size) if size else None,
+                                                             frames, layers, crosscheck)
     typer.echo(markdown)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -453,3 +453,24 @@ def test_generic_conversion_refuses_or_skips_what_it_does_not_offer(extra, expec
         assert res.exit_code == 0, res.output
         stages = {s["stage"]: s for s in json.loads((out / "conversion.json").read_text())["distill"]["stages"]}
         assert "prediction type" in stages[3]["skipped"] and "stage 3" in res.output
+
+
+@pytest.mark.parametrize("base,edit,expect", [
+    ("pyramidflow-miniflux-768p", lambda d: d.pop("variant"),
+     "field 'variant' backbone 'pyramidflow' needs this field (one of ['miniflux', 'sd3'])"),
+    ("pyramidflow-miniflux-768p", lambda d: d.pop("resolution"),
+     "field 'resolution' backbone 'pyramidflow' needs this field (one of ['384p', '768p'])"),
+    ("ltx-video", lambda d: d.pop("grid"), "field 'grid' backbone 'generic' needs this section (see docs/recipes.md)"),
+    ("wan2.1", lambda d: d.update(allow_double_stream=True),
+     "field 'allow_double_stream' is only used by backbone 'pyramidflow'"),
+    ("wan2.1", lambda d: d.update(inputs={"text_dim": 32}), "field 'inputs' is only used by backbone 'generic'"),
+    ("pyramidflow-miniflux-384p", lambda d: d["mmdim"].update(bidirectional=True),
+     "field 'mmdim.bidirectional' must be false for PyramidFlow: its attention is causal over frames "
+     "(autoregressive generation), and a reversed scan would let every frame read the frames after it"),
+])
+def test_backbone_specific_recipe_fields_come_from_the_registry_with_their_messages(tmp_path, base, edit, expect):
+    """The fields a registry entry claims, requires or refuses, with the loader's messages word for word."""
+    path = _recipe_file(tmp_path, base, edit)
+    with pytest.raises(M4VError) as e:
+        load_recipe(path)
+    assert expect in " ".join(str(e.value).split()), str(e.value)

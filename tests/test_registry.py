@@ -62,3 +62,9 @@ def test_flags_become_the_jobs_options_and_foreign_flags_are_refused(tmp_path):
         pyramid.options_from_flags(checkpoint=tmp_path, out=tmp_path / "o", report_size=(240, 416), model="x")
     with pytest.raises(M4VError, match="eval: no eval job for generic conversions yet"):
         registry.get("generic").eval_from_flags(teacher=tmp_path, student=tmp_path, out=tmp_path)
+
+
+def test_recipes_check_of_a_family_with_its_own_command_says_which():
+    with pytest.raises(M4VError, match=r"recipe 'wan2.1' is for backbone 'wan', which has its own command "
+                                       r"\(m4v-convert wan2.1\); --check validates backbone: generic recipes"):
+        registry.get("wan").check(load_recipe("wan2.1"))

@@ -73,6 +73,10 @@ class Backbone:
     def run(self, options, console=None):
         return resolve(self.convert)(options, console)
 
+    def flops_report(self, recipe, config: dict, model: str, size, frames, layers, crosscheck: bool):
+        """``m4v-convert flops``: (report dict, markdown) for a published full-size config."""
+        return resolve(self.published_flops)(recipe, config, model, size, frames, layers, crosscheck)
+
     def load_teacher(self, path, **kwargs):
         if self.load is None:
             raise M4VError(f"{path}: loading a {self.name} checkpoint here is not supported")
