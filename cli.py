@@ -106,22 +106,23 @@ def wan21(
 ):
     """Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, save, report FLOPs."""
     _set_threads(threads)
-    _run_backbone("wan", recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, distill_steps=distill_steps,
-                  calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-                  report_size=_parse_size(size), report_frames=frames, stages=stages, stage2_steps=stage2_steps,
-                  stage3_steps=stage3_steps, lr=lr, batch_size=batch_size, feature_weight=feature_weight,
-                  train=train, data=data, teacher_calib=teacher_calib, calib_cache=calib_cache,
-                  checkpoint_every=checkpoint_every, run_dir=run_dir, resume=resume, num_processes=num_processes,
-                  grad_checkpointing=grad_checkpointing, mixed_precision=mixed_precision,
-                  deterministic=deterministic)
+    _convert("wan", recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, distill_steps=distill_steps,
+             calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
+             report_size=_parse_size(size), report_frames=frames, stages=stages, stage2_steps=stage2_steps,
+             stage3_steps=stage3_steps, lr=lr, batch_size=batch_size, feature_weight=feature_weight,
+             train=train, data=data, teacher_calib=teacher_calib, calib_cache=calib_cache,
+             checkpoint_every=checkpoint_every, run_dir=run_dir, resume=resume, num_processes=num_processes,
+             grad_checkpointing=grad_checkpointing, mixed_precision=mixed_precision,
+             deterministic=deterministic)
 
 
-def _run_backbone(name: str, **flags) -> None:
-    """Run backbone ``name``'s conversion job (its registry entry) with a command's flags."""
-    from m4v_convert.backbones import registry
+def _convert(command: str | None, **flags) -> None:
+    """Run the conversion a command's flags describe (``command``: the backbone a backbone command
+    converts; None: the recipe's)."""
+    from m4v_convert.jobs.convert import run_conversion
+    from m4v_convert.jobs.plan import ConvertFlags
 
-    entry = registry.get(name)
-    entry.run(entry.options_from_flags(**flags))
+    run_conversion(ConvertFlags.from_flags(**flags), command=command)
 
 
 @app.command("pyramidflow")
@@ -166,13 +167,13 @@ def pyramidflow(
     """Convert a PyramidFlow checkpoint: single-stream (and allowed joint) attention -> MM-DiM, distill, save,
     report FLOPs."""
     _set_threads(threads)
-    _run_backbone("pyramidflow", checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
-                  distill_steps=distill_steps, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-                  calib=calib, stage2_steps=stage2_steps, stages=stages, stage3_steps=stage3_steps, lr=lr,
-                  batch_size=batch_size, train=train, data=data, checkpoint_every=checkpoint_every,
-                  run_dir=run_dir, resume=resume, grad_checkpointing=grad_checkpointing,
-                  mixed_precision=mixed_precision, num_processes=num_processes, teacher_calib=teacher_calib,
-                  calib_cache=calib_cache)
+    _convert("pyramidflow", checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
+             distill_steps=distill_steps, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
+             calib=calib, stage2_steps=stage2_steps, stages=stages, stage3_steps=stage3_steps, lr=lr,
+             batch_size=batch_size, train=train, data=data, checkpoint_every=checkpoint_every,
+             run_dir=run_dir, resume=resume, grad_checkpointing=grad_checkpointing,
+             mixed_precision=mixed_precision, num_processes=num_processes, teacher_calib=teacher_calib,
+             calib_cache=calib_cache)
 
 
 @app.command("convert")
@@ -206,15 +207,12 @@ def convert_cmd(
 ):
     """Convert any backbone a recipe describes: load, swap attention for MM-DiM, distill, save, report FLOPs.
     (The backbone commands, e.g. `wan2.1`, take more flags.)"""
-    from m4v_convert.backbones import registry
-    from m4v_convert.recipes import load_recipe
-
-    _run_backbone(registry.for_recipe(load_recipe(recipe)).name, recipe=recipe, checkpoint=checkpoint, out=out,
-                  layers=layers, model=model, distill_steps=distill_steps, stage2_steps=stage2_steps, stages=stages,
-                  calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-                  report_size=_parse_size(size) if size else None, report_frames=frames, lr=lr,
-                  batch_size=batch_size, train=train, checkpoint_every=checkpoint_every, run_dir=run_dir,
-                  resume=resume, mixed_precision=mixed_precision)
+    _convert(None, recipe=recipe, checkpoint=checkpoint, out=out,
+             layers=layers, model=model, distill_steps=distill_steps, stage2_steps=stage2_steps, stages=stages,
+             calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
+             report_size=_parse_size(size) if size else None, report_frames=frames, lr=lr,
+             batch_size=batch_size, train=train, checkpoint_every=checkpoint_every, run_dir=run_dir,
+             resume=resume, mixed_precision=mixed_precision)
 
 
 def _set_threads(threads: Optional[int]) -> None:

@@ -81,3 +81,15 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     if bad:
         raise M4VError(f"--layers: layer(s) {bad} out of range; this model has layers 0-{num_layers - 1}")
     return sorted(out)
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """Sorted layer indices → ``--layers`` text, the inverse of :func:`parse_layers` (``0-3,8``)."""
+    out, start = [], None
+    for i, v in enumerate(layers):
+        if start is None:
+            start = v
+        if i + 1 == len(layers) or layers[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)

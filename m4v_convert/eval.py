@@ -366,7 +366,7 @@ def write_eval_outputs(folder: Path, metrics: dict, task: ShapesTask, xs_t, xs_s
 
 def run_eval(opts: EvalOptions, console=None) -> dict:
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
-    from m4v_convert.pipeline import _console, resolve_device
+    from m4v_convert.jobs.plan import console_or_default as _console, resolve_device
 
     con = _console(console)
     settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
@@ -629,7 +629,8 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
     from m4v_convert.backbones import registry
     from m4v_convert.io.converted import load_converted
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
-    from m4v_convert.pipeline import _console, resolve_device
+    from m4v_convert.jobs.convert import run_conversion
+    from m4v_convert.jobs.plan import ConvertFlags, console_or_default as _console, resolve_device
     from m4v_convert.recipes import load_recipe
 
     con = _console(console)
@@ -688,7 +689,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                     metrics = json.loads((vdir / "metrics.json").read_text())
                 else:
                     if not (vdir / "conversion.json").exists():  # convert writes the folder atomically
-                        entry.run(entry.options_from_flags(
+                        run_conversion(ConvertFlags.from_flags(
                             recipe=str(variant_recipe(opts.recipe, overrides, name, work)),
                             checkpoint=Path(opts.teacher), out=vdir, layers=opts.layers,
                             distill_steps=opts.distill_steps, stage2_steps=opts.stage2_steps, calib=calib,

@@ -393,11 +393,11 @@ def test_cli_ablate_continues_an_interrupted_run_with_the_same_numbers(folders, 
     converted, sampled = [], []
     real_convert, real_sample = pl.convert, ev.sample
 
-    def convert(opts, console=None):
-        converted.append(Path(opts.out).name)
+    def convert(plan):
+        converted.append(Path(plan.flags.out).name)
         if len(converted) == 3:
             raise KeyboardInterrupt  # Ctrl-C during the third variant
-        return real_convert(opts, console)
+        return real_convert(plan)
 
     def sample(model, *a, **k):
         sampled.append(type(model).__name__)

@@ -37,7 +37,6 @@ KNOWN: set[tuple[str, str]] = {
     ("m4v_convert/pipeline.py", "imports m4v_convert.backbones.wan.flops"),
     ("m4v_convert/pipeline.py", "imports m4v_convert.backbones.wan.load"),
     ("m4v_convert/pipeline.py", "imports m4v_convert.backbones.wan.model"),
-    ("m4v_convert/pipeline.py", "names 'wan'"),
 }
 
 BACKBONE_WORD = re.compile(r"(^|_)(wan|pyramidflow)(_|$)")

@@ -2,6 +2,8 @@
 one message, a saved conversion finds its family, and flags map onto a job's options."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +12,10 @@ from m4v_convert.backbones.generic.model import converted_class
 from m4v_convert.backbones.pyramidflow.converted import M4VPyramidDiffusionMMDiT, M4VPyramidFluxTransformer
 from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
 from m4v_convert.errors import M4VError
+from m4v_convert.jobs.plan import ConvertFlags, load_for
 from m4v_convert.recipes import load_recipe
 
-CODE_FIELDS = ("options", "convert", "published_flops", "converted_class", "load", "check_recipe", "eval_options",
+CODE_FIELDS = ("convert", "published_flops", "converted_class", "load", "check_flags", "check_recipe", "eval_options",
                "evaluate")
 
 
@@ -23,7 +26,7 @@ def test_every_entry_resolves_and_every_shipped_recipe_has_one():
             path = getattr(entry, name)
             if path is not None:
                 assert callable(registry.resolve(path)), (entry.name, name)
-        assert dataclasses.is_dataclass(registry.resolve(entry.options))
+        assert dataclasses.is_dataclass(registry.resolve(entry.eval_options)) if entry.eval_options else True
     for name in ("wan2.1", "pyramidflow-miniflux-768p", "cogvideox"):
         recipe = load_recipe(name)
         assert registry.for_recipe(recipe).name == recipe.backbone
@@ -53,15 +56,31 @@ def test_a_model_that_is_not_a_conversion_finds_none(config):
     assert registry.find_converted(config) is None
 
 
-def test_flags_become_the_jobs_options_and_foreign_flags_are_refused(tmp_path):
-    wan, pyramid = registry.get("wan"), registry.get("pyramidflow")
-    opts = wan.options_from_flags(recipe="wan2.1", checkpoint=tmp_path, out=tmp_path / "o", layers=None,
-                                  report_size=(240, 416), overwrite=False)
-    assert opts.report_size == (240, 416) and opts.layers is None and opts.report_frames == 81  # default kept
-    with pytest.raises(M4VError, match=r"^--report-size, --model: not offered for pyramidflow recipes$"):
-        pyramid.options_from_flags(checkpoint=tmp_path, out=tmp_path / "o", report_size=(240, 416), model="x")
+def test_flags_a_backbone_does_not_take_are_refused_before_anything_is_read(tmp_path):
+    """One message for every refused flag, from the registry entry, before the checkpoint (which
+    does not exist here) is looked at; a backbone command refuses another family's recipe."""
+    flags = ConvertFlags(recipe="pyramidflow-miniflux-768p", checkpoint=tmp_path / "none", out=tmp_path / "o",
+                         report_size=(240, 416), model="x")
+    with pytest.raises(M4VError, match=r"^--model, --report-size: not offered for pyramidflow recipes$"):
+        load_for(flags)
+    flags = ConvertFlags(recipe="pyramidflow-miniflux-768p", checkpoint=tmp_path / "none", out=tmp_path / "o")
+    with pytest.raises(M4VError, match=r"recipe 'pyramidflow-miniflux-768p' is for backbone 'pyramidflow'; this "
+                                       r"command converts Wan2.1$"):
+        load_for(flags, command="wan")
+    recipe, entry = load_for(flags, command="pyramidflow")
+    assert (recipe.name, entry.name) == ("pyramidflow-miniflux-768p", "pyramidflow")
     with pytest.raises(M4VError, match="eval: no eval job for generic conversions yet"):
         registry.get("generic").eval_from_flags(teacher=tmp_path, student=tmp_path, out=tmp_path)
+
+
+def test_flags_survive_the_trip_to_a_launched_process(tmp_path):
+    """What the worker of ``--num-processes N`` rebuilds from JSON is what the command was given."""
+    flags = ConvertFlags.from_flags(recipe="wan2.1", checkpoint=tmp_path / "ckpt", out=tmp_path / "out",
+                                    report_size=(240, 416), calib=tmp_path / "calib", lr=1e-4, stages="1,2",
+                                    teacher_calib=True, num_processes=2, layers=None)
+    back = ConvertFlags.from_json(json.loads(json.dumps(flags.to_json())))
+    assert back == flags and isinstance(back.calib, Path) and back.report_size == (240, 416)
+    assert flags.given() == ["stages", "lr", "calib", "teacher_calib", "report_size", "num_processes"]
 
 
 def test_recipes_check_of_a_family_with_its_own_command_says_which():

@@ -8,8 +8,9 @@ from m4v_convert.backbones.registry import Backbone, register
 
 register(Backbone(
     name="wan",
-    options="m4v_convert.pipeline:ConvertOptions",
     convert="m4v_convert.pipeline:convert",
+    converts="Wan2.1",
+    flags_not_offered=("model",),
     published_flops="m4v_convert.backbones.wan.flops:published_flops",
     converted_class="m4v_convert.backbones.wan.model:converted_class_for_config",
     load="m4v_convert.backbones.wan.load:load_wan_transformer",
@@ -20,8 +21,10 @@ register(Backbone(
 ))
 register(Backbone(
     name="pyramidflow",
-    options="m4v_convert.backbones.pyramidflow.pipeline:PyramidFlowOptions",
     convert="m4v_convert.backbones.pyramidflow.pipeline:convert_pyramidflow",
+    converts="PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)",
+    flags_not_offered=("model", "report_size", "report_frames", "deterministic"),
+    check_flags="m4v_convert.backbones.pyramidflow.pipeline:check_flags",
     published_flops="m4v_convert.backbones.pyramidflow.pipeline:published_flops",
     converted_class="m4v_convert.backbones.pyramidflow.converted:converted_class_for_config",
     load="m4v_convert.backbones.pyramidflow.loader:load_pyramidflow",
@@ -37,8 +40,11 @@ register(Backbone(
 ))
 register(Backbone(
     name="generic",
-    options="m4v_convert.backbones.generic.pipeline:GenericOptions",
     convert="m4v_convert.backbones.generic.pipeline:convert_generic",
+    converts="any model a backbone: generic recipe describes",
+    flags_not_offered=("num_processes", "deterministic"),
+    check_flags="m4v_convert.backbones.generic.pipeline:check_flags",
+    default_stages="1,2",  # no stage 3 for generic recipes
     published_flops="m4v_convert.backbones.generic.pipeline:published_flops",
     converted_class="m4v_convert.backbones.generic.model:converted_class_for_config",
     check_recipe="m4v_convert.backbones.generic.pipeline:check_recipe",

@@ -30,8 +30,13 @@ def resolve(path: str) -> Any:
 class Backbone:
     """One backbone family; every code field is a ``"module:attribute"`` path.
 
-    - ``options`` / ``convert``: the conversion job's options dataclass and the job,
-      ``convert(options, console=None)``.
+    - ``convert``: the conversion job, ``convert(plan) -> summary`` (a
+      :class:`~m4v_convert.jobs.plan.ConversionPlan`); ``converts`` names what it converts, for a
+      backbone command given another family's recipe.
+    - ``flags_not_offered``: conversion flags (``ConvertFlags`` fields) this family's job does not
+      take; ``check_flags`` (optional): ``(flags, recipe) -> None``, the family's own refusals, run
+      before any weight is read; ``default_stages``: the distillation stages when neither the
+      recipe nor ``--stages`` says.
     - ``published_flops``: ``(recipe, config, model, size, frames, layers, crosscheck) -> (report,
       markdown)``, the ``m4v-convert flops`` report for a published full-size config (no weights).
     - ``converted_class``: ``(config.json dict) -> class | None``, the class that rebuilds a model
@@ -52,12 +57,15 @@ class Backbone:
     """
 
     name: str
-    options: str
     convert: str
+    converts: str
     published_flops: str
     converted_class: str
     load: str | None = None
     command: str | None = None
+    flags_not_offered: tuple[str, ...] = ()
+    check_flags: str | None = None
+    default_stages: str = "1,2,3"
     check_recipe: str | None = None
     eval_options: str | None = None
     evaluate: str | None = None
@@ -66,16 +74,13 @@ class Backbone:
     recipe_required: tuple[str, ...] = ()
     refused_mmdim: tuple[tuple[str, str], ...] = ()
 
-    def options_from_flags(self, **flags) -> Any:
-        """The conversion job's options from a command's flags (see :func:`options_from_flags`)."""
-        return options_from_flags(resolve(self.options), flags, f"not offered for {self.name} recipes")
-
-    def run(self, options, console=None):
-        return resolve(self.convert)(options, console)
-
     def flops_report(self, recipe, config: dict, model: str, size, frames, layers, crosscheck: bool):
         """``m4v-convert flops``: (report dict, markdown) for a published full-size config."""
         return resolve(self.published_flops)(recipe, config, model, size, frames, layers, crosscheck)
+
+    def check_conversion_flags(self, flags, recipe) -> None:
+        if self.check_flags is not None:
+            resolve(self.check_flags)(flags, recipe)
 
     def load_teacher(self, path, **kwargs):
         if self.load is None:

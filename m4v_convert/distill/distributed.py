@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-WORKER_MODULE = "m4v_convert.distill.worker"
+WORKER_MODULE = "m4v_convert.jobs.worker"
 
 
 def in_distributed_env() -> bool:
@@ -107,14 +107,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(options: dict, num_processes: int, job: str) -> int:
-    """Run ``job`` (a backbone's registry name: its conversion job on its options class, built from
-    ``options``) in ``num_processes`` processes via accelerate's launcher; returns the launcher's
-    exit status. ``options`` must be JSON-serializable."""
+def launch(options: dict, num_processes: int) -> int:
+    """Run the conversion ``options`` describes (``ConvertFlags`` as JSON) in ``num_processes``
+    processes of :data:`WORKER_MODULE` via accelerate's launcher; returns the launcher's exit status."""
     fd, name = tempfile.mkstemp(prefix="m4v-launch-", suffix=".json")
     spec = Path(name)
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({**options, "job": job}, indent=2, default=str))
+        f.write(json.dumps(options, indent=2, default=str))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", WORKER_MODULE, str(spec)]

@@ -123,11 +123,12 @@ def _positive(flag: str, value, minimum=0, strict=False):
     return value
 
 
-def make_plan(recipe, opts, device: torch.device) -> DistillPlan:
-    """Recipe schedule with the CLI overrides of ``opts`` (a ``ConvertOptions``); checks flags and
-    the run folder (and reads a ``--resume`` checkpoint) before any weight is loaded."""
+def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3") -> DistillPlan:
+    """Recipe schedule with the CLI overrides of ``opts`` (a ``ConvertFlags``); checks flags and
+    the run folder (and reads a ``--resume`` checkpoint) before any weight is loaded.
+    ``default_stages``: the backbone's, where neither ``--stages`` nor the recipe says."""
     d = recipe.distill
-    stages = parse_stages(opts.stages if opts.stages is not None else str(d.get("stages", "1,2,3")))
+    stages = parse_stages(opts.stages if opts.stages is not None else str(d.get("stages", default_stages)))
     train = check_train_mode(opts.train or d.get("train", "mmdim"))
     _positive("--distill-steps", opts.distill_steps)
     _positive("--stage2-steps", opts.stage2_steps)

@@ -8,7 +8,6 @@ the diffusers layout with ``conversion.json``, ``README.md`` and ``flops.{json,m
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -19,41 +18,9 @@ import torch
 
 import m4v_convert
 from m4v_convert.backbones.generic import model as G
+from m4v_convert.convert import layer_ranges as _ranges
 from m4v_convert.backbones import registry
 from m4v_convert.errors import CheckpointError, M4VError, RecipeError
-
-
-@dataclass
-class GenericOptions:
-    recipe: str
-    checkpoint: Path
-    out: Path
-    layers: str | None = None
-    model: str | None = None  # published config for a single-file checkpoint
-    distill_steps: int | None = None
-    stage2_steps: int | None = None
-    stages: str | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    calib: Path | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    overwrite: bool = False
-    seed: int = 0
-    report_size: tuple[int, int] | None = None
-    report_frames: int | None = None
-    # the shared distillation job's flags (m4v_convert.distill.job); None = the recipe's value
-    stage3_steps: int | None = None
-    train: str | None = None  # mmdim | all (lora: not offered for generic recipes)
-    checkpoint_every: int | None = None
-    run_dir: Path | None = None
-    resume: Path | None = None
-    mixed_precision: str = "auto"
-    feature_weight: float | None = None
-    data: Path | None = None  # refused: no stage 3 for generic recipes
-    grad_checkpointing: bool = False  # refused
-    teacher_calib: bool = False  # refused
-    calib_cache: Path | None = None
 
 
 # ============================================================================ checkpoint → config
@@ -260,34 +227,30 @@ def as_converted(model: torch.nn.Module, recipe) -> torch.nn.Module:
     return model
 
 
-def convert_generic(opts: GenericOptions, console=None) -> dict:
-    from m4v_convert.io.converted import save_converted
-    from m4v_convert.io.output import atomic_output_dir, check_output_dir
-    from m4v_convert.pipeline import _console, _ranges, resolve_device, resolve_dtype
-    from m4v_convert.recipes import load_recipe
-
-    con = _console(console)
-    t_start = time.time()
-    recipe = load_recipe(opts.recipe)
-    if recipe.backbone != "generic":
-        raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}")
-    device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
-    check_output_dir(opts.out, opts.overwrite)
+def check_flags(flags, recipe) -> None:
+    """What a generic recipe's conversion does not offer, refused before any weight is read
+    (registry entry ``generic``)."""
     from m4v_convert.backbones.generic.distill import FINE_TUNE_UNSUPPORTED
-    from m4v_convert.distill.job import make_plan
 
-    if opts.data is not None:
+    if flags.data is not None:
         raise M4VError(f"--data: stage 3 (fine-tune) is not offered here ({FINE_TUNE_UNSUPPORTED})")
-    if opts.grad_checkpointing:
+    if flags.grad_checkpointing:
         raise M4VError("--grad-checkpointing: not offered for generic recipes")
-    if opts.teacher_calib or opts.calib_cache is not None:
+    if flags.teacher_calib or flags.calib_cache is not None:
         raise M4VError("--teacher-calib: not offered for generic recipes (the sampler depends on the backbone)")
-    if opts.train == "lora" or (opts.train is None and recipe.distill.get("train") == "lora"):
+    if flags.train == "lora" or (flags.train is None and recipe.distill.get("train") == "lora"):
         raise M4VError("--train lora: not offered for generic recipes (no recipe field names the layers to adapt); "
                        "use mmdim or all")
-    if opts.stages is None:  # generic recipes default to stages 1,2 (no stage 3 here)
-        opts = dataclasses.replace(opts, stages=str(recipe.distill.get("stages", "1,2")))
-    plan = make_plan(recipe, opts, device)  # flags, schedule, run folder, --resume checkpoint
+
+
+def convert_generic(plan) -> dict:
+    """Run the planned conversion of a generic recipe's model; returns the summary written to
+    ``conversion.json``."""
+    from m4v_convert.io.converted import save_converted
+    from m4v_convert.io.output import atomic_output_dir
+
+    opts, recipe, con, device, dtype = plan.flags, plan.recipe, plan.console, plan.device, plan.dtype
+    t_start = plan.started
 
     # ---- check everything on the meta device, then load
     report = check_recipe(recipe, opts.checkpoint, opts.model, opts.layers)
@@ -314,7 +277,7 @@ def convert_generic(opts: GenericOptions, console=None) -> dict:
     student.requires_grad_(False)
     infos = G.selected_infos(teacher, recipe.spec, cfg, recipe.mmdim, layers, str(recipe.path))
 
-    distill = _distill(recipe, opts, plan, teacher, student, infos, cfg, device, dtype, con)
+    distill = _distill(recipe, opts, plan.distill, teacher, student, infos, cfg, device, dtype, con)
     flops = generic_flops(recipe, report, opts.report_frames, opts.report_size)
     meta = {"toolkit": "m4v-convert", "version": m4v_convert.__version__,
             "source": str(Path(opts.checkpoint).resolve()), "recipe": recipe.name, "converted_layers": layers,
@@ -434,8 +397,6 @@ def _flops_markdown(f: dict) -> str:
 
 
 def _model_card(summary: dict, recipe, report: CheckReport) -> str:
-    from m4v_convert.pipeline import _ranges
-
     d = summary["distill"]
     errs = "\n".join(f"| {k} | {d['error_before'][k]:.4f} | {d['error_after'][k]:.4f} |" for k in d["error_before"])
     return f"""# Converted with m4v-convert {summary['version']} (generic recipe)

@@ -180,7 +180,7 @@ def write_frames_png(xs_t: torch.Tensor, xs_s: torch.Tensor, path: Path, rows: i
 def run_pyramid_eval(opts: PyramidEvalOptions, console=None) -> dict:
     from m4v_convert.metrics import metrics_json
     from m4v_convert.io.output import atomic_output_dir, check_output_dir
-    from m4v_convert.pipeline import _console, resolve_device
+    from m4v_convert.jobs.plan import console_or_default as _console, resolve_device
 
     con = _console(console)
     for name, value in (("--seeds", opts.seeds), ("--steps", opts.steps), ("--conditions", opts.conditions)):

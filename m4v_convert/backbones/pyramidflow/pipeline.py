@@ -1,11 +1,12 @@
 """The PyramidFlow conversion job: load → select → swap → distill → save → report.
 
-Same shape as the Wan job (:mod:`m4v_convert.pipeline`, whose helpers it reuses); what differs is
-the teacher (the release folder layout, variant and resolution from the recipe), the layer
-selection (single-stream blocks; double-stream ones only where the recipe allows), the
-pyramid-shaped calibration batches and the output layout: the converted transformer is written
-where the release keeps its own,
-``<out>/diffusion_transformer_<resolution>/{config.json, diffusion_pytorch_model.safetensors}``, next to ``conversion.json``, ``README.md`` and ``flops.{json,md}``. ``load_converted(<out>)``
+Same shape as the Wan job (:mod:`m4v_convert.pipeline`), on the same plan
+(:mod:`m4v_convert.jobs.plan`); what differs is the teacher (the release folder layout, variant
+and resolution from the recipe), the layer selection (single-stream blocks; double-stream ones
+only where the recipe allows), the pyramid-shaped calibration batches and the output layout: the
+converted transformer is written where the release keeps its own,
+``<out>/diffusion_transformer_<resolution>/{config.json, diffusion_pytorch_model.safetensors}``,
+next to ``conversion.json``, ``README.md`` and ``flops.{json,md}``. ``load_converted(<out>)``
 reads it.
 """
 
@@ -13,46 +14,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import m4v_convert
+from m4v_convert.convert import layer_ranges as _ranges
 from m4v_convert.errors import M4VError
-
-DEFAULT_RECIPE = "pyramidflow-miniflux-768p"
-
-
-@dataclass
-class PyramidFlowOptions:
-    checkpoint: Path
-    out: Path
-    recipe: str = DEFAULT_RECIPE
-    layers: str | None = None
-    distill_steps: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"  # float32 weights; bf16 autocast on CUDA (mixed_precision auto)
-    overwrite: bool = False
-    seed: int = 0
-    calib: Path | None = None  # folder of real pyramid calibration samples (calibration.py); None: synthetic
-    # distillation schedule and training (m4v_convert.distill.job, shared with Wan); None = the recipe's value
-    stages: str | None = None
-    stage2_steps: int | None = None  # end-to-end distillation steps
-    stage3_steps: int | None = None  # flow-matching fine-tune steps (with --data)
-    lr: float | None = None
-    batch_size: int | None = None
-    train: str | None = None
-    data: Path | None = None  # stage-3 fine-tune latents (the --calib format)
-    checkpoint_every: int | None = None
-    run_dir: Path | None = None
-    resume: Path | None = None
-    grad_checkpointing: bool = False
-    mixed_precision: str = "auto"
-    feature_weight: float | None = None  # not used: stage 2 has no per-layer feature term here
-    teacher_calib: bool = False  # calibrate on videos sampled by the teacher (sampler.py)
-    calib_cache: Path | None = None
-    num_processes: int = 1  # data parallel, launched through accelerate (as for Wan)
 
 
 def check_layer_selection(layers: list[int], num_double: int, variant: str, allow_double_stream: bool,
@@ -95,58 +63,45 @@ def _layer_source(opts_layers, recipe) -> str:
     return "--layers" if opts_layers else f"recipe {recipe.name} (default_layers: {recipe.default_layers})"
 
 
-def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
-    """Run the whole PyramidFlow conversion; returns the summary written to ``conversion.json``.
+def check_flags(flags, recipe) -> None:
+    """PyramidFlow's own refusals of a conversion's flags and recipe, before any weight is read
+    (registry entry ``pyramidflow``)."""
+    from .calibration import NUM_STAGES
 
-    With ``num_processes > 1`` (outside a launched process group) it re-launches itself through
-    accelerate's launcher; inside one every process trains its share of each batch (whole
-    samples, each with all its pyramid stages) and rank 0 writes the output.
+    if recipe.mmdim.get("registers", True) and int(recipe.mmdim.get("num_registers", 1)) < NUM_STAGES:
+        raise M4VError(f"recipe {recipe.name!r}: mmdim.num_registers must be >= {NUM_STAGES} (one register per "
+                       "pyramid stage; a frame's register is its pyramid level)")
+    # auto: float32 weights, so untouched weights are saved exactly as released (fp32 on disk) and the
+    # trained MM-DiM parameters keep fp32 master values; on CUDA the passes run under bf16 autocast
+    # (--mixed-precision auto), the precision the release runs in. --dtype bfloat16 halves memory but
+    # stores and trains everything in bf16.
+    if flags.dtype in ("float16", "fp16"):
+        raise M4VError("--dtype float16: PyramidFlow's activations overflow float16; use bfloat16 or float32")
+    for flag, folder in (("--calib", flags.calib), ("--data", flags.data)):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise M4VError(f"{flag} {folder}: not a folder")
+
+
+def convert_pyramidflow(plan) -> dict:
+    """Run the planned PyramidFlow conversion; returns the summary written to ``conversion.json``.
+    Inside a launched process group every process trains its share of each batch (whole samples,
+    each with all its pyramid stages) and rank 0 writes the output.
     """
     from m4v_convert.convert import parse_layers
-    from m4v_convert.distill.distributed import in_distributed_env
-    from m4v_convert.distill.job import make_plan, plot_losses, run_distillation
+    from m4v_convert.distill.job import plot_losses, run_distillation
     from m4v_convert.backbones.pyramidflow.flops import RESOLUTIONS, markdown_report, pyramidflow_flops_report
     from m4v_convert.io.converted import save_converted
-    from m4v_convert.io.output import atomic_output_dir, check_output_dir
-    from m4v_convert.pipeline import _console, _ranges as ranges, print_distill_report
-    from m4v_convert.pipeline import join_process_group, resolve_device, resolve_dtype
-    from m4v_convert.recipes import load_recipe
+    from m4v_convert.io.output import atomic_output_dir
+    from m4v_convert.jobs.convert import print_distill_report
 
-    from .calibration import NUM_STAGES, PyramidCalibSpec
+    from .calibration import PyramidCalibSpec
     from .converted import CONVERTED_FOR_VARIANT
     from .distill import PyramidDistillAdapter
     from .layout import LATENT_PATCH
     from .loader import _FOLDER_RE, _resolve_folder, load_pyramidflow, transformer_folder_name
 
-    con = _console(console)
-    t_start = time.time()
-    recipe = load_recipe(opts.recipe)  # validated before any weight is read
-    if recipe.backbone != "pyramidflow":
-        raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}; this command converts "
-                       "PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)")
-    if opts.num_processes < 1:
-        raise M4VError(f"--num-processes: expected >= 1, got {opts.num_processes}")
-    if opts.num_processes > 1 and not in_distributed_env():
-        from m4v_convert.pipeline import launch_processes
-
-        return launch_processes(opts, recipe, con)
-    if recipe.mmdim.get("registers", True) and int(recipe.mmdim.get("num_registers", 1)) < NUM_STAGES:
-        raise M4VError(f"recipe {recipe.name!r}: mmdim.num_registers must be >= {NUM_STAGES} (one register per "
-                       "pyramid stage; a frame's register is its pyramid level)")
-    check_output_dir(opts.out, opts.overwrite)
-    dist, device, con = join_process_group(resolve_device(opts.device), con)
-    # auto: float32 weights, so untouched weights are saved exactly as released (fp32 on disk) and the
-    # trained MM-DiM parameters keep fp32 master values; on CUDA the passes run under bf16 autocast
-    # (--mixed-precision auto), the precision the release runs in. --dtype bfloat16 halves memory but
-    # stores and trains everything in bf16.
-    dtype = resolve_dtype("float32" if opts.dtype == "auto" else opts.dtype)
-    if dtype == torch.float16:
-        raise M4VError("--dtype float16: PyramidFlow's activations overflow float16; use bfloat16 or float32")
-    for flag, folder in (("--calib", opts.calib), ("--data", opts.data)):
-        if folder is not None and not Path(folder).expanduser().is_dir():
-            raise M4VError(f"{flag} {folder}: not a folder")
-    plan = make_plan(recipe, opts, device)  # flags, schedule, run folder, --resume checkpoint
-
+    opts, recipe, con, device, dtype, dist = plan.flags, plan.recipe, plan.console, plan.device, plan.dtype, plan.dist
+    t_start = plan.started
     con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
               f"checkpoint {opts.checkpoint}")
     _check_layers_before_loading(opts, recipe)
@@ -160,12 +115,12 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                   f"cannot be checked; the recipe's {recipe.resolution} is assumed")
     cfg = dict(teacher.config)
     n_double, n_single = _block_counts(cfg, recipe.variant)
-    layers = parse_layers(opts.layers or recipe.default_layers, n_double + n_single)
+    layers = parse_layers(plan.layer_spec, n_double + n_single)
     check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single,
                           _layer_source(opts.layers, recipe))
     con.print(f"loaded PyramidFlow {recipe.variant} {recipe.resolution}: {n_double} double-stream + {n_single} "
               f"single-stream blocks, {cfg['num_attention_heads']} heads × {cfg['attention_head_dim']}, "
-              f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; converting layers {ranges(layers)}")
+              f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; converting layers {_ranges(layers)}")
 
     height, width, max_frames = RESOLUTIONS[recipe.resolution]
     spatial = int(recipe.video.get("spatial_compression", 8))
@@ -192,22 +147,23 @@ def convert_pyramidflow(opts: PyramidFlowOptions, console=None) -> dict:
                             max_token_grid=cfg.get("pos_embed_max_size") if recipe.variant == "sd3" else None)
     spec.validate(f"recipe {recipe.name} calib")
     adapter = PyramidDistillAdapter(layers=layers, spec=spec)
-    report = run_distillation(teacher, student, adapter, recipe, opts, plan, dist, con, device, dtype)
+    report = run_distillation(teacher, student, adapter, recipe, opts, plan.distill, dist, con, device, dtype)
     result = report.stage1
     print_distill_report(con, report, scope=", all stages")
     calibration = report.calibration
 
     # report + save
+    dplan = plan.distill
     flops = pyramidflow_flops_report(cfg, max_frames, height, width, text_len=int(recipe.video.get("text_len", 128)),
                                      converted_layers=layers, mmdim=recipe.mmdim,
                                      name=f"{recipe.name} ({Path(opts.checkpoint).name})")
     meta = {
         "toolkit": "m4v-convert", "version": m4v_convert.__version__, "source": str(Path(opts.checkpoint).resolve()),
         "recipe": recipe.name, "layers": layers, "calibration": calibration,
-        "distill": {"stage1_steps": plan.schedules[1].steps if 1 in plan.stages else 0, "lr": plan.schedules[1].lr,
-                    "stages": plan.stages, "train": plan.train, "processes": dist.world,
-                    "schedules": {f"stage{k}": plan.schedules[k].to_dict() for k in plan.stages},
-                    "stage2": _later_stage(report.results, plan, 2), "stage3": _later_stage(report.results, plan, 3)},
+        "distill": {"stage1_steps": dplan.schedules[1].steps if 1 in dplan.stages else 0,
+                    "lr": dplan.schedules[1].lr, "stages": dplan.stages, "train": dplan.train, "processes": dist.world,
+                    "schedules": {f"stage{k}": dplan.schedules[k].to_dict() for k in dplan.stages},
+                    "stage2": _later_stage(report.results, dplan, 2), "stage3": _later_stage(report.results, dplan, 3)},
     }
     record_meta = {k: v for k, v in meta.items() if k != "layers"}
     student.register_to_config(m4v={**student.config["m4v"], **record_meta, "converted_layers": layers})
@@ -263,7 +219,7 @@ def _block_counts(config: dict, variant: str) -> tuple[int, int]:
     return int(config.get("num_layers", 0)), (0 if variant == "sd3" else int(config.get("num_single_layers", 0)))
 
 
-def _check_layers_before_loading(opts: PyramidFlowOptions, recipe) -> None:
+def _check_layers_before_loading(opts, recipe) -> None:
     """Refuse a bad ``--layers`` from the checkpoint's config.json, before reading any weight.
 
     Anything unexpected about the folder is left to the loader, which says what is wrong.
@@ -282,12 +238,6 @@ def _check_layers_before_loading(opts: PyramidFlowOptions, recipe) -> None:
     layers = parse_layers(opts.layers or recipe.default_layers, n_double + n_single)
     check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single,
                           _layer_source(opts.layers, recipe))
-
-
-def _ranges(layers: list[int]) -> str:
-    from m4v_convert.pipeline import _ranges as ranges
-
-    return ranges(layers)
 
 
 def _stage2_line(stage2: dict) -> str:

@@ -1,0 +1,183 @@
+"""The plan of one conversion: the recipe and the command's flags merged once, at the top.
+
+:class:`ConvertFlags` holds what a conversion command was given (every flag of ``convert``,
+``wan2.1`` and ``pyramidflow``; ``None``/``False``: not given). :func:`plan_conversion` loads the
+recipe, finds its backbone in the registry, refuses what that backbone does not offer, resolves
+device and dtype, joins a launched process group, checks ``--out`` and plans the distillation
+(schedule, run folder, ``--resume`` state) — all before any weight is read — and hands the jobs
+one :class:`ConversionPlan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m4v_convert.errors import M4VError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ConvertFlags:
+    """The flags of one conversion command; ``None`` = the recipe's value (or the default)."""
+
+    recipe: str
+    checkpoint: Path
+    out: Path
+    layers: str | None = None
+    model: str | None = None  # a published config of the recipe (generic recipes, single-file checkpoints)
+    distill_steps: int | None = None
+    stage2_steps: int | None = None
+    stage3_steps: int | None = None
+    stages: str | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    feature_weight: float | None = None
+    train: str | None = None
+    checkpoint_every: int | None = None
+    calib: Path | None = None
+    data: Path | None = None
+    teacher_calib: bool = False
+    calib_cache: Path | None = None
+    run_dir: Path | None = None
+    resume: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"  # auto: float32 weights (bf16 autocast on CUDA under --mixed-precision auto)
+    overwrite: bool = False
+    seed: int = 0
+    report_size: tuple[int, int] | None = None  # FLOPs report video size (None: the backbone's default)
+    report_frames: int | None = None
+    num_processes: int = 1
+    grad_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    deterministic: bool = False
+
+    @classmethod
+    def from_flags(cls, **flags) -> "ConvertFlags":
+        """From a command's keyword flags, where ``None`` means "not given" (the field's default)."""
+        return cls(**{k: v for k, v in flags.items() if v is not None})
+
+    def given(self) -> list[str]:
+        """The fields set to something other than their default."""
+        return [f.name for f in dataclasses.fields(self)
+                if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default]
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ConvertFlags":
+        paths = {f.name for f in dataclasses.fields(cls) if "Path" in str(f.type)}
+        data = {k: (Path(v) if k in paths and v is not None else tuple(v) if isinstance(v, list) else v)
+                for k, v in data.items()}
+        return cls(**data)
+
+
+@dataclass
+class ConversionPlan:
+    """Everything a conversion job needs, checked: the recipe, its backbone's registry entry, the
+    flags merged with it, this process's device / dtype / process group, and the distillation plan."""
+
+    flags: ConvertFlags
+    recipe: Any  # m4v_convert.recipes.Recipe
+    backbone: Any  # m4v_convert.backbones.registry.Backbone
+    device: torch.device
+    dtype: torch.dtype
+    dist: Any  # m4v_convert.distill.distributed.DistContext
+    distill: Any  # m4v_convert.distill.job.DistillPlan
+    console: Any = field(default=None, repr=False)
+    started: float = field(default_factory=time.time)  # for the run's wall time in conversion.json
+
+    @property
+    def layer_spec(self) -> str:
+        """``--layers``, else the recipe's ``default_layers``."""
+        return self.flags.layers or str(self.recipe.default_layers)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise M4VError(f"--device: expected auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise M4VError("--device cuda: no CUDA device is available on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``--dtype``; ``auto`` is float32 weights (the passes run under bf16 autocast on CUDA)."""
+    if name == "auto":
+        return torch.float32
+    if name not in DTYPES:
+        raise M4VError(f"--dtype: expected one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def console_or_default(console):
+    if console is not None:
+        return console
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def load_for(flags: ConvertFlags, command: str | None = None):
+    """(recipe, registry entry) of ``flags``, with the flags and checks this backbone refuses applied
+    (``command``: the backbone a backbone command converts, checked against the recipe's)."""
+    from m4v_convert.backbones import registry
+    from m4v_convert.recipes import load_recipe
+
+    recipe = load_recipe(flags.recipe)  # validated before any weight is read
+    entry = registry.for_recipe(recipe)
+    if command is not None and command != entry.name:
+        raise M4VError(f"recipe {recipe.name!r} is for backbone {recipe.backbone!r}; this command converts "
+                       f"{registry.get(command).converts}")
+    refused = [name for name in flags.given() if name in entry.flags_not_offered]
+    if refused:
+        raise M4VError(f"{', '.join('--' + n.replace('_', '-') for n in refused)}: not offered for {entry.name} "
+                       "recipes")
+    if flags.num_processes < 1:
+        raise M4VError(f"--num-processes: expected >= 1, got {flags.num_processes}")
+    entry.check_conversion_flags(flags, recipe)
+    return recipe, entry
+
+
+def plan_conversion(flags: ConvertFlags, recipe, entry, console=None) -> ConversionPlan:
+    """The checked plan of one process's conversion (after :func:`load_for`)."""
+    from m4v_convert.distill.job import make_plan
+    from m4v_convert.io.output import check_output_dir
+
+    con = console_or_default(console)
+    device, dtype = resolve_device(flags.device), resolve_dtype(flags.dtype)
+    dist, device, con = join_process_group(device, con)
+    check_output_dir(flags.out, flags.overwrite)
+    if flags.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    distill = make_plan(recipe, flags, device, default_stages=entry.default_stages)
+    return ConversionPlan(flags=flags, recipe=recipe, backbone=entry, device=device, dtype=dtype, dist=dist,
+                          distill=distill, console=con)
+
+
+def join_process_group(device: torch.device, con):
+    """(dist context, this process's device, its console) inside a launched run (no-op outside one):
+    each process takes its local GPU, and only rank 0 prints."""
+    from m4v_convert.distill.distributed import init_distributed
+
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_main:
+        from rich.console import Console
+
+        con = Console(stderr=True, quiet=True)
+    return dist, device, con
