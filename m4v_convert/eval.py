@@ -28,7 +28,8 @@ Metrics (all on held-out prompts and seeds of the synthetic shapes task, :mod:`m
 
 ``ablate`` converts the teacher once per MM-DiM variant (each with one component switched off) at
 the same distillation budget (same layers, steps, calibration data, seed) through
-``pipeline.convert`` with a temporary recipe, and tabulates these metrics per variant.
+the conversion job (:func:`m4v_convert.jobs.convert.run_conversion`) with a temporary recipe, and
+tabulates these metrics per variant.
 """
 
 from __future__ import annotations

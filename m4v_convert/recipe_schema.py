@@ -9,7 +9,7 @@ are here next to the sections of ``backbone: generic`` (``model``, ``attention``
 
 Everything here is checked from the YAML alone. What needs the model's module tree (patterns
 that match nothing, Q/K/V shapes vs heads, slices out of range) is checked against a meta-device
-model by ``m4v_convert.backbones.generic.pipeline.check_recipe`` before any weight is read.
+model by ``m4v_convert.backbones.generic.conversion.check_recipe`` before any weight is read.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A recipe is validated on load, before any weight is read, against the pydantic m
 line of a :class:`RecipeError` naming the file, the line, the field path and what was expected.
 ``backbone: generic`` recipes describe a diffusers video DiT the toolkit has no code for (see
 ``docs/recipes.md``); what needs the model's module tree is checked by
-``m4v_convert.backbones.generic.pipeline.check_recipe``.
+``m4v_convert.backbones.generic.conversion.check_recipe``.
 """
 
 from __future__ import annotations

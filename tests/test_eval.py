@@ -377,7 +377,7 @@ def test_cli_ablate_continues_an_interrupted_run_with_the_same_numbers(folders, 
     from safetensors.torch import load_file
 
     import m4v_convert.eval as ev
-    import m4v_convert.pipeline as pl
+    import m4v_convert.jobs.convert as pl
 
     def run(out, *extra):
         return runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(out), "--recipe", str(tiny_recipe),

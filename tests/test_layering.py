@@ -31,13 +31,7 @@ REGISTRY = "m4v_convert.backbones.registry"
 
 # (file, what): what is "imports <module>", "names <family>" (a comparison or a default) or
 # "defines <name>".
-KNOWN: set[tuple[str, str]] = {
-    # the Wan conversion job: the one-job issue dissolves pipeline.py into jobs/ and these go
-    ("m4v_convert/pipeline.py", "imports m4v_convert.backbones.wan.distill"),
-    ("m4v_convert/pipeline.py", "imports m4v_convert.backbones.wan.flops"),
-    ("m4v_convert/pipeline.py", "imports m4v_convert.backbones.wan.load"),
-    ("m4v_convert/pipeline.py", "imports m4v_convert.backbones.wan.model"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 BACKBONE_WORD = re.compile(r"(^|_)(wan|pyramidflow)(_|$)")
 

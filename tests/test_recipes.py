@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from m4v_convert import load_converted
 from m4v_convert.backbones.generic import model as G
-from m4v_convert.backbones.generic.pipeline import as_converted, check_recipe
+from m4v_convert.backbones.generic.conversion import as_converted, check_recipe
 from m4v_convert.errors import M4VError, RecipeError
 from m4v_convert.recipes import RECIPES_DIR, available_recipes, load_recipe
 
@@ -244,9 +244,10 @@ def test_backbone_converts_through_the_cli(name, checkpoints, tmp_path):
                               "--distill-steps", "1", "--device", "cpu", *extra])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "conversion.json").read_text())
-    assert summary["converted_layers"] == [0, 1] and summary["recipe"] == name
-    assert set(summary["distill"]["error_after"]) == {"0", "1"}
-    assert summary["flops"]["converted_layers_flops"] < summary["flops"]["attention_layers_flops"]
+    flops = json.loads((out / "flops.json").read_text())
+    assert summary["layers"] == [0, 1] and summary["recipe"] == name
+    assert set(summary["error_after"]) == {"0", "1"}
+    assert flops["converted_layers_flops"] < flops["attention_layers_flops"]
     model = load_converted(out)
     assert type(model).__name__.startswith("M4V") and model.converted_layers == [0, 1]
     saved = load_file(str(out / "diffusion_pytorch_model.safetensors"))
@@ -421,7 +422,7 @@ def test_generic_conversion_resumes_after_an_interrupt_with_the_uninterrupted_we
     ref = run(tmp_path / "ref", "--run-dir", str(tmp_path / "ref_run"))
     assert ref.exit_code == 0, ref.output
     summary = json.loads((tmp_path / "ref" / "conversion.json").read_text())
-    stages = {s["stage"]: s for s in summary["distill"]["stages"]}
+    stages = {int(k.removeprefix("stage")): s for k, s in summary["stages"].items()}
     assert stages[1]["steps"] == 3 and stages[2]["steps"] == 6
     assert stages[2]["end_to_end_after"] < stages[2]["end_to_end_before"]
     interrupt_stage2(4)
@@ -451,7 +452,8 @@ def test_generic_conversion_refuses_or_skips_what_it_does_not_offer(extra, expec
         assert not out.exists()
     else:  # stage 3 is skipped, with the reason, and the run still lands
         assert res.exit_code == 0, res.output
-        stages = {s["stage"]: s for s in json.loads((out / "conversion.json").read_text())["distill"]["stages"]}
+        summary = json.loads((out / "conversion.json").read_text())
+        stages = {int(k.removeprefix("stage")): s for k, s in summary["stages"].items()}
         assert "prediction type" in stages[3]["skipped"] and "stage 3" in res.output
 
 

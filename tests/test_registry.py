@@ -15,7 +15,7 @@ from m4v_convert.errors import M4VError
 from m4v_convert.jobs.plan import ConvertFlags, load_for
 from m4v_convert.recipes import load_recipe
 
-CODE_FIELDS = ("convert", "published_flops", "converted_class", "load", "check_flags", "check_recipe", "eval_options",
+CODE_FIELDS = ("conversion", "convert", "published_flops", "converted_class", "load", "check_flags", "check_recipe", "eval_options",
                "evaluate")
 
 

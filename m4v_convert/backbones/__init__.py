@@ -8,8 +8,8 @@ from m4v_convert.backbones.registry import Backbone, register
 
 register(Backbone(
     name="wan",
-    convert="m4v_convert.pipeline:convert",
     converts="Wan2.1",
+    conversion="m4v_convert.backbones.wan.conversion:WanConversion",
     flags_not_offered=("model",),
     published_flops="m4v_convert.backbones.wan.flops:published_flops",
     converted_class="m4v_convert.backbones.wan.model:converted_class_for_config",
@@ -21,11 +21,11 @@ register(Backbone(
 ))
 register(Backbone(
     name="pyramidflow",
-    convert="m4v_convert.backbones.pyramidflow.pipeline:convert_pyramidflow",
     converts="PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)",
     flags_not_offered=("model", "report_size", "report_frames", "deterministic"),
-    check_flags="m4v_convert.backbones.pyramidflow.pipeline:check_flags",
-    published_flops="m4v_convert.backbones.pyramidflow.pipeline:published_flops",
+    conversion="m4v_convert.backbones.pyramidflow.conversion:PyramidFlowConversion",
+    check_flags="m4v_convert.backbones.pyramidflow.conversion:check_flags",
+    published_flops="m4v_convert.backbones.pyramidflow.conversion:published_flops",
     converted_class="m4v_convert.backbones.pyramidflow.converted:converted_class_for_config",
     load="m4v_convert.backbones.pyramidflow.loader:load_pyramidflow",
     command="pyramidflow",
@@ -40,14 +40,14 @@ register(Backbone(
 ))
 register(Backbone(
     name="generic",
-    convert="m4v_convert.backbones.generic.pipeline:convert_generic",
     converts="any model a backbone: generic recipe describes",
     flags_not_offered=("num_processes", "deterministic"),
-    check_flags="m4v_convert.backbones.generic.pipeline:check_flags",
+    conversion="m4v_convert.backbones.generic.conversion:GenericConversion",
+    check_flags="m4v_convert.backbones.generic.conversion:check_flags",
     default_stages="1,2",  # no stage 3 for generic recipes
-    published_flops="m4v_convert.backbones.generic.pipeline:published_flops",
+    published_flops="m4v_convert.backbones.generic.conversion:published_flops",
     converted_class="m4v_convert.backbones.generic.model:converted_class_for_config",
-    check_recipe="m4v_convert.backbones.generic.pipeline:check_recipe",
+    check_recipe="m4v_convert.backbones.generic.conversion:check_recipe",
     recipe_fields=("model", "attention", "tokens", "grid", "rope", "inputs"),
     recipe_required=("model", "attention", "tokens", "grid"),
 ))

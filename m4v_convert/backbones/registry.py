@@ -30,9 +30,10 @@ def resolve(path: str) -> Any:
 class Backbone:
     """One backbone family; every code field is a ``"module:attribute"`` path.
 
-    - ``convert``: the conversion job, ``convert(plan) -> summary`` (a
-      :class:`~m4v_convert.jobs.plan.ConversionPlan`); ``converts`` names what it converts, for a
-      backbone command given another family's recipe.
+    - ``conversion``: ``(plan) -> Conversion``, this family's side of the one conversion job
+      (:class:`m4v_convert.jobs.convert.Conversion`); ``convert`` (optional): a job of the
+      family's own, ``convert(plan) -> summary``, run instead; ``converts`` names what the family
+      converts, for a backbone command given another family's recipe.
     - ``flags_not_offered``: conversion flags (``ConvertFlags`` fields) this family's job does not
       take; ``check_flags`` (optional): ``(flags, recipe) -> None``, the family's own refusals, run
       before any weight is read; ``default_stages``: the distillation stages when neither the
@@ -57,10 +58,11 @@ class Backbone:
     """
 
     name: str
-    convert: str
     converts: str
     published_flops: str
     converted_class: str
+    conversion: str | None = None
+    convert: str = "m4v_convert.jobs.convert:convert"
     load: str | None = None
     command: str | None = None
     flags_not_offered: tuple[str, ...] = ()

@@ -1,16 +1,211 @@
-"""Run one conversion: plan it (:mod:`.plan`), then the backbone's conversion job, or, for
-``--num-processes N`` outside a launched process group, N processes of it through accelerate."""
+"""The conversion job, one way through for every backbone: load → select → swap → distill →
+save → report.
+
+:func:`run_conversion` plans it (:mod:`.plan`) and runs :func:`convert`, or, for
+``--num-processes N`` outside a launched process group, N processes of it through accelerate.
+:func:`convert` asks the backbone only for what differs (:class:`Conversion`, from its registry
+entry) and writes one ``conversion.json`` schema and one model card for all of them.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
 
+import m4v_convert
 from m4v_convert.errors import M4VError
 from m4v_convert.jobs.plan import (ConversionPlan, ConvertFlags, console_or_default, load_for, plan_conversion,
                                    resolve_device, resolve_dtype)
+
+SCHEMA_VERSION = 1  # of conversion.json
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DistillSummary(_Strict):
+    stage1_steps: int
+    lr: float
+    stages: list[int]
+    train: str
+    processes: int
+    schedules: dict[str, dict[str, Any]]
+    feature_weight: float
+    stage2: dict[str, Any]  # steps (0: not run), lr, final_loss, end_to_end_before/after, skipped (why)
+    stage3: dict[str, Any]
+
+
+class ConversionSummary(_Strict):
+    """``conversion.json``: one schema for every backbone."""
+
+    schema_version: Literal[1]
+    toolkit: Literal["m4v-convert"]
+    version: str
+    backbone: str
+    source: str
+    recipe: str
+    layers: list[int]
+    calibration: str  # synthetic | folder:PATH | teacher:(synthetic|folder:PATH) | none
+    distill: DistillSummary
+    transformer_folder: str | None  # where in the output folder the model is (None: the folder itself)
+    error_before: dict[str, float]  # per converted layer, held-out relative error
+    error_after: dict[str, float]
+    end_to_end_error: dict[str, float | None]  # before / after stages 2-3
+    stages: dict[str, dict[str, Any]]  # what each stage that was planned did
+    flops_scope: str
+    original_total_flops: int | None
+    converted_total_flops: int | None
+    seconds: float | None
+
+
+class Conversion(Protocol):
+    """A backbone's side of one conversion (``registry.Backbone.conversion(plan)``).
+    Implemented by ``backbones/{wan,pyramidflow,generic}/conversion.py``."""
+
+    transformer_folder: str | None  # where in --out the model goes (None: --out itself)
+    distill_scope: str  # said of the held-out batch in the printed end-to-end error, e.g. ", all stages"
+
+    def check_before_loading(self) -> None:
+        """What can be refused from the checkpoint's config alone, before any weight is read."""
+
+    def load_teacher(self) -> nn.Module: ...
+
+    def select_layers(self, teacher: nn.Module) -> list[int]: ...
+
+    def loaded_line(self, teacher: nn.Module, layers: list[int]) -> str:
+        """The console line saying what was loaded and what will be converted."""
+
+    def make_student(self, teacher: nn.Module, layers: list[int]) -> nn.Module:
+        """An independent converted copy of ``teacher`` (raises ValueError where they disagree)."""
+
+    def distill_adapter(self, teacher: nn.Module, student: nn.Module, layers: list[int]):
+        """The :class:`~m4v_convert.distill.job.DistillAdapter` of this backbone (None: nothing to distill)."""
+
+    def flops_report(self, config: dict, layers: list[int]) -> dict:
+        """Original vs converted FLOPs: ``original_total_flops``, ``converted_total_flops`` (None where
+        no video size is known) and, where it is not the whole model, their ``scope``."""
+
+    def write_flops(self, report: dict, folder: Path) -> None: ...
+
+    def flops_line(self, report: dict) -> str: ...
+
+    def card_facts(self, config: dict, flops: dict):
+        """:class:`~m4v_convert.io.model_card.CardFacts`."""
+
+
+def convert(plan: ConversionPlan) -> dict:
+    """Run the planned conversion; returns the summary written to ``conversion.json``. Inside a
+    launched process group every process trains its share of each batch and rank 0 writes."""
+    from m4v_convert.backbones import registry
+    from m4v_convert.distill.job import DistillReport, plot_losses, run_distillation
+    from m4v_convert.distill.stage1 import Stage1Result
+    from m4v_convert.io.converted import save_converted
+    from m4v_convert.io.model_card import model_card
+    from m4v_convert.io.output import atomic_output_dir
+
+    flags, recipe, con, dist = plan.flags, plan.recipe, plan.console, plan.dist
+    steps: Conversion = registry.resolve(plan.backbone.conversion)(plan)
+    con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
+              f"checkpoint {flags.checkpoint}" + (f"  ({dist.world} processes)" if dist.enabled else ""))
+    steps.check_before_loading()
+    teacher = steps.load_teacher()
+    teacher.requires_grad_(False)
+    cfg = dict(teacher.config)
+    layers = steps.select_layers(teacher)
+    con.print(steps.loaded_line(teacher, layers))
+
+    torch.manual_seed(flags.seed)
+    try:
+        student = steps.make_student(teacher, layers)
+    except ValueError as e:
+        raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
+    student.requires_grad_(False)
+
+    adapter = steps.distill_adapter(teacher, student, layers)
+    if adapter is None:  # nothing to distill (a generic recipe without an inputs section, no steps)
+        report = DistillReport(stage1=Stage1Result({}, {}), results={}, calibration="none", end_to_end_before=None,
+                               end_to_end_after=None, log=[], plan=plan.distill)
+    else:
+        report = run_distillation(teacher, student, adapter, recipe, flags, plan.distill, dist, con, plan.device,
+                                  plan.dtype)
+    print_distill_report(con, report, scope=steps.distill_scope)
+
+    flops = steps.flops_report(cfg, layers)
+    summary = conversion_summary(plan, layers, report, flops, steps.transformer_folder)
+    # config["m4v"]["layers"] holds the per-layer MMDiMConfig dicts; the plain list goes under its own key
+    record = {k: v for k, v in summary.items() if k not in ("layers", "error_before", "error_after",
+                                                           "end_to_end_error", "stages", "seconds")}
+    student.register_to_config(m4v={**student.config["m4v"], **record, "converted_layers": layers})
+    if dist.is_main:
+        with atomic_output_dir(flags.out, flags.overwrite) as tmp:
+            folder = tmp / steps.transformer_folder if steps.transformer_folder else tmp
+            save_converted(student, folder, metadata={
+                "m4v_version": m4v_convert.__version__, "source": summary["source"], "recipe": recipe.name,
+                "layers": ",".join(map(str, layers)), "calibration": summary["calibration"],
+            })
+            steps.write_flops(flops, tmp)
+            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in report.log))
+            plot_losses(report.log, tmp / "loss.png")
+            summary["seconds"] = round(time.time() - plan.started, 1)
+            (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
+            (tmp / "README.md").write_text(model_card(summary, recipe, steps.card_facts(cfg, flops)))
+        con.print(f"[green]wrote[/] {Path(flags.out).resolve()}  ({summary['seconds']} s)")
+        con.print(steps.flops_line(flops))
+    dist.barrier()
+    return summary
+
+
+def conversion_summary(plan: ConversionPlan, layers: list[int], report, flops: dict,
+                       transformer_folder: str | None) -> dict:
+    """``conversion.json`` (:class:`ConversionSummary`, the same for every backbone)."""
+    d, stage1 = plan.distill, report.stage1
+    s1 = d.schedules[1]
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "toolkit": "m4v-convert", "version": m4v_convert.__version__, "backbone": plan.backbone.name,
+        "source": str(Path(plan.flags.checkpoint).resolve()), "recipe": plan.recipe.name, "layers": layers,
+        "calibration": report.calibration,
+        "distill": {"stage1_steps": s1.steps if 1 in d.stages else 0, "lr": s1.lr, "stages": d.stages,
+                    "train": d.train, "processes": plan.dist.world,
+                    "schedules": {f"stage{k}": d.schedules[k].to_dict() for k in d.stages},
+                    "feature_weight": d.feature_weight,
+                    "stage2": later_stage(report.results, d, 2), "stage3": later_stage(report.results, d, 3)},
+        "transformer_folder": transformer_folder,
+        "error_before": {str(k): v for k, v in stage1.error_before.items()},
+        "error_after": {str(k): v for k, v in stage1.error_after.items()},
+        "end_to_end_error": {"before": report.end_to_end_before, "after": report.end_to_end_after},
+        "stages": {k: {n: v for n, v in r.items() if n not in ("error_before", "error_after")}
+                   for k, r in report.results.items()},
+        "flops_scope": flops.get("scope", "whole model, one forward"),
+        "original_total_flops": flops.get("original_total_flops"),
+        "converted_total_flops": flops.get("converted_total_flops"),
+        "seconds": None,
+    }
+    ConversionSummary.model_validate(summary)  # a summary off the schema is a bug here, not the user's
+    return summary
+
+
+def later_stage(results: dict, plan, k: int) -> dict:
+    """``conversion.json``'s view of stage ``k`` (2: end-to-end, 3: flow-matching fine-tune)."""
+    r = results.get(f"stage{k}")
+    if r is None or k not in plan.stages:
+        return {"steps": 0}
+    if r.get("skipped"):
+        return {"steps": 0, "skipped": r["skipped"]}
+    if not r.get("steps"):
+        return {"steps": 0}
+    out = {"steps": r["steps"], "lr": plan.schedules[k].lr, "final_loss": r.get("final_loss")}
+    for key in ("end_to_end_before", "end_to_end_after", "seconds", "samples_per_s"):
+        if key in r:
+            out[key] = r[key]
+    return out
 
 
 def run_conversion(flags: ConvertFlags, command: str | None = None, console=None) -> dict:
@@ -24,7 +219,7 @@ def run_conversion(flags: ConvertFlags, command: str | None = None, console=None
     if flags.num_processes > 1 and not in_distributed_env():
         return launch_processes(flags, recipe, entry, con)
     plan: ConversionPlan = plan_conversion(flags, recipe, entry, con)
-    return registry.resolve(entry.convert)(plan)
+    return registry.resolve(entry.convert)(plan)  # the one job, or a backbone's own (generic, for now)
 
 
 def launch_processes(flags: ConvertFlags, recipe, entry, con) -> dict:

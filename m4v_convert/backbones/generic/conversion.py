@@ -1,26 +1,26 @@
-"""The conversion job for ``backbone: generic`` recipes, and ``m4v-convert recipes --check``.
+"""``backbone: generic`` recipes: their side of the conversion job, and ``m4v-convert recipes --check``.
 
-One way through: read the checkpoint's config → build the model on the meta device and check the
-recipe against it (:func:`check_recipe`; nothing loaded yet) → load the weights → swap the
-selected attention layers → distill (stage 1 attention transfer, stage 2 end-to-end) → save in
-the diffusers layout with ``conversion.json``, ``README.md`` and ``flops.{json,md}``.
+Read the checkpoint's config → build the model on the meta device and check the recipe against it
+(:func:`check_recipe`; nothing loaded yet) → load the weights → swap the selected attention layers →
+distill (stage 1 attention transfer, stage 2 end-to-end; the one job of
+:mod:`m4v_convert.jobs.convert`) → save in the diffusers layout with ``conversion.json``,
+``README.md`` and ``flops.{json,md}`` (the attention layers' FLOPs).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-import m4v_convert
 from m4v_convert.backbones.generic import model as G
 from m4v_convert.convert import layer_ranges as _ranges
 from m4v_convert.backbones import registry
 from m4v_convert.errors import CheckpointError, M4VError, RecipeError
+from m4v_convert.io.model_card import CardFacts
 
 
 # ============================================================================ checkpoint → config
@@ -243,104 +243,96 @@ def check_flags(flags, recipe) -> None:
                        "use mmdim or all")
 
 
-def convert_generic(plan) -> dict:
-    """Run the planned conversion of a generic recipe's model; returns the summary written to
-    ``conversion.json``."""
-    from m4v_convert.io.converted import save_converted
-    from m4v_convert.io.output import atomic_output_dir
+class GenericConversion:
+    """A generic recipe's side of the conversion job (:class:`m4v_convert.jobs.convert.Conversion`):
+    the recipe is checked against the model built on the meta device before any weight is read."""
 
-    opts, recipe, con, device, dtype = plan.flags, plan.recipe, plan.console, plan.device, plan.dtype
-    t_start = plan.started
+    transformer_folder = None
+    distill_scope = ""
 
-    # ---- check everything on the meta device, then load
-    report = check_recipe(recipe, opts.checkpoint, opts.model, opts.layers)
-    src = read_source(recipe, opts.checkpoint, opts.model)
-    layers = report.selected
-    con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  checkpoint "
-              f"{opts.checkpoint}")
-    for note in report.notes:
-        con.print(f"[yellow]note:[/] {note}")
-    teacher = load_teacher(recipe, src, dtype, device)
-    teacher.requires_grad_(False)
-    cfg = dict(teacher.config)
-    con.print(f"loaded {type(teacher).__name__}: {len(report.layers)} attention layers, "
-              f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; converting layers {_ranges(layers)}")
-    torch.manual_seed(opts.seed)
-    cls = G.converted_class(recipe.spec.model.class_name)
-    student = cls.from_teacher(teacher, recipe.spec, recipe.raw)
-    as_converted(teacher, recipe)
-    infos_student = G.selected_infos(student, recipe.spec, cfg, recipe.mmdim, layers, str(recipe.path))
-    try:
-        student.convert_(infos_student, recipe.mmdim)
-    except ValueError as e:
-        raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
-    student.requires_grad_(False)
-    infos = G.selected_infos(teacher, recipe.spec, cfg, recipe.mmdim, layers, str(recipe.path))
+    def __init__(self, plan):
+        self.plan = plan
+        self.recipe = plan.recipe
 
-    distill = _distill(recipe, opts, plan.distill, teacher, student, infos, cfg, device, dtype, con)
-    flops = generic_flops(recipe, report, opts.report_frames, opts.report_size)
-    meta = {"toolkit": "m4v-convert", "version": m4v_convert.__version__,
-            "source": str(Path(opts.checkpoint).resolve()), "recipe": recipe.name, "converted_layers": layers,
-            "calibration": distill["calibration"]}
-    student.register_to_config(m4v={**student.config["m4v"], **meta})
-    summary = {**meta, "model_class": type(teacher).__name__.removeprefix(G.CONVERTED_PREFIX), "distill": distill,
-               "flops": flops, "seconds": None}
-    with atomic_output_dir(opts.out, opts.overwrite) as tmp:
-        save_converted(student, tmp, metadata={"m4v_version": m4v_convert.__version__, "source": meta["source"],
-                                               "recipe": recipe.name, "layers": ",".join(map(str, layers)),
-                                               "calibration": distill["calibration"]})
-        (tmp / "flops.json").write_text(json.dumps(flops, indent=2))
-        (tmp / "flops.md").write_text(_flops_markdown(flops))
-        summary["seconds"] = round(time.time() - t_start, 1)
-        (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
-        (tmp / "README.md").write_text(_model_card(summary, recipe, report))
-    con.print(f"[green]wrote[/] {Path(opts.out).resolve()}  ({summary['seconds']} s)")
-    return summary
+    def check_before_loading(self) -> None:
+        flags = self.plan.flags
+        self.check = check_recipe(self.recipe, flags.checkpoint, flags.model, flags.layers)
+        self.source = read_source(self.recipe, flags.checkpoint, flags.model)
+        for note in self.check.notes:
+            self.plan.console.print(f"[yellow]note:[/] {note}")
 
+    def load_teacher(self):
+        return load_teacher(self.recipe, self.source, self.plan.dtype, self.plan.device)
 
-def _distill(recipe, opts, plan, teacher, student, infos, cfg, device, dtype, con) -> dict:
-    """The planned stages on the shared job (:func:`m4v_convert.distill.job.run_distillation`:
-    checkpoints, ``--resume``, guards, log); stage 3 is skipped with the reason
-    (``generic_distill.FINE_TUNE_UNSUPPORTED``)."""
-    from m4v_convert.backbones.generic.distill import GenericDistillAdapter
-    from m4v_convert.distill.calibration import CalibSpec
-    from m4v_convert.distill.distributed import DistContext
-    from m4v_convert.distill.job import run_distillation
+    def select_layers(self, teacher) -> list[int]:
+        return self.check.selected
 
-    spec = recipe.spec
-    active = [k for k in plan.stages if k in (1, 2) and plan.schedules[k].steps > 0]
-    if spec.inputs is None:
-        if active:
-            raise RecipeError(f"{recipe.path}: distillation needs the 'inputs' section (how calibration batches "
-                              "map onto the forward's arguments); without it pass --distill-steps 0 "
-                              "--stage2-steps 0")
-        return {"calibration": "none", "stages": [], "error_before": {}, "error_after": {}}
-    c = recipe.calib
-    if not c:
-        raise RecipeError(f"{recipe.path}: distillation needs the 'calib' section")
-    cspec = CalibSpec(in_channels=G.latent_channels(spec, cfg),
-                      text_dim=G.resolve_size(spec.inputs.text_dim, cfg, what="inputs.text_dim"),
-                      latent_frames=c["latent_frames"], latent_height=c["latent_height"],
-                      latent_width=c["latent_width"], text_len=c["text_len"],
-                      flow_shift=float(c.get("flow_shift", 1.0)))
-    adapter = GenericDistillAdapter(recipe=recipe, config=cfg, infos=infos, spec=cspec,
-                                    num_samples=int(c.get("num_samples", 8)))
-    report = run_distillation(teacher, student, adapter, recipe, opts, plan, DistContext(), con, device, dtype)
-    out = {"calibration": report.calibration, "stages": [],
-           "error_before": {str(k): v for k, v in report.stage1.error_before.items()},
-           "error_after": {str(k): v for k, v in report.stage1.error_after.items()}}
-    for k in plan.stages:
-        r = report.results.get(f"stage{k}", {})
-        entry = {"stage": k, **{n: v for n, v in r.items() if n not in ("error_before", "error_after")}}
-        out["stages"].append(entry)
-    for k in report.stage1.error_before:
-        con.print(f"layer {k}: relative error {report.stage1.error_before[k]:.4f} -> "
-                  f"{report.stage1.error_after[k]:.4f}")
-    if report.end_to_end_before is not None:
-        con.print(f"end-to-end relative error: {report.end_to_end_before:.4f} -> {report.end_to_end_after:.4f}")
-    student.requires_grad_(False)
-    student.eval()
-    return out
+    def loaded_line(self, teacher, layers: list[int]) -> str:
+        return (f"loaded {type(teacher).__name__}: {len(self.check.layers)} attention layers, "
+                f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; converting layers "
+                f"{_ranges(layers)}")
+
+    def make_student(self, teacher, layers: list[int]):
+        recipe, cfg = self.recipe, dict(teacher.config)
+        self.model_class = type(teacher).__name__
+        student = G.converted_class(recipe.spec.model.class_name).from_teacher(teacher, recipe.spec, recipe.raw)
+        as_converted(teacher, recipe)  # the teacher records its per-call context too (stage 1 reads it)
+        student.convert_(G.selected_infos(student, recipe.spec, cfg, recipe.mmdim, layers, str(recipe.path)),
+                         recipe.mmdim)
+        return student
+
+    def distill_adapter(self, teacher, student, layers: list[int]):
+        """The generic adapter; None when the recipe has no ``inputs`` section and nothing is to be
+        distilled (refused when a stage would run)."""
+        from m4v_convert.backbones.generic.distill import GenericDistillAdapter
+        from m4v_convert.distill.calibration import CalibSpec
+
+        recipe, d, cfg = self.recipe, self.plan.distill, dict(teacher.config)
+        spec = recipe.spec
+        if spec.inputs is None:
+            if any(k in (1, 2) and d.schedules[k].steps > 0 for k in d.stages):
+                raise RecipeError(f"{recipe.path}: distillation needs the 'inputs' section (how calibration batches "
+                                  "map onto the forward's arguments); without it pass --distill-steps 0 "
+                                  "--stage2-steps 0")
+            return None
+        c = recipe.calib
+        if not c:
+            raise RecipeError(f"{recipe.path}: distillation needs the 'calib' section")
+        cspec = CalibSpec(in_channels=G.latent_channels(spec, cfg),
+                          text_dim=G.resolve_size(spec.inputs.text_dim, cfg, what="inputs.text_dim"),
+                          latent_frames=c["latent_frames"], latent_height=c["latent_height"],
+                          latent_width=c["latent_width"], text_len=c["text_len"],
+                          flow_shift=float(c.get("flow_shift", 1.0)))
+        infos = G.selected_infos(teacher, spec, cfg, recipe.mmdim, layers, str(recipe.path))
+        return GenericDistillAdapter(recipe=recipe, config=cfg, infos=infos, spec=cspec,
+                                     num_samples=int(c.get("num_samples", 8)))
+
+    def flops_report(self, config: dict, layers: list[int]) -> dict:
+        flags = self.plan.flags
+        report = generic_flops(self.recipe, self.check, flags.report_frames, flags.report_size)
+        report["original_total_flops"] = report.get("attention_layers_flops")
+        report["converted_total_flops"] = report.get("converted_layers_flops")
+        return report
+
+    def write_flops(self, report: dict, folder: Path) -> None:
+        (folder / "flops.json").write_text(json.dumps(report, indent=2))
+        (folder / "flops.md").write_text(_flops_markdown(report))
+
+    def flops_line(self, report: dict) -> str:
+        if report.get("original_total_flops") is None:
+            return f"FLOPs: {report['note']}"
+        return (f"FLOPs of the attention layers at {report['frames']}×{report['height']}×{report['width']}: "
+                f"original {report['original_total_flops'] / 1e12:.4f} TFLOPs → converted "
+                f"{report['converted_total_flops'] / 1e12:.4f} TFLOPs")
+
+    def card_facts(self, config: dict, flops: dict) -> CardFacts:
+        spec = self.recipe.spec
+        text = (f"See `flops.md` / `flops.json`: the attention layers cost {flops['original_total_flops'] / 1e12:.4f} "
+                f"TFLOPs, {flops['converted_total_flops'] / 1e12:.4f} TFLOPs converted, at "
+                f"{flops['frames']}×{flops['height']}×{flops['width']} ({flops['scope']})."
+                if flops.get("original_total_flops") is not None else flops["note"])
+        return CardFacts(model=f"{self.model_class}, {len(self.check.layers)} attention layers ({spec.attention.pattern})",
+                         inputs_of=f"`{self.model_class}`", flops=text)
 
 
 # ============================================================================ FLOPs (attention sub-layers)
@@ -394,28 +386,6 @@ def _flops_markdown(f: dict) -> str:
             f"Scope: {f['scope']}.\n\n| layer | attention GFLOPs | MM-DiM GFLOPs |\n|---:|---:|---:|\n{rows}\n\n"
             f"All attention layers: {f['attention_layers_flops'] / 1e12:.4f} TFLOPs → "
             f"{f['converted_layers_flops'] / 1e12:.4f} TFLOPs after conversion.\n")
-
-
-def _model_card(summary: dict, recipe, report: CheckReport) -> str:
-    d = summary["distill"]
-    errs = "\n".join(f"| {k} | {d['error_before'][k]:.4f} | {d['error_after'][k]:.4f} |" for k in d["error_before"])
-    return f"""# Converted with m4v-convert {summary['version']} (generic recipe)
-
-- source: `{summary['source']}`
-- recipe: `{recipe.name}` ({recipe.description})
-- model: {summary['model_class']}, {len(report.layers)} attention layers ({recipe.spec.attention.pattern})
-- converted layers (MM-DiM): {_ranges(summary['converted_layers'])}
-- calibration data: **{d['calibration']}**
-
-Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of the original
-`{summary['model_class']}`.
-
-## Per-layer relative error (held-out calibration batch)
-
-| layer | before distillation | after |
-|---:|---:|---:|
-{errs}
-"""
 
 
 def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | None, frames: int | None,

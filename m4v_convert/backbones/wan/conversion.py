@@ -1,0 +1,87 @@
+"""Wan2.1's side of the conversion job (:class:`m4v_convert.jobs.convert.Conversion`): any layout
+of a Wan2.1 checkpoint in, every chosen ``blocks.i.attn1`` converted, the whole-model FLOPs report
+(with its FlopCounterMode cross-check and the curve against frames) out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from m4v_convert.convert import layer_ranges, parse_layers
+from m4v_convert.io.model_card import CardFacts
+
+REPORT_SIZE = (480, 832)  # the Wan2.1 release's video, for the FLOPs report
+REPORT_FRAMES = 81
+
+
+class WanConversion:
+    transformer_folder = None
+    distill_scope = ""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.height, self.width = plan.flags.report_size or REPORT_SIZE
+        self.frames = plan.flags.report_frames or REPORT_FRAMES
+
+    def check_before_loading(self) -> None:
+        pass  # the loader reads the config first and says what is wrong
+
+    def load_teacher(self):
+        from m4v_convert.backbones.wan.load import load_wan_transformer
+
+        return load_wan_transformer(self.plan.flags.checkpoint, dtype=self.plan.dtype, device=self.plan.device)
+
+    def select_layers(self, teacher) -> list[int]:
+        return parse_layers(self.plan.layer_spec, teacher.config["num_layers"])
+
+    def loaded_line(self, teacher, layers: list[int]) -> str:
+        cfg = teacher.config
+        return (f"loaded WanTransformer3DModel: {cfg['num_layers']} layers, {cfg['num_attention_heads']} heads × "
+                f"{cfg['attention_head_dim']}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params; "
+                f"converting layers {layer_ranges(layers)}")
+
+    def make_student(self, teacher, layers: list[int]):
+        from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
+
+        student = M4VWanTransformer3DModel.from_teacher(teacher)
+        student.convert_(layers, self.plan.recipe.mmdim)
+        return student
+
+    def distill_adapter(self, teacher, student, layers: list[int]):
+        from m4v_convert.backbones.wan.distill import WanDistillAdapter
+        from m4v_convert.distill.calibration import CalibSpec
+
+        cfg, c = teacher.config, self.plan.recipe.calib
+        spec = CalibSpec(in_channels=cfg["in_channels"], text_dim=cfg["text_dim"], latent_frames=c["latent_frames"],
+                         latent_height=c["latent_height"], latent_width=c["latent_width"], text_len=c["text_len"],
+                         flow_shift=float(c.get("flow_shift", 1.0)))
+        return WanDistillAdapter(layers=layers, patch_size=tuple(cfg["patch_size"]), spec=spec)
+
+    def flops_report(self, config: dict, layers: list[int]) -> dict:
+        from m4v_convert.backbones.wan.flops import build_wan_flops_report
+
+        recipe = self.plan.recipe
+        return build_wan_flops_report(config, self.frames, self.height, self.width,
+                                      text_len=int(recipe.video.get("text_len", 512)), converted_layers=layers,
+                                      mmdim_config=recipe.mmdim,
+                                      name=f"{recipe.name} ({Path(self.plan.flags.checkpoint).name})")
+
+    def write_flops(self, report: dict, folder: Path) -> None:
+        from m4v_convert.flops.report import write_flops_report
+
+        write_flops_report(report, folder)
+
+    def flops_line(self, report: dict) -> str:
+        return (f"FLOPs at {self.frames}×{self.height}×{self.width}: original "
+                f"{report['original_total_flops'] / 1e12:.3f} TFLOPs → converted "
+                f"{report['converted_total_flops'] / 1e12:.3f} TFLOPs")
+
+    def card_facts(self, config: dict, flops: dict) -> CardFacts:
+        return CardFacts(
+            model=(f"WanTransformer3DModel, {config['num_layers']} layers, {config['num_attention_heads']} heads × "
+                   f"{config['attention_head_dim']}"),
+            inputs_of="`WanTransformer3DModel`", load_note=" and drops into `diffusers.WanPipeline(transformer=...)`",
+            layers_note=" (self-attention)",
+            flops=(f"See `flops.md` / `flops.json` / `flops.png`: original {flops['original_total_flops'] / 1e12:.3f} "
+                   f"TFLOPs, converted {flops['converted_total_flops'] / 1e12:.3f} TFLOPs per forward at "
+                   f"{self.frames}×{self.height}×{self.width}."),
+        )
