@@ -62,6 +62,12 @@ _TEACHER_CALIB = typer.Option(False, "--teacher-calib", help="calibrate on laten
                               "conditions from --calib, else synthetic)")
 _CALIB_CACHE = typer.Option(None, "--calib-cache", help="cache folder of teacher-generated calibration, reused by "
                             "later runs (implies --teacher-calib)")
+_FEATURE_WEIGHT = typer.Option(None, "--feature-weight", help="stage-2 weight of the per-layer feature loss")
+_DATA = typer.Option(None, "--data", help="stage-3 fine-tune data: folder of latents + text_embeds safetensors (the "
+                     "--calib format)")
+_GRAD_CHECKPOINTING = typer.Option(False, "--grad-checkpointing", help="recompute activations in backward (long "
+                                   "videos)")
+_DETERMINISTIC = typer.Option(False, "--deterministic", help="deterministic algorithms only")
 _THREADS = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (default: torch's choice; 1 is fastest "
                         "for small models, especially on busy cores)")
 
@@ -87,21 +93,18 @@ def wan21(
     stage3_steps: Optional[int] = _STAGE3_STEPS,
     lr: Optional[float] = _LR,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per process and step, every stage"),
-    feature_weight: Optional[float] = typer.Option(None, "--feature-weight", help="stage-2 weight of the "
-                                                   "per-layer feature loss"),
+    feature_weight: Optional[float] = _FEATURE_WEIGHT,
     train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora"),
-    data: Optional[Path] = typer.Option(None, "--data", help="stage-3 fine-tune data: folder of latents + "
-                                        "text_embeds safetensors (the --calib format)"),
+    data: Optional[Path] = _DATA,
     teacher_calib: bool = _TEACHER_CALIB,
     calib_cache: Optional[Path] = _CALIB_CACHE,
     checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
     run_dir: Optional[Path] = _RUN_DIR,
     resume: Optional[Path] = _RESUME,
     num_processes: int = _NUM_PROCESSES,
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="recompute activations in "
-                                            "backward (long videos)"),
+    grad_checkpointing: bool = _GRAD_CHECKPOINTING,
     mixed_precision: str = _MIXED_PRECISION,
-    deterministic: bool = typer.Option(False, "--deterministic", help="deterministic algorithms only"),
+    deterministic: bool = _DETERMINISTIC,
     threads: Optional[int] = _THREADS,
 ):
     """Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, save, report FLOPs."""
@@ -188,6 +191,7 @@ def convert_cmd(
                                         "--checkpoint"),
     distill_steps: Optional[int] = _DISTILL_STEPS,
     stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps"),
+    stage3_steps: Optional[int] = _STAGE3_STEPS,
     stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages, e.g. 1,2 (default: recipe)"),
     calib: Optional[Path] = _CALIB,
     device: str = _DEVICE,
@@ -198,21 +202,32 @@ def convert_cmd(
     frames: Optional[int] = typer.Option(None, "--frames", help="video frames for the FLOPs report (default: recipe)"),
     lr: Optional[float] = _LR,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step, every stage"),
-    train: Optional[str] = typer.Option(None, "--train", help="what stage 2 trains: mmdim | all (| lora: Wan, "
+    feature_weight: Optional[float] = _FEATURE_WEIGHT,
+    train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora (Wan, "
                                         "PyramidFlow)"),
+    data: Optional[Path] = _DATA,
+    teacher_calib: bool = _TEACHER_CALIB,
+    calib_cache: Optional[Path] = _CALIB_CACHE,
     checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
     run_dir: Optional[Path] = _RUN_DIR,
     resume: Optional[Path] = _RESUME,
+    num_processes: int = _NUM_PROCESSES,
+    grad_checkpointing: bool = _GRAD_CHECKPOINTING,
     mixed_precision: str = _MIXED_PRECISION,
+    deterministic: bool = _DETERMINISTIC,
+    threads: Optional[int] = _THREADS,
 ):
-    """Convert any backbone a recipe describes: load, swap attention for MM-DiM, distill, save, report FLOPs.
-    (The backbone commands, e.g. `wan2.1`, take more flags.)"""
-    _convert(None, recipe=recipe, checkpoint=checkpoint, out=out,
-             layers=layers, model=model, distill_steps=distill_steps, stage2_steps=stage2_steps, stages=stages,
+    """Convert the model a recipe describes (any backbone): load, swap attention for MM-DiM, distill, save,
+    report FLOPs. `wan2.1` and `pyramidflow` are this command for their backbone, with today's defaults."""
+    _set_threads(threads)
+    _convert(None, recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, model=model,
+             distill_steps=distill_steps, stage2_steps=stage2_steps, stage3_steps=stage3_steps, stages=stages,
              calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-             report_size=_parse_size(size) if size else None, report_frames=frames, lr=lr,
-             batch_size=batch_size, train=train, checkpoint_every=checkpoint_every, run_dir=run_dir,
-             resume=resume, mixed_precision=mixed_precision)
+             report_size=_parse_size(size) if size else None, report_frames=frames, lr=lr, batch_size=batch_size,
+             feature_weight=feature_weight, train=train, data=data, teacher_calib=teacher_calib,
+             calib_cache=calib_cache, checkpoint_every=checkpoint_every, run_dir=run_dir, resume=resume,
+             num_processes=num_processes, grad_checkpointing=grad_checkpointing, mixed_precision=mixed_precision,
+             deterministic=deterministic)
 
 
 def _set_threads(threads: Optional[int]) -> None:

@@ -15,8 +15,8 @@ from m4v_convert.errors import M4VError
 from m4v_convert.jobs.plan import ConvertFlags, load_for
 from m4v_convert.recipes import load_recipe
 
-CODE_FIELDS = ("conversion", "convert", "published_flops", "converted_class", "load", "check_flags", "check_recipe", "eval_options",
-               "evaluate")
+CODE_FIELDS = ("conversion", "published_flops", "converted_class", "load", "check_flags", "check_recipe",
+               "eval_options", "evaluate")
 
 
 def test_every_entry_resolves_and_every_shipped_recipe_has_one():

@@ -1,7 +1,7 @@
 """The backbone families, each registered once with :mod:`m4v_convert.backbones.registry`.
 
-Adding a family: its folder here (loader, converted class, distillation adapter, FLOPs model,
-conversion job) plus one ``register`` call below; see docs/architecture.md.
+Adding a family: its folder here (loader, converted class, distillation adapter, FLOPs model, its
+side of the conversion job) plus one ``register`` call below; see docs/architecture.md.
 """
 
 from m4v_convert.backbones.registry import Backbone, register
@@ -22,8 +22,8 @@ register(Backbone(
 register(Backbone(
     name="pyramidflow",
     converts="PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)",
-    flags_not_offered=("model", "report_size", "report_frames", "deterministic"),
     conversion="m4v_convert.backbones.pyramidflow.conversion:PyramidFlowConversion",
+    flags_not_offered=("model", "report_size", "report_frames", "deterministic"),
     check_flags="m4v_convert.backbones.pyramidflow.conversion:check_flags",
     published_flops="m4v_convert.backbones.pyramidflow.conversion:published_flops",
     converted_class="m4v_convert.backbones.pyramidflow.converted:converted_class_for_config",

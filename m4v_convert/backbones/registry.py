@@ -31,9 +31,8 @@ class Backbone:
     """One backbone family; every code field is a ``"module:attribute"`` path.
 
     - ``conversion``: ``(plan) -> Conversion``, this family's side of the one conversion job
-      (:class:`m4v_convert.jobs.convert.Conversion`); ``convert`` (optional): a job of the
-      family's own, ``convert(plan) -> summary``, run instead; ``converts`` names what the family
-      converts, for a backbone command given another family's recipe.
+      (:class:`m4v_convert.jobs.convert.Conversion`); ``converts`` names what the family converts,
+      for a backbone command given another family's recipe.
     - ``flags_not_offered``: conversion flags (``ConvertFlags`` fields) this family's job does not
       take; ``check_flags`` (optional): ``(flags, recipe) -> None``, the family's own refusals, run
       before any weight is read; ``default_stages``: the distillation stages when neither the
@@ -58,11 +57,10 @@ class Backbone:
     """
 
     name: str
+    conversion: str
     converts: str
     published_flops: str
     converted_class: str
-    conversion: str | None = None
-    convert: str = "m4v_convert.jobs.convert:convert"
     load: str | None = None
     command: str | None = None
     flags_not_offered: tuple[str, ...] = ()

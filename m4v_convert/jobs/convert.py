@@ -211,15 +211,13 @@ def later_stage(results: dict, plan, k: int) -> dict:
 def run_conversion(flags: ConvertFlags, command: str | None = None, console=None) -> dict:
     """Convert as ``flags`` say; returns the summary written to ``conversion.json``. ``command``:
     the backbone a backbone command (``wan2.1``, ``pyramidflow``) converts (None: the recipe's)."""
-    from m4v_convert.backbones import registry
     from m4v_convert.distill.distributed import in_distributed_env
 
     con = console_or_default(console)
     recipe, entry = load_for(flags, command)
     if flags.num_processes > 1 and not in_distributed_env():
         return launch_processes(flags, recipe, entry, con)
-    plan: ConversionPlan = plan_conversion(flags, recipe, entry, con)
-    return registry.resolve(entry.convert)(plan)  # the one job, or a backbone's own (generic, for now)
+    return convert(plan_conversion(flags, recipe, entry, con))
 
 
 def launch_processes(flags: ConvertFlags, recipe, entry, con) -> dict:
