@@ -273,15 +273,9 @@ def flops(
     from m4v_convert.recipes import load_recipe
 
     rec = load_recipe(recipe)
-    if model is None:
-        if len(rec.published) != 1:
-            raise M4VError(f"--model: recipe {rec.name!r} ships configs {sorted(rec.published)}; pick one")
-        model = next(iter(rec.published))
-    if model not in rec.published:
-        raise M4VError(f"--model: recipe {rec.name!r} ships configs {sorted(rec.published)}, not {model!r}")
+    model, cfg = rec.published_config(model)
     if frames is not None and frames < 1:
         raise M4VError(f"--frames: expected >= 1, got {frames}")
-    cfg = json.loads(rec.published[model].read_text())
     report, markdown = registry.for_recipe(rec).flops_report(rec, cfg, model, _parse_size(size) if size else None,
                                                              frames, layers, crosscheck)
     typer.echo(markdown)
@@ -388,7 +382,7 @@ def ablate(
 ):
     """Convert TEACHER once per MM-DiM variant (one component off) at an equal budget and tabulate eval metrics.
     Finished variants are kept in <out>.work until the end: the same command continues an interrupted run."""
-    from m4v_convert.eval import AblateOptions, run_ablate
+    from m4v_convert.jobs.ablate import AblateOptions, run_ablate
 
     _set_threads(threads)
     run_ablate(AblateOptions(teacher=teacher, out=out, variants=[v.strip() for v in variants.split(",") if v.strip()],

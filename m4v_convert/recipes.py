@@ -11,6 +11,7 @@ line of a :class:`RecipeError` naming the file, the line, the field path and wha
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from m4v_convert.backbones import registry
-from m4v_convert.errors import RecipeError
+from m4v_convert.errors import M4VError, RecipeError
 from m4v_convert.layers.mmdim import MMDiMConfig
 from m4v_convert.recipe_schema import FieldError, RecipeFile
 
@@ -44,6 +45,18 @@ class Recipe:
     allow_double_stream: bool = False  # pyramidflow: may --layers name double-stream blocks
     spec: RecipeFile | None = None  # the validated file (generic backbones read their sections here)
     raw: dict | None = None  # the YAML as loaded (recorded in converted configs)
+
+    def published_config(self, name: str | None) -> tuple[str, dict]:
+        """(name, config) of the published full-size config ``--model NAME`` picks (None: the only one)."""
+        if not self.published:
+            raise M4VError(f"--model: recipe {self.name!r} ships no published config")
+        if name is None:
+            if len(self.published) != 1:
+                raise M4VError(f"--model: recipe {self.name!r} ships configs {sorted(self.published)}; pick one")
+            name = next(iter(self.published))
+        if name not in self.published:
+            raise M4VError(f"--model: recipe {self.name!r} ships configs {sorted(self.published)}, not {name!r}")
+        return name, json.loads(self.published[name].read_text())
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("spec", "raw")}

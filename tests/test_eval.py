@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cli import app
 from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
 from m4v_convert.errors import M4VError
-from m4v_convert.eval import EvalSettings, eval_work, evaluate, sample
+from m4v_convert.jobs.eval import EvalSettings, eval_work, evaluate, sample
 from m4v_convert.metrics import bootstrap_ci95, normalize_to, paired_psnr_delta, psnr, ssim
 from m4v_convert.io.converted import save_converted
 from m4v_convert.synthetic import (
@@ -376,7 +376,7 @@ def test_cli_ablate_continues_an_interrupted_run_with_the_same_numbers(folders, 
 
     from safetensors.torch import load_file
 
-    import m4v_convert.eval as ev
+    import m4v_convert.jobs.eval as ev
     import m4v_convert.jobs.convert as pl
 
     def run(out, *extra):

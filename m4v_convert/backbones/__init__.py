@@ -15,8 +15,8 @@ register(Backbone(
     converted_class="m4v_convert.backbones.wan.model:converted_class_for_config",
     load="m4v_convert.backbones.wan.load:load_wan_transformer",
     command="wan2.1",
-    eval_options="m4v_convert.eval:EvalOptions",
-    evaluate="m4v_convert.eval:run_eval",
+    eval_options="m4v_convert.jobs.eval:EvalOptions",
+    evaluate="m4v_convert.jobs.eval:run_eval",
     eval_refusal="PyramidFlow eval options; a Wan eval draws its inputs from the synthetic task (--prompts, --task)",
 ))
 register(Backbone(

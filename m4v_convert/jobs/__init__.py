@@ -1,2 +1,3 @@
-"""The jobs the commands run: one conversion (``convert``, planned by ``plan``), with eval and
-ablate still in :mod:`m4v_convert.eval`. Jobs reach a backbone only through its registry entry."""
+"""The jobs the commands run: one conversion for every backbone (``convert``, planned by ``plan``,
+processes by ``worker``), the synthetic-task ``eval`` and ``ablate``. Jobs reach a backbone only
+through its registry entry."""

@@ -38,16 +38,9 @@ class Source:
 
 
 def published_config(recipe, name: str | None) -> tuple[dict, str]:
-    if not recipe.published:
-        raise M4VError(f"--model: recipe {recipe.name!r} ships no published config")
-    if name is None:
-        if len(recipe.published) != 1:
-            raise M4VError(f"--model: recipe {recipe.name!r} ships configs {sorted(recipe.published)}; pick one")
-        name = next(iter(recipe.published))
-    if name not in recipe.published:
-        raise M4VError(f"--model: recipe {recipe.name!r} ships configs {sorted(recipe.published)}, not {name!r}")
-    path = recipe.published[name]
-    return json.loads(path.read_text()), f"published config {name!r} ({path.name})"
+    """(config, label) of the recipe's published config ``name``."""
+    name, cfg = recipe.published_config(name)
+    return cfg, f"published config {name!r} ({recipe.published[name].name})"
 
 
 def read_source(recipe, checkpoint: Path | None, model: str | None = None) -> Source:

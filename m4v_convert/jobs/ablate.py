@@ -1,0 +1,331 @@
+"""``m4v-convert ablate``: convert the teacher once per MM-DiM variant (each with one component
+switched off) at the same distillation budget (same layers, steps, calibration data, seed) through
+the conversion job (:func:`m4v_convert.jobs.convert.run_conversion`) with a temporary recipe, and
+tabulate the eval's metrics (:mod:`m4v_convert.jobs.eval`) per variant. Finished variants are kept
+in a work folder, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from m4v_convert.errors import M4VError
+from m4v_convert.jobs.eval import (EvalSettings, _settings, eval_progress, evaluate, interval_text, load_task,
+                                   markdown_table, metrics_table, run_eval, vs_full_text)
+from m4v_convert.metrics import metrics_json, paired_psnr_delta
+from m4v_convert.synthetic import ShapesTask
+
+#: ablation variants: name → (MMDiMConfig overrides, row label as in the paper's component ablation)
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "full": ({}, "MM-DiM (all components)"),
+    "no-text-sandwich": ({"text_sandwich": False}, "w/o text sandwich"),
+    "no-registers": ({"registers": False}, "w/o per-frame registers"),
+    "raster": ({"zigzag": False}, "raster scan instead of zigzag"),
+    "no-temporal": ({"temporal": False}, "w/o temporal branch"),
+    "forward-only": ({"bidirectional": False}, "forward scan only (no reversed scan)"),
+}
+
+
+@dataclass
+class AblateOptions:
+    teacher: Path
+    out: Path
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    layers: str | None = None
+    distill_steps: int | None = None
+    stage2_steps: int | None = None
+    recipe: str = "wan2.1"
+    calib: Path | None = None
+    prompts: Path | None = None
+    seeds: int = 4
+    steps: int = 20
+    shift: float = 3.0
+    task: Path | None = None
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    distill_seeds: list[int] | None = None  # every variant distilled once per seed (default: [seed])
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(self.distill_seeds) if self.distill_seeds else [self.seed]
+
+
+def write_task_calib(task: ShapesTask, folder: Path, n: int = 32, seed: int = 0) -> Path:
+    """Clean latents + text of ``n`` training-prompt samples in the ``--calib`` format."""
+    from safetensors.torch import save_file
+
+    from m4v_convert.synthetic import train_labels
+
+    labels = train_labels()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(labels), (n,), generator=gen).tolist()
+    lat, txt = task.batch([labels[i] for i in idx], gen)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": lat.contiguous(), "text_embeds": txt.contiguous()}, str(folder / "task-calib.safetensors"))
+    return folder
+
+
+def variant_recipe(recipe: str, overrides: dict, name: str, folder: Path) -> Path:
+    """Write the recipe with ``mmdim`` ``overrides`` applied as a YAML file under ``folder``."""
+    import yaml
+
+    from m4v_convert.recipes import load_recipe
+
+    rec = load_recipe(recipe)
+    data = yaml.safe_load(rec.path.read_text())
+    data["published"] = {k: str(v) for k, v in rec.published.items()}  # absolute: the file moves
+    data["mmdim"] = {**(data.get("mmdim") or {}), **overrides}
+    data["description"] = f"{data['description']} [ablation: {name}]"
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def ablate_work_dir(out: Path) -> Path:
+    """Where ``ablate`` keeps finished variants until the whole run succeeds (a sibling of ``out``)."""
+    out = Path(out)
+    return out.parent / f"{out.name}.work"
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    from m4v_convert.distill.state import atomic_write_text
+
+    atomic_write_text(path, metrics_json(obj) + "\n")
+
+
+def _ablate_settings(opts: AblateOptions, rec, settings: EvalSettings, calib_label: str, task_source: str,
+                     device) -> dict:
+    """Everything a finished variant's numbers depend on; a resumed run must match it exactly."""
+    import hashlib
+
+    teacher = Path(opts.teacher).resolve()
+    files = [teacher] if teacher.is_file() else sorted(f for f in teacher.rglob("*") if f.is_file()
+                                                        and f.suffix in (".json", ".safetensors"))
+    return {
+        "teacher": str(teacher), "teacher_files": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
+        "task": task_source, "recipe": str(rec.path.resolve()),
+        "recipe_sha256": hashlib.sha256(rec.path.read_bytes()).hexdigest(), "layers": opts.layers,
+        "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps, "calibration": calib_label,
+        "seed": opts.seed, **({"distill_seeds": opts.seed_list} if opts.distill_seeds else {}), "device": str(device),
+        "eval": {"prompts": [lab.prompt for lab in settings.labels], "seeds_per_prompt": settings.seeds,
+                 "sampler_steps": settings.steps, "shift": settings.shift},
+    }
+
+
+def _open_ablate_work(work: Path, wanted: dict, overwrite: bool, con) -> list[str]:
+    """Create ``work`` or reuse it when it holds a run with the same settings; names of its finished variants."""
+    import shutil
+
+    path = work / "settings.json"
+    if work.exists():
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError):
+            found = None
+        if found != wanted:
+            differ = sorted(k for k in wanted if found is None or found.get(k) != wanted[k])
+            if not overwrite:
+                raise M4VError(f"{work} holds an unfinished ablation with other settings "
+                               f"({', '.join(differ) or 'unreadable'}); remove it, or pass --overwrite to discard it")
+            con.print(f"discarding {work} (an unfinished ablation with other settings: {', '.join(differ)})")
+            shutil.rmtree(work)
+    (work / "variants").mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        _write_json_atomic(path, wanted)
+    return sorted(d.name for d in (work / "variants").iterdir() if (d / "metrics.json").exists())
+
+
+def unit_name(variant: str, seed: int, seeds: list[int]) -> str:
+    """Folder name of one (variant, distillation seed): the variant alone when there is one seed."""
+    return variant if len(seeds) == 1 else f"{variant}-seed{seed}"
+
+
+def across_seeds(results: dict, variants: list[str], seeds: list[int]) -> dict:
+    """Per variant, its numbers at every distillation seed and their mean / range; ``vs_full`` is each
+    seed's paired PSNR difference against the full conversion of the same seed."""
+    out = {}
+    for name in variants:
+        ms = [results[unit_name(name, s, seeds)] for s in seeds]
+        row = {"seeds": seeds, "psnr_db": [m["psnr_db"] for m in ms],
+               "pred_rel_error_mean": [m["pred_rel_error_mean"] for m in ms],
+               "adherence_delta_points": [m["adherence_delta_points"] for m in ms]}
+        for k in ("psnr_db", "pred_rel_error_mean", "adherence_delta_points"):
+            row[f"{k}_mean"] = sum(row[k]) / len(row[k])
+        if all("vs_full" in m for m in ms):
+            deltas = [m["vs_full"]["psnr_delta_db"] for m in ms]
+            cis = [m["vs_full"]["psnr_delta_db_ci95"] for m in ms]
+            row.update(vs_full_psnr_delta_db=deltas, vs_full_psnr_delta_db_ci95=cis,
+                       vs_full_psnr_delta_db_mean=sum(deltas) / len(deltas),
+                       # every seed's paired interval on the same side of zero: an effect the seed does not flip
+                       vs_full_consistent=all(hi < 0 for _, hi in cis) or all(lo > 0 for lo, _ in cis))
+        out[name] = row
+    return out
+
+
+def across_seeds_markdown(summary: dict, labels: dict[str, str]) -> str:
+    lines = ["| variant | sample PSNR dB, mean [range] | PSNR vs all components, paired, per seed | "
+             "same sign at every seed | pred. rel. error, mean [range] | Δ adherence, mean [range] |",
+             "|---|---:|---|:---:|---:|---:|"]
+
+    def rng(values, fmt):
+        return f"{fmt.format(sum(values) / len(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+    for name, row in summary.items():
+        per_seed = ", ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, (lo, hi)
+                             in zip(row.get("vs_full_psnr_delta_db", []), row.get("vs_full_psnr_delta_db_ci95", [])))
+        same = "" if "vs_full_consistent" not in row else ("yes" if row["vs_full_consistent"] else "no")
+        lines.append(f"| {labels[name]} | {rng(row['psnr_db'], '{:.2f}')} | {per_seed} | {same} | "
+                     f"{rng(row['pred_rel_error_mean'], '{:.3f}')} | {rng(row['adherence_delta_points'], '{:+.1f}')} |")
+    return "\n".join(lines)
+
+
+def run_ablate(opts: AblateOptions, console=None) -> dict:
+    """Convert and evaluate the teacher once per variant. Each finished variant (converted model and
+    its metrics) and the teacher's samples are kept in :func:`ablate_work_dir` as they finish, so a
+    crashed or interrupted run continues where it stopped when run again with the same settings;
+    the folder is removed once ``out`` is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from m4v_convert.backbones import registry
+    from m4v_convert.io.converted import load_converted
+    from m4v_convert.io.output import atomic_output_dir, check_output_dir
+    from m4v_convert.jobs.convert import run_conversion
+    from m4v_convert.jobs.plan import ConvertFlags, console_or_default as _console, resolve_device
+    from m4v_convert.recipes import load_recipe
+
+    con = _console(console)
+    unknown = [v for v in opts.variants if v not in VARIANTS]
+    if unknown or not opts.variants:
+        raise M4VError(f"--variants: unknown {unknown[0]!r}" if unknown else "--variants: none given"
+                       + f" (choose from {', '.join(VARIANTS)})")
+    seeds = opts.seed_list
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise M4VError(f"--distill-seeds: expected distinct seeds >= 0, got {','.join(map(str, seeds))}")
+    settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
+    rec = load_recipe(opts.recipe)
+    entry = registry.for_recipe(rec)
+    if entry.evaluate is None or registry.resolve(entry.evaluate) is not run_eval:
+        raise M4VError(f"--recipe {rec.name}: ablate measures on the synthetic task, which the {entry.name} "
+                       "backbone's eval does not use")
+    check_output_dir(opts.out, opts.overwrite)
+    device = resolve_device(opts.device)
+    teacher = entry.load_teacher(opts.teacher, device=device).requires_grad_(False)
+    task, task_source = load_task(opts.teacher, dict(teacher.config), opts.task)
+    calib = opts.calib
+    if calib is None and (Path(opts.teacher) / "calib").is_dir():
+        calib = Path(opts.teacher) / "calib"
+    calib_label = "task (generated)" if calib is None else str(Path(calib).resolve())
+    work_dir = ablate_work_dir(opts.out)
+    wanted = _ablate_settings(opts, rec, settings, calib_label, task_source, device)
+    finished = _open_ablate_work(work_dir, wanted, opts.overwrite, con)
+    units = [(name, seed, unit_name(name, seed, seeds)) for seed in seeds for name in opts.variants]
+    resumed = [u for _, _, u in units if u in finished]
+    t0 = time.time()
+    try:
+        with atomic_output_dir(opts.out, opts.overwrite) as tmp, tempfile.TemporaryDirectory() as work:
+            work = Path(work)
+            if calib is None:  # regenerated bit for bit by a resumed run (seeded)
+                calib = write_task_calib(task, work / "calib", seed=opts.seed)
+            con.print(f"ablate: {len(opts.variants)} variants × {len(seeds)} distillation seed(s) "
+                      f"({', '.join(map(str, seeds))}), equal budget: layers {opts.layers or 'recipe default'}, "
+                      f"stage-1 steps {opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, "
+                      f"stage-2 steps {opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, "
+                      f"calibration {calib_label}; finished variants are kept in {work_dir} "
+                      "until the end" + (f" (continuing: {', '.join(resumed)} done)" if resumed else ""))
+            cached = work_dir / "teacher_samples.safetensors"
+            xs_t = adh_t = None
+            if cached.exists() and (work_dir / "teacher_adherence.json").exists():
+                xs_t = load_file(str(cached))["samples"].to(device)
+                adh_t = json.loads((work_dir / "teacher_adherence.json").read_text())
+            rows, results = [], {}
+            for name, seed, unit in units:
+                overrides, label = VARIANTS[name]
+                if len(seeds) > 1:
+                    label = f"{label}, seed {seed}"
+                con.rule(f"{unit}: {label}")
+                vdir = work_dir / "variants" / unit
+                if unit in finished:
+                    con.print(f"finished in an earlier run: {vdir}")
+                    metrics = json.loads((vdir / "metrics.json").read_text())
+                else:
+                    if not (vdir / "conversion.json").exists():  # convert writes the folder atomically
+                        run_conversion(ConvertFlags.from_flags(
+                            recipe=str(variant_recipe(opts.recipe, overrides, name, work)),
+                            checkpoint=Path(opts.teacher), out=vdir, layers=opts.layers,
+                            distill_steps=opts.distill_steps, stage2_steps=opts.stage2_steps, calib=calib,
+                            device=opts.device, seed=seed, overwrite=True,
+                            report_size=(8 * task.config.height, 8 * task.config.width),
+                            report_frames=4 * (task.config.frames - 1) + 1), console=con)
+                    summary = json.loads((vdir / "conversion.json").read_text())
+                    student = load_converted(vdir, device=device).requires_grad_(False)
+                    with eval_progress(con, settings, teacher_sampled=xs_t is not None) as progress:
+                        metrics, xs_t_new, _ = evaluate(teacher, student, task, settings, progress=progress,
+                                                        teacher_samples=None if xs_t is None else (xs_t, adh_t))
+                    if xs_t is None:
+                        xs_t, adh_t = xs_t_new, {**metrics["adherence_teacher"], "read": metrics["read_teacher"]}
+                        save_file({"samples": xs_t.detach().cpu().contiguous()}, str(cached))
+                        _write_json_atomic(work_dir / "teacher_adherence.json", adh_t)
+                    metrics.update(variant=name, distill_seed=seed, label=label, mmdim_overrides=overrides,
+                                   convert_seconds=summary["seconds"], distill=summary["distill"],
+                                   converted_flops=summary["converted_total_flops"])
+                    _write_json_atomic(vdir / "metrics.json", metrics)  # this variant is finished
+                results[unit] = metrics
+                rows.append((label, metrics))
+            for name, seed, unit in units:
+                metrics = results[unit]
+                shutil.copytree(work_dir / "variants" / unit, tmp / "variants" / unit)
+                full = unit_name("full", seed, seeds)
+                if full in results and name != "full":  # against all components of the same seed, same samples
+                    metrics["vs_full"] = paired_psnr_delta(results[full], metrics)
+                (tmp / "variants" / unit / "metrics.json").write_text(metrics_json(metrics) + "\n")
+            summary = across_seeds(results, opts.variants, seeds) if len(seeds) > 1 else None
+            report = {
+                "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
+                "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,
+                "calibration": calib_label, "seed": opts.seed, "distill_seeds": seeds, "eval": wanted["eval"],
+                "variants": results, "resumed_variants": resumed, "seconds": round(time.time() - t0, 1),
+            }
+            if summary is not None:
+                report["across_seeds"] = summary
+            (tmp / "ablation.json").write_text(metrics_json(report) + "\n")
+            (tmp / "ablation.md").write_text(
+                f"# MM-DiM component ablation\n\nteacher `{opts.teacher}`, equal distillation budget per variant "
+                f"(layers {opts.layers or 'recipe default'}, stage-1 steps "
+                f"{opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, stage-2 steps "
+                f"{opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, calibration "
+                f"{calib_label}, distillation seed(s) {', '.join(map(str, seeds))}); eval on {len(settings.labels)} "
+                f"prompts × {settings.seeds} seeds, {settings.steps} Euler steps.\n\n{markdown_table(rows)}\n\n"
+                + "".join(f"- {name}: {interval_text(m)}{vs_full_text(m)}\n" for name, m in rows)
+                + ("" if summary is None else "\n## Across distillation seeds\n\n" + across_seeds_markdown(
+                    summary, {n: VARIANTS[n][1] for n in opts.variants}) + "\n"))
+    except BaseException:
+        kept = sorted(d.name for d in (work_dir / "variants").iterdir())  # converted (folders appear whole)
+        if not kept:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        else:
+            con.print(f"ablate stopped; converted variants ({', '.join(kept)}) are kept in {work_dir}: "
+                      "the same command continues from them")
+        raise
+    shutil.rmtree(work_dir, ignore_errors=True)
+    con.print(metrics_table(rows, title="MM-DiM component ablation (equal distillation budget)"),
+              width=max(con.width, 120))  # a log file (80 columns by default) keeps the whole table
+    for name, m in rows:
+        con.print(f"{name}: {interval_text(m)}{vs_full_text(m)}")
+    if summary is not None:
+        for name, row in summary.items():
+            line = f"{VARIANTS[name][1]}: PSNR over seeds {', '.join(f'{v:.2f}' for v in row['psnr_db'])} dB"
+            if "vs_full_psnr_delta_db" in row:
+                line += (f"; vs all components {', '.join(f'{d:+.2f}' for d in row['vs_full_psnr_delta_db'])} dB "
+                         f"({'the same sign at every seed' if row['vs_full_consistent'] else 'the seed flips it'})")
+            con.print(line)
+    con.print(f"[green]wrote[/] {Path(opts.out).resolve()} (ablation.json, ablation.md, variants/*)")
+    return report
