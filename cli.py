@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -72,136 +73,35 @@ _THREADS = typer.Option(None, "--threads", min=1, help="CPU intra-op threads (de
                         "for small models, especially on busy cores)")
 
 
-@app.command("wan2.1")
-@user_errors
-def wan21(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Wan2.1 checkpoint: diffusers folder, pipeline folder, "
-                                    "original-layout folder or .safetensors file"),
-    out: Path = _OUT,
-    layers: Optional[str] = _LAYERS,
-    recipe: str = typer.Option("wan2.1", "--recipe", help="recipe name or YAML file"),
-    distill_steps: Optional[int] = _DISTILL_STEPS,
-    calib: Optional[Path] = _CALIB,
-    device: str = _DEVICE,
-    dtype: str = _DTYPE,
-    overwrite: bool = _OVERWRITE,
-    seed: int = _SEED,
-    size: str = typer.Option("480x832", "--size", help="video size HxW for the FLOPs report"),
-    frames: int = typer.Option(81, "--frames", help="video frames for the FLOPs report"),
-    stages: Optional[str] = _STAGES,
-    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps"),
-    stage3_steps: Optional[int] = _STAGE3_STEPS,
-    lr: Optional[float] = _LR,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per process and step, every stage"),
-    feature_weight: Optional[float] = _FEATURE_WEIGHT,
-    train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora"),
-    data: Optional[Path] = _DATA,
-    teacher_calib: bool = _TEACHER_CALIB,
-    calib_cache: Optional[Path] = _CALIB_CACHE,
-    checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
-    run_dir: Optional[Path] = _RUN_DIR,
-    resume: Optional[Path] = _RESUME,
-    num_processes: int = _NUM_PROCESSES,
-    grad_checkpointing: bool = _GRAD_CHECKPOINTING,
-    mixed_precision: str = _MIXED_PRECISION,
-    deterministic: bool = _DETERMINISTIC,
-    threads: Optional[int] = _THREADS,
-):
-    """Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, save, report FLOPs."""
-    _set_threads(threads)
-    _convert("wan", recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, distill_steps=distill_steps,
-             calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-             report_size=_parse_size(size), report_frames=frames, stages=stages, stage2_steps=stage2_steps,
-             stage3_steps=stage3_steps, lr=lr, batch_size=batch_size, feature_weight=feature_weight,
-             train=train, data=data, teacher_calib=teacher_calib, calib_cache=calib_cache,
-             checkpoint_every=checkpoint_every, run_dir=run_dir, resume=resume, num_processes=num_processes,
-             grad_checkpointing=grad_checkpointing, mixed_precision=mixed_precision,
-             deterministic=deterministic)
-
-
-def _convert(command: str | None, **flags) -> None:
-    """Run the conversion a command's flags describe (``command``: the backbone a backbone command
-    converts; None: the recipe's)."""
-    from m4v_convert.jobs.convert import run_conversion
-    from m4v_convert.jobs.plan import ConvertFlags
-
-    run_conversion(ConvertFlags.from_flags(**flags), command=command)
-
-
-@app.command("pyramidflow")
-@user_errors
-def pyramidflow(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="PyramidFlow release folder (holding "
-                                    "diffusion_transformer_768p/ or _384p/) or one such folder"),
-    out: Path = _OUT,
-    recipe: str = typer.Option("pyramidflow-miniflux-768p", "--recipe", help="recipe name or YAML file"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="global layer numbers, e.g. '8-23' (the "
-                                         "single-stream blocks at full size; default: recipe)"),
-    distill_steps: Optional[int] = _DISTILL_STEPS,
-    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps "
-                                               "(default: recipe; 0: skip)"),
-    device: str = _DEVICE,
-    dtype: str = typer.Option("auto", "--dtype", help="weights: auto (float32, with bf16 autocast on CUDA: the "
-                              "release's precision, fp32 master weights) | float32 | bfloat16 (less memory; trains "
-                              "in bf16) (float16 is refused)"),
-    overwrite: bool = _OVERWRITE,
-    seed: int = _SEED,
-    threads: Optional[int] = _THREADS,
-    calib: Optional[Path] = typer.Option(None, "--calib", help="folder of calibration safetensors at the top "
-                                         "pyramid level (latents, text_embeds, text_mask, pooled); default: synthetic"),
-    stages: Optional[str] = _STAGES,
-    stage3_steps: Optional[int] = _STAGE3_STEPS,
-    lr: Optional[float] = _LR,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step (each holds every "
-                                             "pyramid stage), every stage"),
-    train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora"),
-    data: Optional[Path] = typer.Option(None, "--data", help="stage-3 fine-tune data: folder in the --calib "
-                                        "format (release pyramidal flow-matching objective)"),
-    checkpoint_every: Optional[int] = _CHECKPOINT_EVERY,
-    run_dir: Optional[Path] = _RUN_DIR,
-    resume: Optional[Path] = _RESUME,
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="recompute activations in "
-                                            "backward (the model's gradient_checkpointing_ratio of its blocks)"),
-    mixed_precision: str = _MIXED_PRECISION,
-    num_processes: int = _NUM_PROCESSES,
-    teacher_calib: bool = _TEACHER_CALIB,
-    calib_cache: Optional[Path] = _CALIB_CACHE,
-):
-    """Convert a PyramidFlow checkpoint: single-stream (and allowed joint) attention -> MM-DiM, distill, save,
-    report FLOPs."""
-    _set_threads(threads)
-    _convert("pyramidflow", checkpoint=checkpoint, out=out, recipe=recipe, layers=layers,
-             distill_steps=distill_steps, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-             calib=calib, stage2_steps=stage2_steps, stages=stages, stage3_steps=stage3_steps, lr=lr,
-             batch_size=batch_size, train=train, data=data, checkpoint_every=checkpoint_every,
-             run_dir=run_dir, resume=resume, grad_checkpointing=grad_checkpointing,
-             mixed_precision=mixed_precision, num_processes=num_processes, teacher_calib=teacher_calib,
-             calib_cache=calib_cache)
-
-
 @app.command("convert")
 @user_errors
 def convert_cmd(
     recipe: str = typer.Argument(..., help="recipe name or YAML file (any backbone: wan, pyramidflow, generic)"),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="the model to convert (a diffusers folder for "
-                                    "generic recipes; see the backbone's own command otherwise)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="the model to convert: for Wan2.1 a diffusers, "
+                                    "pipeline or original-layout folder or a .safetensors file; for PyramidFlow the "
+                                    "release folder (holding diffusion_transformer_768p/ or _384p/) or one such "
+                                    "folder; for generic recipes a diffusers folder"),
     out: Path = _OUT,
     layers: Optional[str] = _LAYERS,
     model: Optional[str] = typer.Option(None, "--model", help="published config of the recipe for a single-file "
-                                        "--checkpoint"),
+                                        "--checkpoint (generic recipes)"),
     distill_steps: Optional[int] = _DISTILL_STEPS,
-    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps"),
+    stage2_steps: Optional[int] = typer.Option(None, "--stage2-steps", help="stage-2 (end-to-end) steps (default: "
+                                               "recipe; 0: skip)"),
     stage3_steps: Optional[int] = _STAGE3_STEPS,
-    stages: Optional[str] = typer.Option(None, "--stages", help="distillation stages, e.g. 1,2 (default: recipe)"),
+    stages: Optional[str] = _STAGES,
     calib: Optional[Path] = _CALIB,
     device: str = _DEVICE,
-    dtype: str = _DTYPE,
+    dtype: str = typer.Option("auto", "--dtype", help="weights: auto (float32, with bf16 autocast on CUDA) | float32 "
+                              "| bfloat16 (less memory; trains in bf16) | float16 (not PyramidFlow)"),
     overwrite: bool = _OVERWRITE,
     seed: int = _SEED,
-    size: Optional[str] = typer.Option(None, "--size", help="video size HxW for the FLOPs report (default: recipe)"),
-    frames: Optional[int] = typer.Option(None, "--frames", help="video frames for the FLOPs report (default: recipe)"),
+    size: Optional[str] = typer.Option(None, "--size", help="video size HxW for the FLOPs report (default: Wan "
+                                       "480x832, generic recipes: the recipe's; PyramidFlow: its resolution)"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="video frames for the FLOPs report (default: Wan 81, "
+                                         "generic recipes: the recipe's)"),
     lr: Optional[float] = _LR,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per step, every stage"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="samples per process and step, every stage"),
     feature_weight: Optional[float] = _FEATURE_WEIGHT,
     train: Optional[str] = typer.Option(None, "--train", help="what stages 2/3 train: mmdim | all | lora (Wan, "
                                         "PyramidFlow)"),
@@ -218,16 +118,42 @@ def convert_cmd(
     threads: Optional[int] = _THREADS,
 ):
     """Convert the model a recipe describes (any backbone): load, swap attention for MM-DiM, distill, save,
-    report FLOPs. `wan2.1` and `pyramidflow` are this command for their backbone, with today's defaults."""
+    report FLOPs."""
+    _run_conversion(None, **locals())
+
+
+def _run_conversion(backbone: Optional[str], *, threads: Optional[int], size: Optional[str], frames: Optional[int],
+                    **flags) -> None:
+    """A conversion command's flags → the conversion job (``backbone``: the one a backbone command converts)."""
+    from m4v_convert.jobs.convert import run_conversion
+    from m4v_convert.jobs.plan import ConvertFlags
+
     _set_threads(threads)
-    _convert(None, recipe=recipe, checkpoint=checkpoint, out=out, layers=layers, model=model,
-             distill_steps=distill_steps, stage2_steps=stage2_steps, stage3_steps=stage3_steps, stages=stages,
-             calib=calib, device=device, dtype=dtype, overwrite=overwrite, seed=seed,
-             report_size=_parse_size(size) if size else None, report_frames=frames, lr=lr, batch_size=batch_size,
-             feature_weight=feature_weight, train=train, data=data, teacher_calib=teacher_calib,
-             calib_cache=calib_cache, checkpoint_every=checkpoint_every, run_dir=run_dir, resume=resume,
-             num_processes=num_processes, grad_checkpointing=grad_checkpointing, mixed_precision=mixed_precision,
-             deterministic=deterministic)
+    run_conversion(ConvertFlags.from_flags(**flags, report_size=_parse_size(size) if size else None,
+                                           report_frames=frames), command=backbone)
+
+
+def _backbone_command(name: str, backbone: str, default_recipe: str, doc: str) -> None:
+    """``m4v-convert NAME``: ``convert`` for one backbone, its recipe a ``--recipe`` option (default
+    ``default_recipe``) that must be that backbone's; every other flag as ``convert``'s."""
+    sig = inspect.signature(convert_cmd, eval_str=True)  # real types: typer reads them off __signature__
+    params = [p.replace(default=typer.Option(default_recipe, "--recipe", help="recipe name or YAML file"))
+              if p.name == "recipe" else p for p in sig.parameters.values()]
+
+    @user_errors
+    def command(**flags):
+        _run_conversion(backbone, **flags)
+
+    command.__signature__ = sig.replace(parameters=params)
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+_backbone_command("wan2.1", "wan", "wan2.1", "Convert a Wan2.1 checkpoint: swap self-attention for MM-DiM, distill, "
+                  "save, report FLOPs (`convert` for Wan recipes).")
+_backbone_command("pyramidflow", "pyramidflow", "pyramidflow-miniflux-768p", "Convert a PyramidFlow checkpoint: "
+                  "single-stream (and allowed joint) attention -> MM-DiM, distill, save, report FLOPs (`convert` for "
+                  "PyramidFlow recipes).")
 
 
 def _set_threads(threads: Optional[int]) -> None:

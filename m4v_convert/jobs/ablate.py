@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from m4v_convert.errors import M4VError
-from m4v_convert.jobs.eval import (EvalSettings, _settings, eval_progress, evaluate, interval_text, load_task,
-                                   markdown_table, metrics_table, run_eval, vs_full_text)
+from m4v_convert.jobs.eval import (EvalSettings, SamplingOptions, _settings, eval_progress, evaluate, interval_text,
+                                   load_task, markdown_table, metrics_table, run_eval, vs_full_text)
 from m4v_convert.metrics import metrics_json, paired_psnr_delta
 from m4v_convert.synthetic import ShapesTask
 
@@ -32,8 +32,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 }
 
 
-@dataclass
-class AblateOptions:
+@dataclass(kw_only=True)
+class AblateOptions(SamplingOptions):
     teacher: Path
     out: Path
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -42,14 +42,7 @@ class AblateOptions:
     stage2_steps: int | None = None
     recipe: str = "wan2.1"
     calib: Path | None = None
-    prompts: Path | None = None
-    seeds: int = 4
-    steps: int = 20
-    shift: float = 3.0
-    task: Path | None = None
-    device: str = "auto"
     seed: int = 0
-    overwrite: bool = False
     distill_seeds: list[int] | None = None  # every variant distilled once per seed (default: [seed])
 
     @property

@@ -250,18 +250,24 @@ def shared_weights_equal(teacher, student) -> bool:
 # ---------------------------------------------------------------------------------------- commands
 
 
-@dataclass
-class EvalOptions:
+@dataclass(kw_only=True)
+class SamplingOptions:
+    """How the synthetic task's samples are drawn and where (shared by ``eval`` and ``ablate``)."""
+
+    prompts: Path | None = None  # one prompt per line (default: the held-out prompts)
+    seeds: int = 4  # noise seeds per prompt
+    steps: int = 20  # Euler sampling steps
+    shift: float = 3.0  # sampler timestep shift
+    task: Path | None = None  # the task JSON (default: TEACHER/task.json)
+    device: str = "auto"
+    overwrite: bool = False
+
+
+@dataclass(kw_only=True)
+class EvalOptions(SamplingOptions):
     teacher: Path
     student: Path
     out: Path
-    prompts: Path | None = None
-    seeds: int = 4
-    steps: int = 20
-    shift: float = 3.0
-    task: Path | None = None
-    device: str = "auto"
-    overwrite: bool = False
 
 
 def _settings(prompts: Path | None, seeds: int, steps: int, shift: float) -> EvalSettings:
