@@ -209,7 +209,8 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
     if entry.evaluate is None or registry.resolve(entry.evaluate) is not run_eval:
         raise M4VError(f"--recipe {rec.name}: ablate measures on the synthetic task, which the {entry.name} "
                        "backbone's eval does not use")
-    check_output_dir(opts.out, opts.overwrite)
+    check_output_dir(opts.out, opts.overwrite, {"teacher": opts.teacher, "recipe": rec.path, "--calib": opts.calib,
+                                                "--prompts": opts.prompts, "--task": opts.task})
     device = resolve_device(opts.device)
     teacher = entry.load_teacher(opts.teacher, device=device).requires_grad_(False)
     task, task_source = load_task(opts.teacher, dict(teacher.config), opts.task)

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict
 
 import m4v_convert
 from m4v_convert.errors import M4VError
-from m4v_convert.jobs.plan import (ConversionPlan, ConvertFlags, console_or_default, load_for, plan_conversion,
-                                   resolve_device, resolve_dtype)
+from m4v_convert.jobs.plan import (ConversionPlan, ConvertFlags, console_or_default, conversion_inputs, load_for,
+                                   plan_conversion, resolve_device, resolve_dtype)
 
 SCHEMA_VERSION = 1  # of conversion.json
 
@@ -232,7 +232,7 @@ def launch_processes(flags: ConvertFlags, recipe, entry, con) -> dict:
     resolve_dtype(flags.dtype)
     if device.type == "cuda" and n > torch.cuda.device_count():
         raise M4VError(f"--num-processes {n}: only {torch.cuda.device_count()} CUDA devices on this machine")
-    check_output_dir(flags.out, flags.overwrite)
+    check_output_dir(flags.out, flags.overwrite, conversion_inputs(flags, recipe))
     make_plan(recipe, flags, device, default_stages=entry.default_stages)
     c = recipe.calib
     if flags.calib is None:

@@ -298,7 +298,8 @@ def run_eval(opts: EvalOptions, console=None) -> dict:
 
     con = _console(console)
     settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
-    check_output_dir(opts.out, opts.overwrite)
+    check_output_dir(opts.out, opts.overwrite, {"teacher": opts.teacher, "student": opts.student,
+                                                "--prompts": opts.prompts, "--task": opts.task})
     device = resolve_device(opts.device)
     teacher, student = load_pair(opts.teacher, opts.student, device=device)
     task, task_source = load_task(opts.teacher, dict(teacher.config), opts.task)

@@ -158,13 +158,20 @@ def plan_conversion(flags: ConvertFlags, recipe, entry, console=None) -> Convers
     con = console_or_default(console)
     device, dtype = resolve_device(flags.device), resolve_dtype(flags.dtype)
     dist, device, con = join_process_group(device, con)
-    check_output_dir(flags.out, flags.overwrite)
+    check_output_dir(flags.out, flags.overwrite, conversion_inputs(flags, recipe))
     if flags.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     distill = make_plan(recipe, flags, device, default_stages=entry.default_stages)
     return ConversionPlan(flags=flags, recipe=recipe, backbone=entry, device=device, dtype=dtype, dist=dist,
                           distill=distill, console=con)
+
+
+def conversion_inputs(flags: ConvertFlags, recipe) -> dict[str, Path | None]:
+    """The folders and files a conversion reads (or keeps its run in), which ``--out`` must stay apart from."""
+    return {"--checkpoint": flags.checkpoint, "--calib": flags.calib, "--data": flags.data,
+            "--calib-cache": flags.calib_cache, "--run-dir": flags.run_dir, "--resume": flags.resume,
+            "recipe": recipe.path}
 
 
 def join_process_group(device: torch.device, con):

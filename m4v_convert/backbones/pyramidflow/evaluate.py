@@ -190,7 +190,8 @@ def run_pyramid_eval(opts: PyramidEvalOptions, console=None) -> dict:
         raise M4VError(f"--frames: expected >= 1 latent frames, got {opts.frames}")
     if opts.calib is not None and not Path(opts.calib).expanduser().is_dir():
         raise M4VError(f"--calib {opts.calib}: not a folder")
-    check_output_dir(opts.out, opts.overwrite)
+    check_output_dir(opts.out, opts.overwrite, {"teacher": opts.teacher, "student": opts.student,
+                                                "--calib": opts.calib})
     device = resolve_device(opts.device)
     teacher, student, m4v = load_pyramid_pair(opts.teacher, opts.student, device)
     cfg = dict(teacher.config)
