@@ -95,3 +95,17 @@ def test_eval_and_ablate_never_write_over_an_input(command, world):
     _refused(runner.invoke(app, args), expect)
     assert digest(world["root"]) == before and digest(world["student"]) == student
     assert json.loads((world["student"] / "config.json").read_text())["m4v"]["layers"]
+
+
+def test_overwrite_never_discards_a_runs_checkpoint(world, tmp_path):
+    """``--overwrite`` (the README's main command uses it) replaces ``--out``; a run folder holding a
+    checkpoint is refused with the way to continue it, and the checkpoint is kept byte for byte."""
+    run = tmp_path / "run"
+    common = ["convert", str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--stages", "1",
+              "--distill-steps", "2", "--checkpoint-every", "1", "--run-dir", str(run), "--layers", "0"]
+    res = runner.invoke(app, [*common, "--out", str(tmp_path / "first")])
+    assert res.exit_code == 0, res.output
+    before = digest(run)
+    res = runner.invoke(app, [*common, "--out", str(tmp_path / "first"), "--overwrite"])
+    _refused(res, "holds the checkpoint of an earlier run (stage1, step 2)", f"--resume {run}")
+    assert digest(run) == before

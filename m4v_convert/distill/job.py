@@ -187,9 +187,10 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
     elif opts.run_dir is not None or any(schedules[k].checkpoint_every > 0 for k in stages):
         plan.run_dir = RunDir(opts.run_dir if opts.run_dir is not None
                               else Path(opts.out).expanduser().resolve().with_name(Path(opts.out).name + ".train"))
-        if plan.run_dir.has_checkpoint() and not opts.overwrite:
-            raise M4VError(f"run folder {plan.run_dir.path} holds a checkpoint of an earlier run; continue it with "
-                           f"--resume {plan.run_dir.path}, or pass --overwrite to start over")
+        if plan.run_dir.has_checkpoint():  # --overwrite replaces --out; it never throws a run's work away
+            raise M4VError(f"run folder {plan.run_dir.path} holds the checkpoint of an earlier run"
+                           f"{plan.run_dir.progress_text()}; continue it with --resume {plan.run_dir.path}, or delete "
+                           "that folder to start over (--overwrite replaces --out only, never a run's checkpoint)")
     return plan
 
 

@@ -92,8 +92,16 @@ class RunDir:
         except OSError as e:
             raise M4VError(f"run folder {self.path}: cannot create it ({e.strerror})") from None
 
+    def progress_text(self) -> str:
+        """`` (stage2, step 40)`` from the checkpoint's summary, or nothing where it cannot be read."""
+        try:
+            summary = json.loads((self.path / SUMMARY_FILE).read_text())
+            return f" ({summary['stage']}, step {summary['step']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
     def clear(self) -> None:
-        """Forget an earlier run's checkpoint and log (``--overwrite``); other files stay."""
+        """Forget the log and summary a run folder without a checkpoint may hold; other files stay."""
         for name in (STATE_FILE, SUMMARY_FILE, LOG_FILE):
             (self.path / name).unlink(missing_ok=True)
 

@@ -23,12 +23,19 @@ class WanConversion:
         self.frames = plan.flags.report_frames or REPORT_FRAMES
 
     def check_before_loading(self) -> None:
-        pass  # the loader reads the config first and says what is wrong
+        """The checkpoint located and checked from its config and tensor headers; ``--layers`` and
+        the FLOPs report's video size checked against that config."""
+        from m4v_convert.backbones.wan.flops import check_report_size
+        from m4v_convert.backbones.wan.load import find_wan_checkpoint
+
+        self.checkpoint = find_wan_checkpoint(self.plan.flags.checkpoint)
+        parse_layers(self.plan.layer_spec, self.checkpoint.config["num_layers"])
+        check_report_size(self.checkpoint.config, self.frames, self.height, self.width)
 
     def load_teacher(self):
         from m4v_convert.backbones.wan.load import load_wan_transformer
 
-        return load_wan_transformer(self.plan.flags.checkpoint, dtype=self.plan.dtype, device=self.plan.device)
+        return load_wan_transformer(self.checkpoint, dtype=self.plan.dtype, device=self.plan.device)
 
     def select_layers(self, teacher) -> list[int]:
         return parse_layers(self.plan.layer_spec, teacher.config["num_layers"])

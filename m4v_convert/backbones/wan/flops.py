@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 
 from m4v_convert.convert import parse_layers
+from m4v_convert.errors import M4VError
 from m4v_convert.flops.analytic import MAC, attention_flops, linear_flops, mmdim_flops, resolve_layers
 from m4v_convert.flops.measured import (
     EXPLANATIONS, TOLERANCE, _ops_sum, as_run_config, compare, crosscheck_mmdim, measure_flop_counts,
@@ -209,6 +210,23 @@ def wan_frame_grid(max_frames: int, min_frames: int = 1) -> list[int]:
     return list(range(max(start, 1), max_frames + 1, WAN_VAE_TEMPORAL))
 
 
+CURVE_POINTS = 64  # every valid frame count up to the 64th, then 64 more spaced geometrically
+
+
+def curve_frame_grid(frames: int) -> list[int]:
+    """Frame counts of the report's FLOPs-vs-frames curve, up to twice ``frames``: every valid count
+    (``1, 5, 9, ...``) up to the 64th, then 64 more spaced geometrically (a 100k-frame report stays
+    ~128 points; the crossover, at a few frames, is found exactly)."""
+    top = max(2 * frames - 1, 9)
+    dense = wan_frame_grid(min(top, WAN_VAE_TEMPORAL * (CURVE_POINTS - 1) + 1))
+    if top <= dense[-1]:
+        return dense
+    last = dense[-1]
+    far = {WAN_VAE_TEMPORAL * round((last * (top / last) ** (i / CURVE_POINTS) - 1) / WAN_VAE_TEMPORAL) + 1
+           for i in range(1, CURVE_POINTS + 1)}
+    return dense + sorted(f for f in far if last < f <= top)
+
+
 def flops_vs_frames(config: dict, height: int, width: int, frames: Iterable[int] | None = None,
                     text_len: int = 512, converted_layers: Iterable[int] | str = "all", mmdim_config_fn=None,
                     max_frames: int = 161) -> dict:
@@ -236,15 +254,15 @@ def build_wan_flops_report(config: dict, frames: int, height: int, width: int, t
                            curve_frames=None, name: str | None = None) -> dict:
     """Everything the report shows, for a Wan2.1 config at a pixel video size.
 
-    ``curve_frames``: frame counts of the FLOPs-vs-frames curve (default ``1, 5, ...`` up to
-    twice ``frames``). ``crosscheck``: also build the models on meta and compare with
+    ``curve_frames``: frame counts of the FLOPs-vs-frames curve (default :func:`curve_frame_grid`,
+    up to twice ``frames``). ``crosscheck``: also build the models on meta and compare with
     FlopCounterMode (a few seconds per model).
     """
     cfg = wan_config(config)
     fn = mmdim_config_fn_from(cfg, mmdim_config)
     layers = resolve_layers(converted_layers, cfg["num_layers"])
     report = wan_model_flops(cfg, frames, height, width, text_len, layers, fn)
-    grid = list(curve_frames) if curve_frames is not None else wan_frame_grid(max(2 * frames - 1, 9))
+    grid = list(curve_frames) if curve_frames is not None else curve_frame_grid(frames)
     curve = flops_vs_frames(cfg, height, width, grid, text_len, layers, fn)
     report["name"] = name or "WanTransformer3DModel"
     report["mmdim_config"] = fn(layers[0] if layers else 0).to_dict()
@@ -257,12 +275,26 @@ def build_wan_flops_report(config: dict, frames: int, height: int, width: int, t
     return report
 
 
+def check_report_size(config: dict, frames: int, height: int, width: int) -> None:
+    """Refuse a FLOPs-report video the model cannot take (before anything is computed or loaded):
+    too small for its patch, or a token grid longer on some axis than its rotary table."""
+    try:
+        grid = wan_latent_grid(config, frames, height, width)
+    except ValueError as e:
+        raise M4VError(f"--size {height}x{width} / --frames {frames}: {e}") from None
+    limit = int(config.get("rope_max_seq_len", 1024))
+    if max(grid) > limit:
+        raise M4VError(f"--size {height}x{width} / --frames {frames}: a {'x'.join(map(str, grid))} token grid; the "
+                       f"model's rotary embedding covers {limit} positions per axis (rope_max_seq_len)")
+
+
 def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | None, frames: int | None,
                     layers: str | None, crosscheck: bool) -> tuple[dict, str]:
     """``m4v-convert flops`` for a published Wan config (registry entry ``wan``); defaults:
     480×832, 81 frames (the Wan2.1 release's video)."""
     height, width = size or (480, 832)
     chosen = parse_layers(layers or recipe.default_layers, config["num_layers"])
+    check_report_size(config, frames or 81, height, width)
     report = build_wan_flops_report(config, frames or 81, height, width,
                                     text_len=int(recipe.video.get("text_len", 512)), converted_layers=chosen,
                                     mmdim_config=recipe.mmdim, crosscheck=crosscheck, name=f"{recipe.name} {model}")
