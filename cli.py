@@ -33,8 +33,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except M4VError as e:
             _fail(str(e))
-        except KeyboardInterrupt:
-            _fail("interrupted; --out was not written (resumable state, if any was kept, is named above)", 130)
+        except KeyboardInterrupt as e:
+            what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
+            _fail(f"{what}; {str(e) or '--out was not written'}", 143 if _TERMINATED else 130)
 
     return wrapper
 
@@ -196,18 +197,20 @@ def flops(
     """FLOPs report for a published full-size config (meta device, no weights needed)."""
     from m4v_convert.backbones import registry
     from m4v_convert.errors import M4VError
+    from m4v_convert.io.output import check_output_file, write_output_file
     from m4v_convert.recipes import load_recipe
 
     rec = load_recipe(recipe)
     model, cfg = rec.published_config(model)
     if frames is not None and frames < 1:
         raise M4VError(f"--frames: expected >= 1, got {frames}")
+    if json_path is not None:
+        check_output_file(json_path, "--json")
     report, markdown = registry.for_recipe(rec).flops_report(rec, cfg, model, _parse_size(size) if size else None,
                                                              frames, layers, crosscheck)
     typer.echo(markdown)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
+        write_output_file(json_path, json.dumps(report, indent=2), "--json")
 
 
 @app.command("recipes")
@@ -330,7 +333,19 @@ def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
     return values
 
 
+_TERMINATED: list[int] = []
+
+
+def _on_sigterm(signum, frame):
+    # SIGTERM (a scheduler's stop, `kill`) takes Ctrl-C's way out: cleanup, one message, exit 143
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main():
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

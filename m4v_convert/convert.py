@@ -59,7 +59,10 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     """Parse ``--layers``: ``all``, ``3``, ``0-9``, ``0,2,4``, ``0-3,8,10-11``. Sorted, unique."""
     from m4v_convert.errors import M4VError
 
+    usage = "use 'all', 'N', 'A-B' or a comma list like '0-3,8'"
     s = spec.strip().lower()
+    if not s:
+        raise M4VError(f"--layers: empty; {usage} (leave the flag out for the recipe's default)")
     if s == "all":
         return list(range(num_layers))
     out: set[int] = set()
@@ -69,14 +72,12 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
             if "-" in part:
                 lo, hi = (int(p) for p in part.split("-", 1))
                 if lo > hi:
-                    raise ValueError
+                    raise M4VError(f"--layers: the range {part!r} runs backwards; write '{hi}-{lo}'")
                 out.update(range(lo, hi + 1))
             else:
                 out.add(int(part))
         except ValueError:
-            raise M4VError(
-                f"--layers: cannot parse {part!r} in {spec!r}; use 'all', 'N', 'A-B' or a comma list like '0-3,8'"
-            ) from None
+            raise M4VError(f"--layers: cannot parse {part!r} in {spec!r}; {usage}") from None
     bad = sorted(i for i in out if not 0 <= i < num_layers)
     if bad:
         raise M4VError(f"--layers: layer(s) {bad} out of range; this model has layers 0-{num_layers - 1}")

@@ -57,9 +57,9 @@ class Calib(Strict):
     latent_width: PosInt
     text_len: PosInt
     flow_shift: NonNegNumber | None = None
-    num_samples: NonNegInt | None = None
+    num_samples: PosInt | None = None
     batch_size: PosInt | None = None
-    eval_batches: NonNegInt | None = None
+    eval_batches: PosInt | None = None  # held-out batches for the before/after errors: at least one
     seed: NonNegInt | None = None
     teacher_steps: NonNegInt | None = None  # --teacher-calib: Euler steps per teacher sample
     teacher_first_frame_steps: PosInt | None = None  # PyramidFlow: those of the first latent frame

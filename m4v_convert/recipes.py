@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,10 @@ class Recipe:
     allow_double_stream: bool = False  # pyramidflow: may --layers name double-stream blocks
     spec: RecipeFile | None = None  # the validated file (generic backbones read their sections here)
     raw: dict | None = None  # the YAML as loaded (recorded in converted configs)
+
+    def layers_or_default(self, layers: str | None) -> str:
+        """``--layers`` as given (an empty one is refused by ``parse_layers``), else ``default_layers``."""
+        return str(self.default_layers) if layers is None else layers
 
     def published_config(self, name: str | None) -> tuple[str, dict]:
         """(name, config) of the published full-size config ``--model NAME`` picks (None: the only one)."""
@@ -226,6 +231,27 @@ def _check_mmdim(mmdim: dict, where) -> None:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, with two of YAML 1.1's surprises for a person writing a recipe removed:
+    a key given twice in one section is an error (it was silently the later one), and ``1e-3`` is a
+    number (YAML 1.1 reads an exponent without a dot as a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one section (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load a shipped recipe by name (``wan2.1``) or any YAML file by path."""
     path = Path(name_or_path).expanduser()
@@ -236,7 +262,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise RecipeError(f"unknown recipe {str(name_or_path)!r}: no file {path} (shipped recipes: {known})")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -109,3 +109,262 @@ def test_overwrite_never_discards_a_runs_checkpoint(world, tmp_path):
     res = runner.invoke(app, [*common, "--out", str(tmp_path / "first"), "--overwrite"])
     _refused(res, "holds the checkpoint of an earlier run (stage1, step 2)", f"--resume {run}")
     assert digest(run) == before
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--frames", "0"], "--frames: expected >= 1, got 0"),
+    (["--size", "4x4"], "too small for patch"),
+    (["--frames", "100001"], "rotary embedding covers 64 positions per axis"),
+    (["--layers", "0-7"], "out of range"),
+])
+def test_convert_checks_the_report_size_and_layers_before_reading_a_weight(extra, expect, world, monkeypatch):
+    """What the checkpoint's config alone can refuse is refused before any weight is read (it used
+    to surface after the whole distillation, or as a traceback)."""
+    import m4v_convert.backbones.wan.load as load
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were read before the flags were checked")
+
+    monkeypatch.setattr(load, "load_wan_transformer", no_weights)
+    res = runner.invoke(app, ["convert", str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--out",
+                              str(world["root"].parent / "out"), "--distill-steps", "1", *extra])
+    _refused(res, expect)
+    assert not (world["root"].parent / "out").exists()
+
+
+@pytest.mark.parametrize("size", ["4x4", "480x832"])
+def test_flops_of_a_size_the_model_cannot_take_is_one_line(size):
+    frames = "81" if size == "4x4" else "100001"
+    _refused(runner.invoke(app, ["flops", "wan2.1", "--model", "1.3b", "--size", size, "--frames", frames]),
+             f"--size {size} / --frames {frames}")
+
+
+def _edited_recipe(world, tmp_path, **calib) -> str:
+    data = yaml.safe_load(world["recipe"].read_text())
+    data["calib"].update(calib)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("lr_nan", "--lr: expected > 0, got nan"),
+    ("layers_empty", "--layers: empty"),
+    ("layers_backwards", "the range '1-0' runs backwards; write '0-1'"),
+    ("no_calib_samples", "calib.num_samples"),
+    ("no_eval_batches", "calib.eval_batches"),
+    ("too_few_samples", "calib.num_samples 2 leaves no training sample"),
+])
+def test_flags_and_recipes_that_used_to_pass_or_crash_are_refused_up_front(case, expect, world, tmp_path,
+                                                                           monkeypatch):
+    """Each was accepted (and trained nothing, or trained on NaN) or crashed with a traceback; now
+    one line, before any weight is read."""
+    import m4v_convert.backbones.wan.load as load
+
+    monkeypatch.setattr(load, "load_wan_transformer", lambda *a, **k: pytest.fail("weights were read"))
+    recipe, extra = str(world["recipe"]), {
+        "lr_nan": ["--lr", "nan"], "layers_empty": ["--layers", ""], "layers_backwards": ["--layers", "1-0"],
+    }.get(case, [])
+    if case == "no_calib_samples":
+        recipe = _edited_recipe(world, tmp_path, num_samples=0)
+    elif case == "no_eval_batches":
+        recipe = _edited_recipe(world, tmp_path, eval_batches=0)
+    elif case == "too_few_samples":
+        recipe = _edited_recipe(world, tmp_path, num_samples=2)
+    res = runner.invoke(app, ["convert", recipe, "--checkpoint", str(world["ckpt"]), "--out", str(tmp_path / "out"),
+                              "--distill-steps", "1", *extra])
+    _refused(res, expect)
+    assert not (tmp_path / "out").exists()
+
+
+def test_flops_json_naming_a_folder_is_refused_before_the_report(tmp_path):
+    _refused(runner.invoke(app, ["flops", "wan2.1", "--model", "1.3b", "--no-crosscheck", "--json", str(tmp_path)]),
+             "a folder; give a file name")
+
+
+def test_ablate_names_the_variants_it_knows(world, tmp_path):
+    res = runner.invoke(app, ["ablate", str(world["ckpt"]), "--out", str(tmp_path / "abl"), "--variants", "nope"])
+    _refused(res, "--variants: unknown 'nope' (choose from full, no-text-sandwich")
+
+
+def test_an_interrupted_run_names_its_checkpoint_and_the_command_that_continues(world, tmp_path, interrupt_stage2):
+    run = tmp_path / "run"
+    interrupt_stage2(3)
+    res = runner.invoke(app, ["convert", str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--out",
+                              str(tmp_path / "out"), "--stages", "1,2", "--distill-steps", "1", "--stage2-steps", "5",
+                              "--checkpoint-every", "1", "--run-dir", str(run)])
+    assert res.exit_code == 130 and "Traceback" not in res.output and res.output.count("error:") == 1
+    text = " ".join(res.output.split())
+    assert "interrupted; --out was not written; the run's checkpoint (stage2, step 2)" in text
+    assert f"--resume {run} continues it" in text and not (tmp_path / "out").exists()
+
+
+def test_sigterm_takes_the_interrupt_way_out(world, tmp_path):
+    """SIGTERM (a scheduler stopping the job) used to exit without a word; now: exit 143, one line
+    naming the kept checkpoint, no half-written --out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    cmd = [sys.executable, "-c", "import sys, cli; sys.argv[0] = 'm4v-convert'; cli.main()", "convert",
+           str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--out", str(out), "--stages", "1,2",
+           "--distill-steps", "1", "--stage2-steps", "100000", "--checkpoint-every", "1", "--run-dir", str(run)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "200"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    while not (run / "state.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    text = " ".join(output.split())
+    assert "terminated (SIGTERM); --out was not written; the run's checkpoint" in text and "--resume" in text
+    assert "Traceback" not in output and not out.exists()
+
+
+def test_resume_knows_its_run_by_content_not_by_path_spelling(world, tmp_path):
+    """A resumed run must train the same teacher on the same data: another teacher of the same
+    architecture, or changed calibration files at the same path, used to be resumed without a word,
+    while the same folder spelled as a relative path was refused."""
+    import os
+
+    from safetensors.torch import save_file
+    import torch
+
+    run = tmp_path / "run"
+    other = save_tiny_wan(make_tiny_wan(seed=1), tmp_path / "other")  # same architecture, other weights
+
+    def convert(ckpt, calib, out, *extra):
+        return runner.invoke(app, ["convert", str(world["recipe"]), "--checkpoint", str(ckpt), "--out", str(out),
+                                   "--stages", "1", "--distill-steps", "2", "--checkpoint-every", "1",
+                                   "--calib", str(calib), *extra])
+
+    assert convert(world["ckpt"], world["calib"], tmp_path / "a", "--run-dir", str(run)).exit_code == 0
+    kept = digest(run)
+    _refused(convert(other, world["calib"], tmp_path / "b", "--resume", str(run)), "different teacher (its weights)")
+    res = convert(world["ckpt"], os.path.relpath(world["calib"]), tmp_path / "c", "--resume", str(run))
+    assert res.exit_code == 0, res.output  # the same folder, spelled relative: the same run
+    save_file({"latents": torch.randn(4, 4, 2, 8, 8), "text_embeds": torch.randn(4, 6, 32)},
+              str(world["calib"] / "a.safetensors"))  # new contents at the same path
+    _refused(convert(world["ckpt"], world["calib"], tmp_path / "d", "--resume", str(run)),
+             "different calibration data (source and contents)")
+    assert digest(run) == kept and not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("where", ["output", "checkpoint"])
+def test_a_full_disk_is_one_line_and_keeps_what_was_there(where, world, tmp_path, monkeypatch):
+    """Disk full while writing ``--out`` (safetensors) or the run's ``state.pt`` (torch) used to end
+    in a raw SafetensorError / RuntimeError traceback; the earlier output is kept either way."""
+    import errno
+
+    import m4v_convert.distill.state as state
+    import m4v_convert.io.converted as converted
+
+    out = tmp_path / "out"
+    args = ["convert", str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--out", str(out), "--stages", "1",
+            "--distill-steps", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    earlier = digest(out)
+    if where == "output":
+        from safetensors import SafetensorError
+
+        def full(*a, **k):
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                  "\"No space left on device\" })")
+
+        monkeypatch.setattr(converted, "save_file", full)
+        expect = "cannot write the converted model (Error while serializing"
+    else:
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(state.torch, "save", full)
+        args += ["--checkpoint-every", "1", "--run-dir", str(tmp_path / "run")]
+        expect = "cannot write the checkpoint (No space left on device)"
+    _refused(runner.invoke(app, [*args, "--overwrite"]), expect)
+    assert digest(out) == earlier
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+
+
+def test_a_killed_write_leaves_nothing_behind_for_long(world, tmp_path):
+    """SIGKILL during the final write leaves a hidden full copy beside ``--out``; the next run of that
+    output removes it (only a dead process's, only this output's) and says so."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    stale = tmp_path / f".out.tmp-{pid}-abc123"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".out.tmp-{__import__('os').getpid()}-def456"  # a running process's: kept
+    other = tmp_path / f".other.tmp-{pid}-ghi789"  # another output's: kept
+    live.mkdir(), other.mkdir()
+    res = runner.invoke(app, ["convert", str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--out",
+                              str(tmp_path / "out"), "--stages", "1", "--distill-steps", "1"])
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and live.exists() and other.exists()
+    assert "removed" in res.output and "killed" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("case", ["int_weight", "int_latents"])
+def test_integer_tensors_are_refused_not_cast(case, world, tmp_path):
+    """A planted int32 weight became 353.0 where 0.35 was, integer latents were cast silently."""
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    args = ["convert", str(world["recipe"]), "--out", str(tmp_path / "out"), "--distill-steps", "1"]
+    if case == "int_weight":
+        import shutil
+
+        ckpt = tmp_path / "ckpt"
+        shutil.copytree(world["ckpt"], ckpt)
+        f = ckpt / "diffusion_pytorch_model.safetensors"
+        t = load_file(str(f))
+        name = next(k for k in t if k.endswith("attn1.to_q.weight"))
+        t[name] = (t[name] * 1000).to(torch.int32)
+        save_file(t, str(f))
+        res = runner.invoke(app, [*args, "--checkpoint", str(ckpt)])
+        _refused(res, "hold integers", name, "floating point")
+    else:
+        calib = tmp_path / "calib"
+        calib.mkdir()
+        save_file({"latents": torch.randint(0, 9, (4, 4, 2, 8, 8), dtype=torch.int32),
+                   "text_embeds": torch.randn(4, 6, 32)}, str(calib / "a.safetensors"))
+        res = runner.invoke(app, [*args, "--checkpoint", str(world["ckpt"]), "--calib", str(calib)])
+        _refused(res, "'latents' holds torch.int32 values")
+
+
+def test_recipe_yaml_duplicate_keys_are_refused_and_exponents_are_numbers(world, tmp_path):
+    text = world["recipe"].read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "default_layers: '0'\n")  # a user's added line, silently ignored before
+    res = runner.invoke(app, ["convert", str(twice), "--checkpoint", str(world["ckpt"]), "--out",
+                              str(tmp_path / "out")])
+    _refused(res, "key 'default_layers' given twice in one section")
+    from m4v_convert.recipes import load_recipe
+
+    data = yaml.safe_load(text)
+    data["distill"]["stage1"]["lr"] = "LR"
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(data).replace("lr: LR", "lr: 1e-3"))  # as a person types it
+    assert load_recipe(plain).distill["stage1"]["lr"] == 0.001
+
+
+def test_a_run_that_trains_nothing_says_so(world, tmp_path):
+    """``--stages 3`` without ``--data`` used to write an undistilled model without a word; it still
+    lands (stage 3 is skipped with the reason), but the console and the card say nothing was trained."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["convert", str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--out", str(out),
+                              "--stages", "3"])
+    assert res.exit_code == 0, res.output
+    assert "warning: nothing was trained" in " ".join(res.output.split())
+    assert "**nothing was trained**" in (out / "README.md").read_text()
+    trained = tmp_path / "trained"
+    res = runner.invoke(app, ["convert", str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--out",
+                              str(trained), "--stages", "1", "--distill-steps", "1"])
+    assert res.exit_code == 0 and "nothing was trained" not in res.output
+    assert "nothing was trained" not in (trained / "README.md").read_text()

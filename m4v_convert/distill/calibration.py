@@ -65,6 +65,9 @@ def synthetic_samples(spec: CalibSpec, n: int, seed: int) -> list[CleanSample]:
     return out
 
 
+FLOAT_TENSORS = ("latents", "text_embeds", "pooled")  # text_mask may be integer
+
+
 def read_tensor_files(folder: Path, required: tuple[str, ...], flag: str = "--calib"):
     """(file, tensors) for every ``*.safetensors`` file in ``folder``, each holding ``required``;
     one clear error for a missing folder, no files, an unreadable file or a missing tensor."""
@@ -83,6 +86,10 @@ def read_tensor_files(folder: Path, required: tuple[str, ...], flag: str = "--ca
         missing = [k for k in required if k not in t]
         if missing:
             raise M4VError(f"{flag} {f}: missing tensor {missing[0]!r} (has {sorted(t)}; needs {names})")
+        integer = [k for k in required if k in FLOAT_TENSORS and not t[k].is_floating_point()]
+        if integer:  # they would be cast to float without a word (a mis-saved VAE output, token ids)
+            raise M4VError(f"{flag} {f}: {integer[0]!r} holds {t[integer[0]].dtype} values; latents and text "
+                           "embeddings are floating point")
         yield f, t
 
 

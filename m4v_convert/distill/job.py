@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +21,7 @@ from m4v_convert.distill.calibration import (CalibSpec, CleanSample, check_unifo
 from m4v_convert.distill.distributed import DistContext
 from m4v_convert.distill.params import (add_lora, check_train_mode, merge_lora_, set_trainable, trainable_params)
 from m4v_convert.distill.stage1 import Stage1Result, Stage1Settings
-from m4v_convert.distill.state import RunDir, check_identity, log_until
+from m4v_convert.distill.state import RunDir, check_identity, fingerprint, log_until, samples_fingerprint
 from m4v_convert.distill.trainer import StageSchedule, Trainer
 from m4v_convert.errors import M4VError
 
@@ -118,7 +119,7 @@ def parse_stages(text: str) -> list[int]:
 def _positive(flag: str, value, minimum=0, strict=False):
     if value is None:
         return None
-    if (value <= minimum) if strict else (value < minimum):
+    if not math.isfinite(value) or ((value <= minimum) if strict else (value < minimum)):
         raise M4VError(f"{flag}: expected {'>' if strict else '>='} {minimum}, got {value}")
     return value
 
@@ -161,6 +162,11 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
         from m4v_convert.distill.params import _peft
 
         _peft()  # a missing peft fails here, before any weight is read
+    c = recipe.calib
+    bs_eval, n_eval = int(c.get("batch_size", 1)), int(c.get("eval_batches", 1))
+    if opts.calib is None and int(c.get("num_samples", 16)) < bs_eval * (n_eval + 1):  # synthetic calibration
+        raise M4VError(f"{recipe.path}: calib.num_samples {int(c.get('num_samples', 16))} leaves no training sample "
+                       f"beside the {n_eval} held-out batch(es) of {bs_eval}; use at least {bs_eval * (n_eval + 1)}")
     if opts.data is not None and 3 not in stages:
         raise M4VError(f"--data is the fine-tune data of stage 3, which --stages {','.join(map(str, stages))} "
                        "leaves out")
@@ -311,8 +317,12 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
     identity = {
         "recipe": recipe.name, "layers": list(layers), "train": plan.train, "stages": plan.stages,
         "schedules": {f"stage{k}": plan.schedules[k].to_dict() for k in plan.stages}, "seed": opts.seed,
-        "world_size": dist.world, "calibration": calib_label, "data": None if data is None else str(opts.data),
-        "model": adapter.identity(model_cfg),
+        "world_size": dist.world,
+        # what the run trains on, by content: the same folder spelled two ways is the same data, and
+        # another teacher or changed files at the same path are not
+        "calibration": {"source": calib_label.split(":", 1)[0], "digest": samples_fingerprint(samples)},
+        "data": None if data is None else samples_fingerprint(data),
+        "model": adapter.identity(model_cfg), "dtype": str(dtype), "teacher": fingerprint(teacher.state_dict().items()),
         "lora": [plan.lora_rank, plan.lora_alpha] if plan.uses_lora else None,
         "loss": {"feature_weight": plan.feature_weight, "output_weight": plan.output_weight},
     }

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from m4v_convert.errors import M4VError
+from m4v_convert.errors import M4VError, error_reason
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "state.json"
@@ -106,10 +106,15 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
 
     def save(self, state: dict) -> None:
+        """Write the checkpoint (atomically: a failed write keeps the previous one)."""
         self.create()
-        atomic_torch_save(state, self.state_path)
-        summary = {k: v for k, v in state.items() if k not in ("weights", "optimizer", "scheduler", "rng")}
-        atomic_write_text(self.path / SUMMARY_FILE, json.dumps(_plain(summary), indent=2))
+        try:
+            atomic_torch_save(state, self.state_path)
+            summary = {k: v for k, v in state.items() if k not in ("weights", "optimizer", "scheduler", "rng")}
+            atomic_write_text(self.path / SUMMARY_FILE, json.dumps(_plain(summary), indent=2))
+        except (OSError, RuntimeError) as e:  # disk full: torch raises RuntimeError from its zip writer
+            raise M4VError(f"run folder {self.path}: cannot write the checkpoint ({error_reason(e)}); the previous "
+                           "checkpoint, if any, is kept") from None
 
     def load(self, flag: str = "--resume") -> dict:
         if not self.path.is_dir():
@@ -165,9 +170,36 @@ def log_until(records: list[dict], stage: str, step: int) -> list[dict]:
 _IDENTITY_WORDS = {
     "recipe": "recipe", "layers": "converted layers", "train": "--train", "stages": "--stages",
     "schedules": "stage schedule", "seed": "--seed", "world_size": "number of processes",
-    "calibration": "calibration source", "data": "--data", "model": "checkpoint architecture",
+    "calibration": "calibration data (source and contents)", "data": "--data contents",
+    "model": "checkpoint architecture", "dtype": "--dtype", "teacher": "teacher (its weights)",
     "lora": "LoRA settings", "loss": "loss weights",
 }
+
+FINGERPRINT_VALUES = 4096  # values sampled per tensor
+
+
+def fingerprint(named_tensors) -> str:
+    """A digest of ``(name, tensor)`` pairs: names, shapes and an evenly strided sample of at most
+    4096 values per tensor (as float64, so the digest does not depend on the device). Cheap on a 14B
+    model, and different for another teacher or other data of the same shapes, which a run's
+    identity must tell apart (a path's spelling cannot)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_VALUES)].to("cpu", torch.float64)
+        h.update(f"{name}|{tuple(t.shape)}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def samples_fingerprint(samples: list) -> str:
+    """:func:`fingerprint` of calibration / data samples (dataclasses of tensors)."""
+    import dataclasses
+
+    return fingerprint((f"{i}.{f.name}", getattr(s, f.name)) for i, s in enumerate(samples)
+                       for f in dataclasses.fields(s) if isinstance(getattr(s, f.name), torch.Tensor))
 
 
 def check_identity(saved: dict, current: dict, where: Path) -> None:

@@ -49,6 +49,13 @@ def _stage_line(k: int, stage: dict, facts: CardFacts) -> str:
     return line
 
 
+def _untrained(summary: dict) -> str:
+    if any(stage.get("steps") for stage in summary["stages"].values()):
+        return ""
+    return ("\n- **nothing was trained**: the MM-DiM layers are as initialized from the attention weights, not "
+            "distilled")
+
+
 def model_card(summary: dict, recipe, facts: CardFacts) -> str:
     d = summary["distill"]
     before, after = summary["error_before"], summary["error_after"]
@@ -65,7 +72,7 @@ def model_card(summary: dict, recipe, facts: CardFacts) -> str:
 - distillation: stage 1 (teacher-forced attention transfer), {d['stage1_steps']} steps, lr {d['lr']};
   {_stage_line(2, d['stage2'], facts)};
   {_stage_line(3, d['stage3'], facts)} (trained in stages 2/3: {d['train']})
-{calibration_line(summary['calibration'], facts)}
+{calibration_line(summary['calibration'], facts)}{_untrained(summary)}
 
 {where}Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of
 {facts.inputs_of}{facts.load_note}.

@@ -43,11 +43,36 @@ def check_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | str | 
     return out
 
 
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary folders an earlier write of ``out`` left beside it when its process was
+    killed (SIGKILL, power loss) before the rename: ``.<out>.tmp-<pid>-*`` of processes that are gone.
+    Only this output's, only of dead processes; returns what was removed."""
+    out = Path(out).expanduser().resolve()
+    removed = []
+    for tmp in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        pid = tmp.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if not tmp.is_dir() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False):
     """Yield a temporary folder; on success it becomes ``out`` (replacing it if ``overwrite``)."""
     out = check_output_dir(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
@@ -60,3 +85,29 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_file(path: Path, flag: str) -> Path:
+    """An output file's path, refused up front when it names a folder or its folder cannot be made."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        raise M4VError(f"{flag} {path}: a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise M4VError(f"{flag}: cannot create the folder {path.parent} ({e.strerror})") from None
+    return path
+
+
+def write_output_file(path: Path, text: str, flag: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary sibling renamed into place); one
+    ``error:`` line when it cannot be written, the earlier file (if any) kept."""
+    path = check_output_file(path, flag)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise M4VError(f"{flag} {path}: cannot write it ({e.strerror})") from None
+

@@ -198,8 +198,8 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
     con = _console(console)
     unknown = [v for v in opts.variants if v not in VARIANTS]
     if unknown or not opts.variants:
-        raise M4VError(f"--variants: unknown {unknown[0]!r}" if unknown else "--variants: none given"
-                       + f" (choose from {', '.join(VARIANTS)})")
+        what = f"unknown {unknown[0]!r}" if unknown else "none given"
+        raise M4VError(f"--variants: {what} (choose from {', '.join(VARIANTS)})")
     seeds = opts.seed_list
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise M4VError(f"--distill-seeds: expected distinct seeds >= 0, got {','.join(map(str, seeds))}")

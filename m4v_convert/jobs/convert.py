@@ -19,7 +19,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 import m4v_convert
-from m4v_convert.errors import M4VError
+from m4v_convert.errors import Interrupted, M4VError, error_reason
 from m4v_convert.jobs.plan import (ConversionPlan, ConvertFlags, console_or_default, conversion_inputs, load_for,
                                    plan_conversion, resolve_device, resolve_dtype)
 
@@ -102,13 +102,25 @@ class Conversion(Protocol):
 
 def convert(plan: ConversionPlan) -> dict:
     """Run the planned conversion; returns the summary written to ``conversion.json``. Inside a
-    launched process group every process trains its share of each batch and rank 0 writes."""
+    launched process group every process trains its share of each batch and rank 0 writes.
+    Interrupted, it says what was kept and the command that continues (:class:`Interrupted`)."""
+    try:
+        return _convert(plan)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        run = plan.distill.run_dir
+        if run is not None and run.has_checkpoint():
+            raise Interrupted(f"--out was not written; the run's checkpoint{run.progress_text()} is kept in "
+                              f"{run.path}: the same command with --resume {run.path} continues it") from None
+        raise Interrupted("--out was not written and no checkpoint was kept (--checkpoint-every N makes a run "
+                          "resumable)") from None
+
+
+def _convert(plan: ConversionPlan) -> dict:
     from m4v_convert.backbones import registry
-    from m4v_convert.distill.job import DistillReport, plot_losses, run_distillation
+    from m4v_convert.distill.job import DistillReport, run_distillation
     from m4v_convert.distill.stage1 import Stage1Result
-    from m4v_convert.io.converted import save_converted
-    from m4v_convert.io.model_card import model_card
-    from m4v_convert.io.output import atomic_output_dir
 
     flags, recipe, con, dist = plan.flags, plan.recipe, plan.console, plan.dist
     steps: Conversion = registry.resolve(plan.backbone.conversion)(plan)
@@ -136,6 +148,9 @@ def convert(plan: ConversionPlan) -> dict:
         report = run_distillation(teacher, student, adapter, recipe, flags, plan.distill, dist, con, plan.device,
                                   plan.dtype)
     print_distill_report(con, report, scope=steps.distill_scope)
+    if not any(r.get("steps") for r in report.results.values()):
+        con.print("[bold yellow]warning:[/] nothing was trained (every planned stage was skipped or had 0 steps): "
+                  "the output holds the MM-DiM layers as initialized from attention, not distilled")
 
     flops = steps.flops_report(cfg, layers)
     summary = conversion_summary(plan, layers, report, flops, steps.transformer_folder)
@@ -144,6 +159,25 @@ def convert(plan: ConversionPlan) -> dict:
                                                            "end_to_end_error", "stages", "seconds")}
     student.register_to_config(m4v={**student.config["m4v"], **record, "converted_layers": layers})
     if dist.is_main:
+        _write_output(plan, steps, student, layers, report, flops, summary, cfg)
+        con.print(f"[green]wrote[/] {Path(flags.out).resolve()}  ({summary['seconds']} s)")
+        con.print(steps.flops_line(flops))
+    dist.barrier()
+    return summary
+
+
+def _write_output(plan: ConversionPlan, steps: Conversion, student, layers, report, flops, summary, cfg) -> None:
+    """``--out``, written atomically; a failed write (disk full) is one error line and keeps the
+    earlier ``--out``, if any."""
+    from safetensors import SafetensorError
+
+    from m4v_convert.distill.job import plot_losses
+    from m4v_convert.io.converted import save_converted
+    from m4v_convert.io.model_card import model_card
+    from m4v_convert.io.output import atomic_output_dir
+
+    flags, recipe = plan.flags, plan.recipe
+    try:
         with atomic_output_dir(flags.out, flags.overwrite) as tmp:
             folder = tmp / steps.transformer_folder if steps.transformer_folder else tmp
             save_converted(student, folder, metadata={
@@ -156,10 +190,9 @@ def convert(plan: ConversionPlan) -> dict:
             summary["seconds"] = round(time.time() - plan.started, 1)
             (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
             (tmp / "README.md").write_text(model_card(summary, recipe, steps.card_facts(cfg, flops)))
-        con.print(f"[green]wrote[/] {Path(flags.out).resolve()}  ({summary['seconds']} s)")
-        con.print(steps.flops_line(flops))
-    dist.barrier()
-    return summary
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise M4VError(f"--out {Path(flags.out).resolve()}: cannot write the converted model ({error_reason(e)}); the "
+                       "earlier --out, if any, is kept") from None
 
 
 def conversion_summary(plan: ConversionPlan, layers: list[int], report, flops: dict,

@@ -99,7 +99,7 @@ class ConversionPlan:
     @property
     def layer_spec(self) -> str:
         """``--layers``, else the recipe's ``default_layers``."""
-        return self.flags.layers or str(self.recipe.default_layers)
+        return self.recipe.layers_or_default(self.flags.layers)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,6 +146,8 @@ def load_for(flags: ConvertFlags, command: str | None = None):
                        "recipes")
     if flags.num_processes < 1:
         raise M4VError(f"--num-processes: expected >= 1, got {flags.num_processes}")
+    if flags.report_frames is not None and flags.report_frames < 1:
+        raise M4VError(f"--frames: expected >= 1, got {flags.report_frames}")
     entry.check_conversion_flags(flags, recipe)
     return recipe, entry
 
@@ -153,12 +155,15 @@ def load_for(flags: ConvertFlags, command: str | None = None):
 def plan_conversion(flags: ConvertFlags, recipe, entry, console=None) -> ConversionPlan:
     """The checked plan of one process's conversion (after :func:`load_for`)."""
     from m4v_convert.distill.job import make_plan
-    from m4v_convert.io.output import check_output_dir
+    from m4v_convert.io.output import check_output_dir, remove_stale_temporaries
 
     con = console_or_default(console)
     device, dtype = resolve_device(flags.device), resolve_dtype(flags.dtype)
     dist, device, con = join_process_group(device, con)
     check_output_dir(flags.out, flags.overwrite, conversion_inputs(flags, recipe))
+    if dist.is_main:
+        for leftover in remove_stale_temporaries(flags.out):
+            con.print(f"note: removed {leftover}, the unfinished output of an earlier run that was killed")
     if flags.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

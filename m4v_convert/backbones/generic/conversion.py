@@ -141,7 +141,7 @@ def check_recipe(recipe, checkpoint: Path | None = None, model: str | None = Non
     infos = G.find_layers(net, spec, where)
     for info in infos:
         G.layer_geometry(net, info, spec, src.config, recipe.mmdim, where)
-    chosen = parse_layers(layers or recipe.default_layers, max(i.index for i in infos) + 1)
+    chosen = parse_layers(recipe.layers_or_default(layers), max(i.index for i in infos) + 1)
     known = {i.index for i in infos}
     missing = [i for i in chosen if i not in known]
     if missing:

@@ -199,7 +199,7 @@ def _check_layers_before_loading(opts, recipe) -> None:
     if CLASS_NAMES.get(config.get("_class_name")) != recipe.variant:
         return
     n_double, n_single = _block_counts(config, recipe.variant)
-    layers = parse_layers(opts.layers or recipe.default_layers, n_double + n_single)
+    layers = parse_layers(recipe.layers_or_default(opts.layers), n_double + n_single)
     check_layer_selection(layers, n_double, recipe.variant, recipe.allow_double_stream, n_single,
                           _layer_source(opts.layers, recipe))
 
@@ -215,7 +215,7 @@ def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | No
         height, width = size
     n_double = int(config.get("num_layers", 8))
     n_single = 0 if recipe.variant == "sd3" else int(config.get("num_single_layers", 16))
-    chosen = parse_layers(layers or recipe.default_layers, n_double + n_single)
+    chosen = parse_layers(recipe.layers_or_default(layers), n_double + n_single)
     check_layer_selection(chosen, n_double, recipe.variant, recipe.allow_double_stream, n_single,
                           _layer_source(layers, recipe))
     try:

@@ -19,8 +19,9 @@ class WanConversion:
 
     def __init__(self, plan):
         self.plan = plan
-        self.height, self.width = plan.flags.report_size or REPORT_SIZE
-        self.frames = plan.flags.report_frames or REPORT_FRAMES
+        flags = plan.flags
+        self.height, self.width = REPORT_SIZE if flags.report_size is None else flags.report_size
+        self.frames = REPORT_FRAMES if flags.report_frames is None else flags.report_frames
 
     def check_before_loading(self) -> None:
         """The checkpoint located and checked from its config and tensor headers; ``--layers`` and

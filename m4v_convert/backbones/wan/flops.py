@@ -293,7 +293,7 @@ def published_flops(recipe, config: dict, model: str, size: tuple[int, int] | No
     """``m4v-convert flops`` for a published Wan config (registry entry ``wan``); defaults:
     480×832, 81 frames (the Wan2.1 release's video)."""
     height, width = size or (480, 832)
-    chosen = parse_layers(layers or recipe.default_layers, config["num_layers"])
+    chosen = parse_layers(recipe.layers_or_default(layers), config["num_layers"])
     check_report_size(config, frames or 81, height, width)
     report = build_wan_flops_report(config, frames or 81, height, width,
                                     text_len=int(recipe.video.get("text_len", 512)), converted_layers=chosen,

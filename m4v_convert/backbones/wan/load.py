@@ -530,6 +530,10 @@ def find_wan_checkpoint(
     files, index = _resolve(source)
     header = read_header(source)
     prefix = _split_prefix(header)
+    integer = sorted(k for k, info in header.items() if k.startswith(prefix) and not info.dtype.startswith(("F", "BF")))
+    if integer:  # from_pretrained would cast them to float without a word
+        raise CheckpointError(f"{where}: {len(integer)} tensor(s) hold integers ({_brief(integer)}: "
+                              f"{header[integer[0]].dtype}); a Wan2.1 checkpoint's weights are floating point")
     shapes = {k[len(prefix) :]: info.shape for k, info in header.items() if k.startswith(prefix)}
     keys = set(shapes)
 
