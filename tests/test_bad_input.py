@@ -368,3 +368,82 @@ def test_a_run_that_trains_nothing_says_so(world, tmp_path):
                               str(trained), "--stages", "1", "--distill-steps", "1"])
     assert res.exit_code == 0 and "nothing was trained" not in res.output
     assert "nothing was trained" not in (trained / "README.md").read_text()
+
+
+@pytest.mark.parametrize("tamper", ["weight_missing", "layer_missing_from_config", "num_layers"])
+def test_a_tampered_conversion_is_one_line_for_load_and_eval(tamper, world, tmp_path):
+    """An edited config.json or weights file used to surface as NotImplementedError ("Cannot copy
+    out of meta tensor"), IndexError or AttributeError."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from m4v_convert import load_converted
+    from m4v_convert.errors import CheckpointError
+
+    student = tmp_path / "tampered"
+    shutil.copytree(world["student"], student)
+    cfg = json.loads((student / "config.json").read_text())
+    if tamper == "weight_missing":
+        f = student / "diffusion_pytorch_model.safetensors"
+        t = load_file(str(f))
+        del t[next(k for k in t if ".attn1.mmdim." in k)]
+        save_file(t, str(f), metadata={"format": "pt"})
+        expect = "tensor(s) missing from the weights"
+    elif tamper == "layer_missing_from_config":
+        cfg["m4v"]["layers"].pop(sorted(cfg["m4v"]["layers"])[0])
+        expect = "tensor(s) the config does not describe"
+    else:
+        cfg["num_layers"] = 5
+        expect = "tensor(s) missing from the weights: blocks.2."
+    if tamper != "weight_missing":
+        (student / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match config.json"):
+        load_converted(student)
+    res = runner.invoke(app, ["eval", str(world["ckpt"]), str(student), "--out", str(tmp_path / "ev"), "--seeds", "1",
+                              "--steps", "1"])
+    _refused(res, expect)
+
+
+@pytest.mark.parametrize("content", ["pickle", "truncated"])
+def test_an_unreadable_run_checkpoint_never_advises_unsafe_loading(content, world, tmp_path):
+    """A state.pt holding a pickled object (or cut short) is refused in one line that does not pass on
+    torch's advice to load it with weights_only=False."""
+    import torch
+
+    run = tmp_path / "run"
+    common = ["convert", str(world["recipe"]), "--checkpoint", str(world["ckpt"]), "--stages", "1",
+              "--distill-steps", "2", "--checkpoint-every", "1", "--layers", "0"]
+    assert runner.invoke(app, [*common, "--out", str(tmp_path / "a"), "--run-dir", str(run)]).exit_code == 0
+    state = run / "state.pt"
+    if content == "pickle":
+        torch.save({"format": "m4v", "payload": __import__("collections").OrderedDict, "fn": print}, state)
+    else:
+        state.write_bytes(state.read_bytes()[:200])
+    text = _refused(runner.invoke(app, [*common, "--out", str(tmp_path / "b"), "--resume", str(run)]),
+                    "cannot read the checkpoint", "start a new run")
+    assert "weights_only" not in text
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["recipes", "--check", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["recipes", "--checkpoint", "x"], "go with --check RECIPE"),
+    (["flops", "no-such-recipe"], "unknown recipe"),
+    (["flops", "wan2.1", "--model", "7b"], "ships configs ['1.3b', '14b'], not '7b'"),
+    (["flops", "wan2.1", "--model", "1.3b", "--layers", "0-99"], "out of range"),
+    (["wan2.1", "--recipe", "pyramidflow-miniflux-768p", "--checkpoint", "CKPT", "--out", "OUT"],
+     "this command converts Wan2.1"),
+    (["pyramidflow", "--recipe", "wan2.1", "--checkpoint", "CKPT", "--out", "OUT"], "this command converts PyramidFlow"),
+    (["convert", "wan2.1", "--checkpoint", "CKPT", "--out", "OUT", "--model", "1.3b"],
+     "--model: not offered for wan recipes"),
+    (["convert", "wan2.1", "--checkpoint", "NOWHERE", "--out", "OUT"], "does not exist"),
+    (["eval", "CKPT", "NOWHERE", "--out", "OUT"], "does not exist"),
+    (["eval", "CKPT", "CKPT", "--out", "OUT"], "not a converted model"),
+    (["ablate", "CKPT", "--out", "OUT", "--recipe", "pyramidflow-miniflux-768p"], "ablate measures on the synthetic"),
+])
+def test_every_command_answers_bad_input_with_one_line(args, expect, world, tmp_path):
+    """The commands' table of bad input: exit 2, one error line, no traceback, inputs unchanged, no --out."""
+    before = digest(world["root"])
+    subst = {"CKPT": str(world["ckpt"]), "OUT": str(tmp_path / "out"), "NOWHERE": str(tmp_path / "nowhere")}
+    _refused(runner.invoke(app, [subst.get(a, a) for a in args]), expect)
+    assert digest(world["root"]) == before and not (tmp_path / "out").exists()

@@ -124,7 +124,11 @@ class RunDir:
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (any unreadable file is the same user problem)
-            raise M4VError(f"{flag} {self.state_path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+            # torch's own text on a refused pickle suggests loading it unsafely: never pass that on
+            why = ("it holds objects beyond tensors and plain data, which m4v-convert never writes"
+                   if "weights" in str(e).lower() and "only" in str(e).lower() else error_reason(e))
+            raise M4VError(f"{flag} {self.state_path}: cannot read the checkpoint ({why}); it is damaged or was "
+                           "not written by m4v-convert: start a new run (another --run-dir)") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise M4VError(f"{flag} {self.state_path}: not an m4v-convert training checkpoint")
         if state.get("version") != VERSION:

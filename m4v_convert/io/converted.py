@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from m4v_convert.errors import CheckpointError
+from m4v_convert.errors import CheckpointError, error_reason
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -90,6 +90,33 @@ def read_converted_config(folder: Path) -> dict:
     return cfg
 
 
+def check_weights_match_config(folder: Path, cls: type, cfg: dict) -> None:
+    """Refuse a converted folder whose ``config.json`` and weights disagree (an edited config, a
+    converted layer missing from one of them, a file from another conversion), from the model built
+    on the meta device and the safetensors headers, before any weight is read."""
+    from m4v_convert.io.safetensors_io import read_header
+
+    try:
+        with torch.device("meta"):
+            model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    except Exception as e:  # noqa: BLE001 (any failure to build from this config is the config's fault)
+        raise CheckpointError(f"{folder}/config.json: cannot build {cls.__name__} from it "
+                              f"({type(e).__name__}: {error_reason(e)}); was it edited?") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: info.shape for k, info in read_header(folder).items()}
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = [f"{k} is {list(found[k])}, config needs {list(expected[k])}" for k in sorted(expected)
+             if k in found and found[k] != expected[k]]
+    problems = [f"{len(v)} {what}: {', '.join(v[:3])}{', ...' if len(v) > 3 else ''}"
+                for v, what in ((missing, "tensor(s) missing from the weights"),
+                                (unexpected, "tensor(s) the config does not describe"), (wrong, "shape mismatch(es)"))
+                if v]
+    if problems:
+        raise CheckpointError(f"{folder}: the weights do not match config.json (converted layers "
+                              f"{(cfg.get('m4v') or {}).get('converted_layers', '?')}): " + "; ".join(problems))
+
+
 def load_converted(folder, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a converted model; returns the diffusers ``ModelMixin`` that was saved, in eval mode.
 
@@ -100,11 +127,12 @@ def load_converted(folder, *, dtype: torch.dtype | None = None, device: str | to
     folder = resolve_converted_folder(folder)
     cfg = read_converted_config(folder)
     cls = _converted_class(cfg)
+    check_weights_match_config(folder, cls, cfg)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{folder}: cannot load converted model: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, NotImplementedError) as e:
+        raise CheckpointError(f"{folder}: cannot load converted model: {error_reason(e)}") from None
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()
