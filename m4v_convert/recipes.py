@@ -286,9 +286,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             raise RecipeError(f"{where(('mmdim', key))}: field 'mmdim.{key}' {why}")
     published = {}
     for key, rel in (data.get("published") or {}).items():
-        p = (path.parent / rel).resolve()
-        if not p.is_file():
-            raise RecipeError(f"{where(('published', key))}: field 'published.{key}' points to {p}, "
+        # relative to the recipe; a copy of a shipped recipe elsewhere still finds the shipped configs
+        candidates = [(path.parent / rel).resolve(), (RECIPES_DIR / rel).resolve()]
+        p = next((c for c in candidates if c.is_file()), None)
+        if p is None:
+            raise RecipeError(f"{where(('published', key))}: field 'published.{key}' points to {candidates[0]}, "
                               "which does not exist")
         published[str(key)] = p
     return Recipe(

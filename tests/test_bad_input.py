@@ -434,6 +434,7 @@ def test_an_unreadable_run_checkpoint_never_advises_unsafe_loading(content, worl
     (["wan2.1", "--recipe", "pyramidflow-miniflux-768p", "--checkpoint", "CKPT", "--out", "OUT"],
      "this command converts Wan2.1"),
     (["pyramidflow", "--recipe", "wan2.1", "--checkpoint", "CKPT", "--out", "OUT"], "this command converts PyramidFlow"),
+    (["wan2.1", "--checkpoint", "CKPT", "--out", "OUT", "--dtype", "float16"], "--dtype float16: Wan2.1's activations"),
     (["convert", "wan2.1", "--checkpoint", "CKPT", "--out", "OUT", "--model", "1.3b"],
      "--model: not offered for wan recipes"),
     (["convert", "wan2.1", "--checkpoint", "NOWHERE", "--out", "OUT"], "does not exist"),
@@ -447,3 +448,76 @@ def test_every_command_answers_bad_input_with_one_line(args, expect, world, tmp_
     subst = {"CKPT": str(world["ckpt"]), "OUT": str(tmp_path / "out"), "NOWHERE": str(tmp_path / "nowhere")}
     _refused(runner.invoke(app, [subst.get(a, a) for a in args]), expect)
     assert digest(world["root"]) == before and not (tmp_path / "out").exists()
+
+
+def test_a_copied_shipped_recipe_still_finds_its_published_configs(tmp_path):
+    """Copying recipes/wan2.1.yaml elsewhere to edit it used to break its relative ``published`` paths."""
+    import shutil
+
+    copy = tmp_path / "my-wan.yaml"
+    shutil.copy(RECIPES_DIR / "wan2.1.yaml", copy)
+    res = runner.invoke(app, ["flops", str(copy), "--model", "1.3b", "--no-crosscheck"])
+    assert res.exit_code == 0, res.output
+    assert "TFLOPs" in res.output
+
+
+def test_the_cogvideox_recipe_converts_the_1_5_layout_it_names(tmp_path):
+    """recipes/cogvideox.yaml names CogVideoX 1.5, whose patch spans 2 frames; its 3-frame synthetic
+    calibration used to stop the conversion ("F = 3 is not a multiple of the model's patch size 2")."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from m4v_convert import load_converted
+
+    torch.manual_seed(0)
+    CogVideoXTransformer3DModel(  # diffusers' tiny CogVideoX 1.5 test configuration
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        patch_size_t=2, max_text_seq_length=8, use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=False, patch_bias=False).save_pretrained(tmp_path / "cog15")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(tmp_path / "cog15"), "--out", str(out),
+                              "--distill-steps", "2", "--stage2-steps", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "rounded up to this model's patch sizes" in " ".join(res.output.split())
+    summary = json.loads((out / "conversion.json").read_text())
+    assert summary["layers"] == [0, 1] and summary["stages"]["stage2"]["steps"] == 1
+    assert load_converted(out).converted_layers == [0, 1]
+
+
+def test_eval_of_a_nan_student_measures_nothing(world, tmp_path):
+    """A student whose weights hold NaN used to get adherence numbers and "nan dB"."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    student = tmp_path / "nan"
+    shutil.copytree(world["student"], student)
+    f = student / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(f))
+    name = next(k for k in t if k.endswith("proj_out.weight"))
+    t[name] = torch.full_like(t[name], float("nan"))
+    save_file(t, str(f), metadata={"format": "pt"})
+    res = runner.invoke(app, ["eval", str(world["ckpt"]), str(student), "--out", str(tmp_path / "ev"), "--seeds", "1",
+                              "--steps", "1"])
+    _refused(res, "the student's samples hold NaN or inf", "nothing was measured")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_integer_weights_in_a_pyramidflow_release_are_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from m4v_convert.backbones.pyramidflow import save_pyramidflow
+    from m4v_convert.backbones.pyramidflow.testing import make_tiny_miniflux
+
+    save_pyramidflow(make_tiny_miniflux(seed=0), tmp_path / "pf", "768p")
+    f = next((tmp_path / "pf").rglob("*.safetensors"))
+    t = load_file(str(f))
+    name = next(k for k in t if k.endswith(".weight") and t[k].dim() == 2)
+    t[name] = (t[name] * 1000).to(torch.int32)
+    save_file(t, str(f))
+    res = runner.invoke(app, ["pyramidflow", "--checkpoint", str(tmp_path / "pf"), "--out", str(tmp_path / "out"),
+                              "--distill-steps", "1", "--layers", "1-2"])  # the tiny model's single-stream blocks
+    _refused(res, f"tensor {name} holds integers")

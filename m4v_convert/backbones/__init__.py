@@ -11,6 +11,7 @@ register(Backbone(
     converts="Wan2.1",
     conversion="m4v_convert.backbones.wan.conversion:WanConversion",
     flags_not_offered=("model",),
+    check_flags="m4v_convert.backbones.wan.conversion:check_flags",
     published_flops="m4v_convert.backbones.wan.flops:published_flops",
     converted_class="m4v_convert.backbones.wan.model:converted_class_for_config",
     load="m4v_convert.backbones.wan.load:load_wan_transformer",

@@ -155,6 +155,11 @@ def evaluate(teacher, student, task: ShapesTask, settings: EvalSettings | None =
         xs_t, adh_t = teacher_samples
         labels = [lab for lab in settings.labels for _ in range(settings.seeds)]
     xs_s, _ = sample(student, task, settings, on_batch=lambda n: tick("student samples", n))
+    for who, xs in (("teacher", xs_t), ("student", xs_s)):
+        bad = int((~torch.isfinite(xs)).sum())
+        if bad:  # its adherence and PSNR would be numbers about nothing ("nan dB")
+            raise M4VError(f"the {who}'s samples hold NaN or inf ({bad} of {xs.numel()} values): its weights or "
+                           "inputs are broken; nothing was measured")
     adh_s = task.adherence(xs_s, labels)
     mses, ssims = pair_scores(xs_t, xs_s)
     mse = sum(mses) / len(mses)

@@ -124,9 +124,12 @@ def resolve_dtype(name: str) -> torch.dtype:
 def console_or_default(console):
     if console is not None:
         return console
+    import sys
+
     from rich.console import Console
 
-    return Console(stderr=True)
+    # in a log file (stderr not a terminal) rich would cut progress lines at 80 columns
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def load_for(flags: ConvertFlags, command: str | None = None):

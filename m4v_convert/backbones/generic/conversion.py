@@ -291,10 +291,18 @@ class GenericConversion:
         c = recipe.calib
         if not c:
             raise RecipeError(f"{recipe.path}: distillation needs the 'calib' section")
+        # synthetic latents follow the model's patch sizes: one recipe serves variants that patch
+        # time differently (CogVideoX 1.0: 1 frame, 1.5: 2 frames)
+        size = {k: c[f"latent_{k}"] for k in ("frames", "height", "width")}
+        fitted = {k: -(-n // p) * p for (k, n), p in zip(size.items(), G.patch_sizes(spec, cfg))}
+        if fitted != size and self.plan.flags.calib is None:
+            self.plan.console.print(f"note: synthetic calibration latents {fitted['frames']}×{fitted['height']}×"
+                                    f"{fitted['width']} (the recipe's {size['frames']}×{size['height']}×"
+                                    f"{size['width']}, rounded up to this model's patch sizes)")
         cspec = CalibSpec(in_channels=G.latent_channels(spec, cfg),
                           text_dim=G.resolve_size(spec.inputs.text_dim, cfg, what="inputs.text_dim"),
-                          latent_frames=c["latent_frames"], latent_height=c["latent_height"],
-                          latent_width=c["latent_width"], text_len=c["text_len"],
+                          latent_frames=fitted["frames"], latent_height=fitted["height"],
+                          latent_width=fitted["width"], text_len=c["text_len"],
                           flow_shift=float(c.get("flow_shift", 1.0)))
         infos = G.selected_infos(teacher, spec, cfg, recipe.mmdim, layers, str(recipe.path))
         return GenericDistillAdapter(recipe=recipe, config=cfg, infos=infos, spec=cspec,

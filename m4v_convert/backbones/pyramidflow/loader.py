@@ -119,7 +119,13 @@ def _open_weights(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
-                    keys[k] = (f, tuple(st.get_slice(k).get_shape()))
+                    sl = st.get_slice(k)
+                    if not str(sl.get_dtype()).startswith(("F", "BF")):  # the model would cast it silently
+                        raise CheckpointError(f"{f}: tensor {k} holds integers ({sl.get_dtype()}); a PyramidFlow "
+                                              "checkpoint's weights are floating point")
+                    keys[k] = (f, tuple(sl.get_shape()))
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors raises several types for a damaged header
             raise CheckpointError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     return keys

@@ -13,6 +13,15 @@ REPORT_SIZE = (480, 832)  # the Wan2.1 release's video, for the FLOPs report
 REPORT_FRAMES = 81
 
 
+def check_flags(flags, recipe) -> None:
+    """Wan's own refusals of a conversion's flags, before any weight is read (registry entry ``wan``)."""
+    from m4v_convert.errors import M4VError
+
+    if flags.dtype in ("float16", "fp16"):  # it used to end in an unexplained NaN loss
+        raise M4VError("--dtype float16: Wan2.1's activations and the distillation's losses overflow float16 (the "
+                       "loss turns NaN); use bfloat16 (less memory) or float32 / auto")
+
+
 class WanConversion:
     transformer_folder = None
     distill_scope = ""
