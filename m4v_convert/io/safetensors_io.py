@@ -147,6 +147,11 @@ def _open(file: Path):
         ) from None
 
 
+def is_float_dtype(name: str) -> bool:
+    """Whether a safetensors dtype name (``F32``, ``BF16``, ``F8_E4M3``, ``I32``, ...) is floating point."""
+    return name.startswith(("F", "BF"))
+
+
 def read_header(source: Source, prefix_filter: str | None = None) -> dict[str, TensorInfo]:
     """Names, shapes and dtypes of every tensor, from the safetensors headers only (no data read).
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m4v_convert.errors import CheckpointError
+from m4v_convert.io.safetensors_io import is_float_dtype
 
 from .miniflux import PyramidFluxTransformer
 from .sd3 import PyramidDiffusionMMDiT
@@ -120,7 +121,7 @@ def _open_weights(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
                     sl = st.get_slice(k)
-                    if not str(sl.get_dtype()).startswith(("F", "BF")):  # the model would cast it silently
+                    if not is_float_dtype(str(sl.get_dtype())):  # the model would cast it silently
                         raise CheckpointError(f"{f}: tensor {k} holds integers ({sl.get_dtype()}); a PyramidFlow "
                                               "checkpoint's weights are floating point")
                     keys[k] = (f, tuple(sl.get_shape()))

@@ -41,6 +41,7 @@ from m4v_convert.io.safetensors_io import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     _resolve,
+    is_float_dtype,
     read_header,
     read_state_dict,
 )
@@ -530,7 +531,7 @@ def find_wan_checkpoint(
     files, index = _resolve(source)
     header = read_header(source)
     prefix = _split_prefix(header)
-    integer = sorted(k for k, info in header.items() if k.startswith(prefix) and not info.dtype.startswith(("F", "BF")))
+    integer = sorted(k for k, info in header.items() if k.startswith(prefix) and not is_float_dtype(info.dtype))
     if integer:  # from_pretrained would cast them to float without a word
         raise CheckpointError(f"{where}: {len(integer)} tensor(s) hold integers ({_brief(integer)}: "
                               f"{header[integer[0]].dtype}); a Wan2.1 checkpoint's weights are floating point")
