@@ -461,30 +461,6 @@ def test_a_copied_shipped_recipe_still_finds_its_published_configs(tmp_path):
     assert "TFLOPs" in res.output
 
 
-def test_the_cogvideox_recipe_converts_the_1_5_layout_it_names(tmp_path):
-    """recipes/cogvideox.yaml names CogVideoX 1.5, whose patch spans 2 frames; its 3-frame synthetic
-    calibration used to stop the conversion ("F = 3 is not a multiple of the model's patch size 2")."""
-    import torch
-    from diffusers import CogVideoXTransformer3DModel
-
-    from m4v_convert import load_converted
-
-    torch.manual_seed(0)
-    CogVideoXTransformer3DModel(  # diffusers' tiny CogVideoX 1.5 test configuration
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        patch_size_t=2, max_text_seq_length=8, use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=False, patch_bias=False).save_pretrained(tmp_path / "cog15")
-    out = tmp_path / "out"
-    res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(tmp_path / "cog15"), "--out", str(out),
-                              "--distill-steps", "2", "--stage2-steps", "1", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    assert "rounded up to this model's patch sizes" in " ".join(res.output.split())
-    summary = json.loads((out / "conversion.json").read_text())
-    assert summary["layers"] == [0, 1] and summary["stages"]["stage2"]["steps"] == 1
-    assert load_converted(out).converted_layers == [0, 1]
-
-
 def test_eval_of_a_nan_student_measures_nothing(world, tmp_path):
     """A student whose weights hold NaN used to get adherence numbers and "nan dB"."""
     import shutil
@@ -521,3 +497,27 @@ def test_integer_weights_in_a_pyramidflow_release_are_refused(tmp_path):
     res = runner.invoke(app, ["pyramidflow", "--checkpoint", str(tmp_path / "pf"), "--out", str(tmp_path / "out"),
                               "--distill-steps", "1", "--layers", "1-2"])  # the tiny model's single-stream blocks
     _refused(res, f"tensor {name} holds integers")
+
+
+def test_integer_weights_in_a_generic_recipe_checkpoint_are_refused(tmp_path):
+    """diffusers' from_pretrained casts an int32 tensor to float without a word; refused from the headers."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        max_text_seq_length=8).save_pretrained(tmp_path / "cog")
+    f = tmp_path / "cog" / "diffusion_pytorch_model.safetensors"
+    t = load_file(str(f))
+    name = "transformer_blocks.0.attn1.to_q.weight"
+    t[name] = (t[name] * 1000).to(torch.int32)
+    save_file(t, str(f), metadata={"format": "pt"})
+    before = digest(tmp_path / "cog")
+    for cmd in (["convert", "cogvideox", "--checkpoint", str(tmp_path / "cog"), "--out", str(tmp_path / "out")],
+                ["recipes", "--check", "cogvideox", "--checkpoint", str(tmp_path / "cog")]):
+        res = runner.invoke(app, cmd)
+        _refused(res, "1 tensor(s) hold integers", name, "I32", "floating point")
+    assert digest(tmp_path / "cog") == before and not (tmp_path / "out").exists()

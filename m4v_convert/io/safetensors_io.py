@@ -152,6 +152,17 @@ def is_float_dtype(name: str) -> bool:
     return name.startswith(("F", "BF"))
 
 
+def refuse_integer_weights(header: dict[str, "TensorInfo"], where: str, what: str) -> None:
+    """Refuse a checkpoint whose weights hold integer tensors: diffusers' ``from_pretrained`` would
+    cast them to float without a word (a planted int32 tensor became 353.0 where 0.35 was).
+    ``what`` names the checkpoint kind in the message ("a Wan2.1 checkpoint")."""
+    integer = sorted(k for k, info in header.items() if not is_float_dtype(info.dtype))
+    if integer:
+        shown = ", ".join(integer[:3]) + (f", ... ({len(integer)} in all)" if len(integer) > 3 else "")
+        raise CheckpointError(f"{where}: {len(integer)} tensor(s) hold integers ({shown}: "
+                              f"{header[integer[0]].dtype}); {what}'s weights are floating point")
+
+
 def read_header(source: Source, prefix_filter: str | None = None) -> dict[str, TensorInfo]:
     """Names, shapes and dtypes of every tensor, from the safetensors headers only (no data read).
 

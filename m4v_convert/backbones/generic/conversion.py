@@ -21,6 +21,7 @@ from m4v_convert.convert import layer_ranges as _ranges
 from m4v_convert.backbones import registry
 from m4v_convert.errors import CheckpointError, M4VError, RecipeError
 from m4v_convert.io.model_card import CardFacts
+from m4v_convert.io.safetensors_io import read_header, refuse_integer_weights
 
 
 # ============================================================================ checkpoint → config
@@ -156,6 +157,9 @@ def check_recipe(recipe, checkpoint: Path | None = None, model: str | None = Non
     if spec.rope is None or spec.rope.source == "none":
         if recipe.mmdim.get("rotary"):
             notes.append("mmdim.rotary is on but the recipe names no RoPE source: B/C get no rotation")
+    weights = src.single_file or (src.folder / (src.subfolder or "") if src.folder is not None else None)
+    if weights is not None:  # safetensors only, and floats: from the headers, once the recipe is known good
+        refuse_integer_weights(read_header(weights), str(weights), f"a {spec.model.class_name} checkpoint")
     return CheckReport(recipe=recipe.name, model_class=spec.model.class_name, source=src.label, layers=infos,
                        selected=chosen, mmdim=recipe.mmdim, config=src.config, notes=notes)
 

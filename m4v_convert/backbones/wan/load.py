@@ -41,7 +41,7 @@ from m4v_convert.io.safetensors_io import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     _resolve,
-    is_float_dtype,
+    refuse_integer_weights,
     read_header,
     read_state_dict,
 )
@@ -531,10 +531,7 @@ def find_wan_checkpoint(
     files, index = _resolve(source)
     header = read_header(source)
     prefix = _split_prefix(header)
-    integer = sorted(k for k, info in header.items() if k.startswith(prefix) and not is_float_dtype(info.dtype))
-    if integer:  # from_pretrained would cast them to float without a word
-        raise CheckpointError(f"{where}: {len(integer)} tensor(s) hold integers ({_brief(integer)}: "
-                              f"{header[integer[0]].dtype}); a Wan2.1 checkpoint's weights are floating point")
+    refuse_integer_weights({k: v for k, v in header.items() if k.startswith(prefix)}, where, "a Wan2.1 checkpoint")
     shapes = {k[len(prefix) :]: info.shape for k, info in header.items() if k.startswith(prefix)}
     keys = set(shapes)
 

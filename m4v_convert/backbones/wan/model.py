@@ -210,5 +210,10 @@ def record_teacher_layers(teacher: WanTransformer3DModel, batch: dict, layers: l
 
 
 def converted_class_for_config(cfg: dict) -> type | None:
-    """The class that rebuilds a saved Wan conversion (registry entry ``wan``), or None."""
+    """The class that rebuilds a saved Wan conversion (registry entry ``wan``), or None.
+
+    A generic-recipe conversion of a WanTransformer3DModel (wan2.2-ti2v.yaml) carries the same class
+    name, ``M4VWanTransformer3DModel``; its ``m4v.generic`` flag sends it to the generic family."""
+    if (cfg.get("m4v") or {}).get("generic"):
+        return None
     return M4VWanTransformer3DModel if cfg.get("_class_name") == M4VWanTransformer3DModel.__name__ else None
