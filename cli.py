@@ -117,6 +117,10 @@ def convert_cmd(
     mixed_precision: str = _MIXED_PRECISION,
     deterministic: bool = _DETERMINISTIC,
     threads: Optional[int] = _THREADS,
+    dry_run: bool = typer.Option(False, "--dry-run", help="check everything, print the memory plan (peak per "
+                                 "process: weights, training state, activations) and stop before any weight is read"),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="refuse a run whose memory plan "
+                                      "exceeds the free memory of its device"),
 ):
     """Convert the model a recipe describes (any backbone): load, swap attention for MM-DiM, distill, save,
     report FLOPs."""

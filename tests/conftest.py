@@ -35,3 +35,14 @@ def interrupt_stage2(monkeypatch):
         monkeypatch.setattr(Stage2Task, "loss", interrupted)
 
     return arm
+
+
+@pytest.fixture(autouse=True)
+def _memory_plan_only_where_tested(request, monkeypatch):
+    """The memory plan's meta-device passes cost seconds per conversion; the suite's ~150 other
+    conversions test other things, so it runs only in tests marked ``memory_plan``
+    (tests/test_memory_plan.py). Subprocess conversions run it as a user's would."""
+    if request.node.get_closest_marker("memory_plan") is None:
+        from m4v_convert.jobs import memory
+
+        monkeypatch.setattr(memory, "plan_memory", lambda plan, steps, world: None)

@@ -121,12 +121,17 @@ def _convert(plan: ConversionPlan) -> dict:
     from m4v_convert.backbones import registry
     from m4v_convert.distill.job import DistillReport, run_distillation
     from m4v_convert.distill.stage1 import Stage1Result
+    from m4v_convert.jobs.memory import check_memory
 
     flags, recipe, con, dist = plan.flags, plan.recipe, plan.console, plan.dist
     steps: Conversion = registry.resolve(plan.backbone.conversion)(plan)
     con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
               f"checkpoint {flags.checkpoint}" + (f"  ({dist.world} processes)" if dist.enabled else ""))
     steps.check_before_loading()
+    memory = check_memory(plan, steps, dist.world if dist.enabled else flags.num_processes)
+    if flags.dry_run:
+        con.print("--dry-run: stopped before loading any weight; nothing was written")
+        return {"dry_run": True, "memory": None if memory is None else memory.to_dict()}
     teacher = steps.load_teacher()
     teacher.requires_grad_(False)
     cfg = dict(teacher.config)
@@ -248,7 +253,7 @@ def run_conversion(flags: ConvertFlags, command: str | None = None, console=None
 
     con = console_or_default(console)
     recipe, entry = load_for(flags, command)
-    if flags.num_processes > 1 and not in_distributed_env():
+    if flags.num_processes > 1 and not in_distributed_env() and not flags.dry_run:
         return launch_processes(flags, recipe, entry, con)
     return convert(plan_conversion(flags, recipe, entry, con))
 

@@ -59,6 +59,8 @@ class ConvertFlags:
     grad_checkpointing: bool = False
     mixed_precision: str = "auto"
     deterministic: bool = False
+    dry_run: bool = False  # print the memory plan and stop before any weight is read
+    memory_check: bool = True  # refuse a run the memory plan says will not fit
 
     @classmethod
     def from_flags(cls, **flags) -> "ConvertFlags":

@@ -261,6 +261,10 @@ class GenericConversion:
     def load_teacher(self):
         return load_teacher(self.recipe, self.source, self.plan.dtype, self.plan.device)
 
+    def meta_teacher(self):
+        """The teacher built from the checkpoint's config on the meta device (for the memory plan)."""
+        return meta_model(self.recipe, self.source.config).eval()
+
     def select_layers(self, teacher) -> list[int]:
         return self.check.selected
 

@@ -48,6 +48,15 @@ class PyramidFlowConversion:
                                f"cannot be checked; the recipe's {recipe.resolution} is assumed")
         return teacher
 
+    def meta_teacher(self):
+        """The teacher built from the release's config on the meta device (for the memory plan): the
+        loader's checks of names and shapes run, no weight is read."""
+        from .loader import _resolve_folder, load_pyramidflow
+
+        recipe, plan = self.recipe, self.plan
+        return load_pyramidflow(_resolve_folder(Path(plan.flags.checkpoint), recipe.resolution), variant=recipe.variant,
+                                resolution=recipe.resolution, dtype=plan.dtype, device="meta")
+
     def select_layers(self, teacher) -> list[int]:
         recipe = self.recipe
         self.n_double, self.n_single = _block_counts(teacher.config, recipe.variant)

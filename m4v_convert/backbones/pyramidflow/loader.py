@@ -185,7 +185,8 @@ def load_pyramidflow(
         variant: ``"miniflux"`` or ``"sd3"`` to insist on one (None: from ``config.json``).
         resolution: ``"384p"`` or ``"768p"`` (None: 768p if present, else 384p).
         dtype: ``torch.bfloat16`` (default) or ``torch.float32``; float16 is refused.
-        device: where the weights go.
+        device: where the weights go; ``"meta"``: the model built and checked against the files'
+            names and shapes, no weight read.
 
     Raises:
         CheckpointError: missing folder/file, wrong variant or resolution, corrupt file, missing,
@@ -229,6 +230,8 @@ def load_pyramidflow(
     if bad_shapes:
         raise CheckpointError(f"{folder} has tensors of the wrong shape for its config.json: {_key_summary(bad_shapes, 4)}")
 
+    if torch.device(device).type == "meta":  # names and shapes checked; no weight read (the memory plan)
+        return model.to(dtype).eval()
     state = {}
     for f in files:
         try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from m4v_convert.convert import layer_ranges, parse_layers
 from m4v_convert.io.model_card import CardFacts
 
@@ -46,6 +48,14 @@ class WanConversion:
         from m4v_convert.backbones.wan.load import load_wan_transformer
 
         return load_wan_transformer(self.checkpoint, dtype=self.plan.dtype, device=self.plan.device)
+
+    def meta_teacher(self):
+        """The teacher built from the checkpoint's config on the meta device (for the memory plan)."""
+        from m4v_convert.backbones.wan.load import _wan_cls
+
+        with torch.device("meta"):
+            model = _wan_cls()(**self.checkpoint.config)
+        return model.eval()
 
     def select_layers(self, teacher) -> list[int]:
         return parse_layers(self.plan.layer_spec, teacher.config["num_layers"])

@@ -1,0 +1,382 @@
+"""The memory plan of a conversion: the peak each process will need, estimated before any weight is read.
+
+The teacher is built from the checkpoint's config on the ``meta`` device (shapes, no memory), the
+student is converted from it there, and the stages' own loss functions run on one batch of the
+run's size on meta with :func:`torch.autograd.graph.saved_tensors_hooks`: every tensor autograd
+keeps for backward is counted once (parameters apart: they are the weights). So the activations
+are those of the code that will run (gradient checkpointing, trainable set, layouts included), not
+a hand formula. Added to that: both models' weights, each stage's gradients and AdamW states, the
+teacher records of stage 1, the calibration samples, and the load (a mapped file beside its copy).
+
+On CPU the plan adds what glibc's allocator keeps of a step's freed activations (see
+``CPU_HEAP_RESERVE``). Not counted: transient buffers inside one operation, the CUDA caching
+allocator's fragmentation; bf16 autocast is counted in float32 (an upper bound). ``tests/test_memory_plan.py`` checks the estimate against a
+measured peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from m4v_convert.errors import M4VError
+
+GB = 1e9
+
+# glibc's malloc keeps most freed activation memory of a training step in its heap (returning it to
+# the system costs page faults: a run with a fixed mmap threshold measured 2.2x slower), so on CPU
+# the resident peak exceeds the live tensors by about the step's activations again. Measured with
+# benchmarks/bench_memory.py (raw output in benchmarks/RESULTS.md): 0.8-1.0x at batch 2-8.
+CPU_HEAP_RESERVE = 1.0
+ALLOCATOR_RESERVE = "allocator reserve (freed activations malloc keeps)"
+
+
+@dataclass
+class MemoryPhase:
+    """One phase of the run and what it holds on top of the weights (bytes)."""
+
+    name: str
+    parts: dict[str, int]
+    batch: int = 0  # samples per process (0: no batch)
+    per_sample: int = 0  # the part of ``parts`` that grows with the batch
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass
+class MemoryPlan:
+    device: str  # "cpu" or "cuda:0"
+    processes: int  # processes sharing ``available`` (CPU: all of them; CUDA: one per device)
+    weights: dict[str, int]
+    phases: list[MemoryPhase]
+    available: int | None  # bytes free for this run (None: unknown)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def weights_total(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def peak_phase(self) -> MemoryPhase:
+        return max(self.phases, key=lambda p: p.total)
+
+    @property
+    def peak(self) -> int:
+        """Estimated peak bytes of one process."""
+        return self.weights_total + self.peak_phase.total
+
+    @property
+    def needed(self) -> int:
+        """Bytes the run needs from ``available``."""
+        return self.peak * self.processes
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.needed <= self.available
+
+    def largest_batch_that_fits(self) -> int | None:
+        """The largest per-process batch whose peak fits ``available`` (activations scale with the
+        batch; weights and optimizer states do not); None: none fits, or unknown."""
+        if self.available is None:
+            return None
+        best = None
+        for b in range(1, 1 << 20):
+            peak = self.weights_total + max(p.total + (b - p.batch) * p.per_sample if p.batch else p.total
+                                            for p in self.phases)
+            if peak * self.processes > self.available:
+                break
+            best = b
+        return best
+
+    def line(self) -> str:
+        where = f"{self.processes} processes" if self.processes > 1 else "this run"
+        avail = "unknown" if self.available is None else f"{self.available / GB:.1f} GB"
+        return (f"memory plan: ~{self.peak / GB:.1f} GB peak per process on {self.device} (weights "
+                f"{self.weights_total / GB:.1f} GB, {self.peak_phase.name} {self.peak_phase.total / GB:.1f} GB); "
+                f"{where} needs {self.needed / GB:.1f} GB, {avail} available")
+
+    def table_lines(self) -> list[str]:
+        rows = [f"memory plan on {self.device} (estimate, per process; GB)"]
+        rows += [f"  weights: {k:<40} {v / GB:9.3f}" for k, v in self.weights.items()]
+        for p in self.phases:
+            batch = f" (batch {p.batch})" if p.batch else ""
+            rows.append(f"  {p.name}{batch}: {p.total / GB:.3f}")
+            rows += [f"    {k:<45} {v / GB:9.3f}" for k, v in p.parts.items()]
+        rows.append(f"  peak: {self.peak / GB:.3f} per process ({self.peak_phase.name}) × {self.processes} = "
+                    f"{self.needed / GB:.3f}; available: "
+                    + ("unknown" if self.available is None else f"{self.available / GB:.3f}"))
+        rows += [f"  note: {n}" for n in self.notes]
+        return rows
+
+    def refusal(self, flags) -> str:
+        fits = []
+        b = self.largest_batch_that_fits()
+        phase = self.peak_phase
+        if b is not None and phase.batch and b < phase.batch:
+            fits.append(f"--batch-size {b}")
+        if not flags.grad_checkpointing and phase.name.startswith(("stage 2", "stage 3")):
+            fits.append("--grad-checkpointing")
+        if flags.dtype in ("auto", "float32", "fp32") and self.device.startswith("cuda"):
+            fits.append("--dtype bfloat16")
+        if self.processes > 1 and not self.device.startswith("cuda"):
+            fits.append("fewer --num-processes (each holds both models)")
+        fits.append("fewer --layers")
+        return (f"memory plan: this run needs about {self.needed / GB:.1f} GB ({self.peak / GB:.1f} GB per process at "
+                f"its peak, {phase.name}: weights {self.weights_total / GB:.1f} GB + {phase.total / GB:.1f} GB) but "
+                f"{self.available / GB:.1f} GB is available on {self.device}; try {', '.join(fits)} (--dry-run "
+                "prints the plan; --no-memory-check runs anyway)")
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "processes": self.processes, "weights": self.weights,
+                "phases": [dataclasses.asdict(p) for p in self.phases], "peak": self.peak, "needed": self.needed,
+                "available": self.available, "notes": self.notes}
+
+
+# ------------------------------------------------------------------------------------------ counting
+
+
+def tensor_bytes(obj, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable from ``obj`` (tensors, lists, tuples, dicts, dataclasses),
+    each storage once: a view counts as its base, an id in ``seen`` not at all."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        base = obj._base if obj._base is not None else obj
+        if id(base) in seen or id(obj) in seen:
+            return 0
+        seen.add(id(base))
+        return base.numel() * base.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o, seen) for o in obj.values())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    return 0
+
+
+def saved_bytes(fn, exclude: set[int]) -> int:
+    """Bytes autograd keeps for backward while ``fn()`` runs (each storage once, ``exclude`` ids not)."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.enable_grad(), saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return tensor_bytes(saved, set(exclude))
+
+
+def _ids(*modules) -> set[int]:
+    return {id(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+
+def _param_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory for this run: the CUDA device's free bytes, or the machine's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+def plan_memory(plan, steps, world: int) -> MemoryPlan | None:
+    """:func:`estimate_memory`, where a mask selecting rows (data-dependent: unknown on meta) is taken
+    to select every row, an upper bound."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        return estimate_memory(plan, steps, world)
+
+
+def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
+    """The memory plan of ``plan`` (a :class:`~m4v_convert.jobs.plan.ConversionPlan`) whose backbone
+    side is ``steps`` (checked: ``check_before_loading`` ran); None where the backbone cannot build
+    its teacher on meta. ``world``: the processes of the run."""
+    from rich.console import Console
+
+    from m4v_convert.distill.params import set_trainable, trainable_params
+    from m4v_convert.distill.stage1 import Stage1Task
+    from m4v_convert.distill.stage2 import Stage2Task
+    from m4v_convert.distill.stage3 import Stage3Task
+
+    meta_teacher = getattr(steps, "meta_teacher", None)
+    if meta_teacher is None:
+        return None
+    d, flags, device = plan.distill, plan.flags, plan.device
+    # torch.nn.Module.to: diffusers' own .to warns about its float32 modules, of no weight here
+    teacher = torch.nn.Module.to(meta_teacher(), plan.dtype)
+    teacher.requires_grad_(False)
+    layers = steps.select_layers(teacher)
+    try:
+        student = steps.make_student(teacher, layers)
+    except ValueError as e:
+        raise M4VError(f"checkpoint and recipe {plan.recipe.name!r} disagree: {e}") from None
+    student.requires_grad_(False)
+    weights = {"teacher": tensor_bytes([*teacher.parameters(), *teacher.buffers()])}
+    weights["student (a separate copy)"] = tensor_bytes([*student.parameters(), *student.buffers()], _ids(teacher))
+    processes = world if device.type != "cuda" else 1
+    mp = MemoryPlan(device=str(device), processes=processes, weights=weights, phases=[],
+                    available=available_bytes(device))
+    # loading: the checkpoint read (mapped, or a state dict) beside the model's own copy
+    mp.phases.append(MemoryPhase("loading", {"the checkpoint while it is copied in": weights["teacher"]}
+                                 ) if device.type == "cpu" else MemoryPhase("loading", {}))
+    adapter = steps.distill_adapter(teacher, student, layers)
+    if adapter is None:
+        return mp
+
+    # calibration shapes as the run will see them (a --calib folder is read; teacher-generated
+    # samples have the synthetic ones' shapes); the samples stay in host memory
+    quiet = Console(quiet=True)
+    opts = dataclasses.replace(flags, teacher_calib=False, calib_cache=None)
+    samples, _ = adapter.calibration_samples(plan.recipe, opts, teacher, d, plan.dist, quiet, device, plan.dtype)
+    host = tensor_bytes(samples)
+    if device.type == "cpu":
+        mp.weights["calibration samples"] = host
+    bs_eval, n_eval = int(plan.recipe.calib.get("batch_size", 1)), int(plan.recipe.calib.get("eval_batches", 1))
+    meta = torch.device("meta")
+
+    def batch(n: int, with_target: bool = False):
+        pool = [samples[i % len(samples)] for i in range(n)]
+        return adapter.batch(pool, torch.Generator().manual_seed(0), meta, plan.dtype, with_target=with_target)
+
+    eval_batches = [batch(bs_eval) for _ in range(n_eval)]
+    eval_inputs = tensor_bytes(eval_batches)
+    blocks = adapter.mmdim_blocks(student)
+    params = {1: trainable_params(student, "mmdim", blocks)}
+    for k in (2, 3):
+        params[k] = trainable_params(student, d.train, blocks)
+    model_ids = _ids(teacher, student)
+    optimizer_factor = 3 + (1 if device.type == "cuda" else 0)  # grad + AdamW's two moments (+ foreach temporaries)
+
+    def training_state(k: int) -> int:
+        return optimizer_factor * _param_bytes(params[k].values())
+
+    def per_sample_phase(name: str, k: int, measure) -> MemoryPhase:
+        # measured at 1 and 2 samples on meta and extended linearly: a huge --batch-size is never
+        # built, not even its inputs
+        b = d.schedules[k].batch_size
+        one, two = measure(1), measure(2)
+        if device.type == "cpu":
+            for m in (one, two):
+                m[ALLOCATOR_RESERVE] = int(CPU_HEAP_RESERVE * m["activations kept for backward"])
+        parts = {n: one[n] + (b - 1) * (two[n] - one[n]) for n in one}
+        per = sum(two.values()) - sum(one.values())
+        parts = {f"gradients + AdamW states ({_count(params[k])} trainable)": training_state(k),
+                 "held-out batches": eval_inputs, **parts}
+        return MemoryPhase(name, parts, batch=b, per_sample=per)
+
+    runs = {k: k in d.stages and d.schedules[k].steps > 0 for k in (1, 2, 3)}
+    if runs[1]:
+        with torch.no_grad():
+            eval_records = [adapter.record(teacher, b) for b in eval_batches]
+        held = tensor_bytes(eval_records)
+
+        def stage1(b: int) -> dict[str, int]:
+            train = batch(b)
+            with torch.no_grad():
+                recs = adapter.record(teacher, train)
+            set_trainable(student, params[1])
+            task = Stage1Task(blocks, lambda _: recs, None, grad_checkpointing=d.grad_checkpointing)
+            recorded = tensor_bytes(recs)
+            acts = saved_bytes(lambda: task.loss(train), model_ids | _tensor_ids(recs))
+            return {"teacher records (train batch)": recorded, "activations kept for backward": acts}
+
+        phase = per_sample_phase("stage 1 (attention transfer)", 1, stage1)
+        phase.parts["teacher records (held-out batches)"] = held
+        mp.phases.append(phase)
+    if runs[2] or runs[3]:
+        if d.grad_checkpointing:
+            adapter.enable_gradient_checkpointing(student)
+        s_teacher, s_student = adapter.predictor(teacher), adapter.predictor(student)
+    if runs[2]:
+        def stage2(b: int) -> dict[str, int]:
+            set_trainable(student, params[2])
+            task = Stage2Task(s_teacher, s_student, adapter.feature_modules, None,
+                              feature_weight=d.feature_weight, output_weight=d.output_weight)
+            train = batch(b)
+            return {"activations kept for backward": saved_bytes(lambda: task.loss(train), model_ids)}
+
+        mp.phases.append(per_sample_phase("stage 2 (end-to-end)", 2, stage2))
+    if runs[3] and flags.data is not None and not getattr(adapter, "fine_tune_unsupported", None):
+        def stage3(b: int) -> dict[str, int]:
+            set_trainable(student, params[3])
+            task = Stage3Task(s_student, None)
+            train = batch(b, with_target=True)
+            return {"activations kept for backward": saved_bytes(lambda: task.loss(train), model_ids)}
+
+        mp.phases.append(per_sample_phase("stage 3 (fine-tune)", 3, stage3))
+        mp.notes.append("stage 3 counted at the calibration samples' size (--data is read when it starts)")
+    if plan.distill.bf16:
+        mp.notes.append("bf16 autocast keeps some activations in half precision: counted in float32 (an upper bound)")
+    if d.uses_lora:
+        mp.notes.append("LoRA adapters are not counted (rank-r matrices: small beside the layers they adapt)")
+    return mp
+
+
+def _count(params: dict) -> str:
+    n = sum(p.numel() for p in params.values())
+    return f"{n / 1e6:.1f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
+
+
+def _tensor_ids(obj) -> set[int]:
+    out: set[int] = set()
+    tensor_bytes(obj, out)
+    return out
+
+
+def check_memory(plan, steps, world: int) -> MemoryPlan | None:
+    """Print the memory plan's line (the whole plan with ``--dry-run``) and refuse a run that would
+    not fit; ``--no-memory-check``: no plan, no refusal."""
+    con = plan.console
+    if not plan.flags.memory_check and not plan.flags.dry_run:
+        return None
+    try:
+        mp = plan_memory(plan, steps, world)
+    except M4VError:
+        raise
+    except Exception as e:  # noqa: BLE001 (an op the meta device cannot run: the plan is a guard, not a step)
+        if plan.flags.dry_run:
+            raise M4VError(f"memory plan: cannot be estimated for this model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        con.print(f"[yellow]note:[/] memory plan not estimated ({type(e).__name__}); the run goes on without it",
+                  highlight=False)
+        return None
+    if mp is None:
+        if plan.flags.dry_run:
+            con.print("memory plan: not available for this backbone (it cannot build its model on the meta device)")
+        return None
+    if plan.flags.dry_run:
+        for row in mp.table_lines():
+            con.print(row, highlight=False)
+    elif plan.dist.is_main:
+        con.print(mp.line(), highlight=False)
+    if not mp.fits and not plan.flags.dry_run:
+        raise M4VError(mp.refusal(plan.flags))
+    return mp
+
+
+__all__ = ["MemoryPlan", "MemoryPhase", "check_memory", "plan_memory", "available_bytes", "tensor_bytes",
+           "saved_bytes"]
