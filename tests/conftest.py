@@ -7,6 +7,11 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses started by tests
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # mamba-ssm's Triton kernels run on CPU tensors in Triton's interpreter (tests/test_triton_interpreted.py).
+    # Triton reads this when a kernel is decorated, so before anything imports mamba-ssm; with a CUDA
+    # device the compiled kernels run instead (tests/test_gpu.py). backend="auto" never picks it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 import pytest  # noqa: E402

@@ -53,7 +53,8 @@ def test_module_returns_input_dtype_and_uses_torch_on_cpu():
     assert select_norm_backend(x, 8) == "torch"
 
 
-def test_backend_selection_and_errors():
+def test_backend_selection_and_errors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton's interpreter off: CPU tensors are refused
     x = torch.randn(2, 8)
     assert select_norm_backend(x, 4, "torch") == "torch"
     with pytest.raises(RuntimeError, match="CUDA"):
@@ -81,6 +82,7 @@ _PROBE = textwrap.dedent("""
 
 def _probe(tmp_path, setup="", fake_pkg=None):
     env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # a normal run: Triton on CPU tensors is refused
     path = [str(REPO)]
     if fake_pkg is not None:
         root = tmp_path / "site"

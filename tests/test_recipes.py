@@ -24,14 +24,15 @@ runner = CliRunner()
 # ------------------------------------------------------------------------------------------ tiny models
 
 
-def tiny_cogvideox():
+def tiny_cogvideox(**overrides):
+    """CogVideoX-5B's layout (RoPE), tiny; ``overrides`` give the other variants."""
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(0)
-    return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        max_text_seq_length=8, use_rotary_positional_embeddings=True).eval()
+    cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+               text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+               max_text_seq_length=8, use_rotary_positional_embeddings=True)
+    return CogVideoXTransformer3DModel(**{**cfg, **overrides}).eval()
 
 
 def tiny_ltx():
@@ -483,25 +484,12 @@ def test_backbone_specific_recipe_fields_come_from_the_registry_with_their_messa
 
 def tiny_cogvideox_2b():
     """CogVideoX-2B's layout: no RoPE (sin-cos position embeddings), so the pipeline passes no rotary table."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    torch.manual_seed(0)
-    return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        max_text_seq_length=8, use_rotary_positional_embeddings=False).eval()
+    return tiny_cogvideox(use_rotary_positional_embeddings=False)
 
 
 def tiny_cogvideox_1_5():
     """CogVideoX 1.5's layout (diffusers' own tiny test configuration): a patch spans 2 frames."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    torch.manual_seed(0)
-    return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        patch_size_t=2, max_text_seq_length=8, use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=False, patch_bias=False).eval()
+    return tiny_cogvideox(patch_size_t=2, use_learned_positional_embeddings=False, patch_bias=False)
 
 
 def tiny_wan22_ti2v():

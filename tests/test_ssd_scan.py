@@ -187,7 +187,8 @@ def test_lower_precision_dtypes():
     del y64, s64
 
 
-def test_ssd_scan_dispatch_on_cpu():
+def test_ssd_scan_dispatch_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton's interpreter off: CPU tensors are refused
     args, kw = make_inputs(L=13, seed=4, D="hp", z=True)
     y = run(ssd_scan, args, kw, chunk_size=4)
     assert_close(y, run(ssd_scan_ref, args, kw))
@@ -473,6 +474,7 @@ _PROBE = textwrap.dedent("""
 
 def _probe(tmp_path, setup="", allow_preloaded=False, fake_pkg=None):
     env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # a normal run: Triton on CPU tensors is refused
     path = [str(REPO)]
     if fake_pkg is not None:
         root = tmp_path / "site"

@@ -77,6 +77,9 @@ class Conversion(Protocol):
 
     def load_teacher(self) -> nn.Module: ...
 
+    # optional: ``meta_teacher() -> nn.Module``, the teacher built from the checkpoint's config on the
+    # meta device, no weight read (the memory plan, jobs/memory.py, uses it; without it, no plan)
+
     def select_layers(self, teacher: nn.Module) -> list[int]: ...
 
     def loaded_line(self, teacher: nn.Module, layers: list[int]) -> str:

@@ -12,6 +12,7 @@ from m4v_convert.ops._ssd_common import DEFAULT_DT_LIMIT, check_ssd_args
 from m4v_convert.ops.ssd_chunked import _ssd_chunked, ssd_scan_chunked
 from m4v_convert.ops.ssd_ref import ssd_scan_ref
 from m4v_convert.ops.ssd_triton import get_triton_scan, triton_scan_available, triton_scan_error
+from m4v_convert.ops.triton_interpreter import interpreter_on
 
 __all__ = [
     "ssd_scan",
@@ -44,8 +45,9 @@ def select_ssd_backend(x: torch.Tensor, chunk_size: int, backend: str = "auto") 
     if backend == "torch":
         return "torch"
     if backend == "triton":
-        if not x.is_cuda:
-            raise RuntimeError(f"ssd_scan: backend='triton' needs CUDA tensors, got x on {x.device}")
+        if not x.is_cuda and not interpreter_on():
+            raise RuntimeError(f"ssd_scan: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                               f"Triton's interpreter on CPU), got x on {x.device}")
         if not _is_pow2(chunk_size):
             raise ValueError(f"ssd_scan: argument 'chunk_size' must be a power of two for backend='triton', "
                              f"got {chunk_size}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from m4v_convert.ops.ssd_triton import load_mamba_module, mamba_module_error
+from m4v_convert.ops.triton_interpreter import interpreter_on
 
 _NORM_MODULE = "mamba_ssm.ops.triton.layernorm_gated"
 _NORM_NAME = "rmsnorm_fn"
@@ -89,8 +90,9 @@ def select_norm_backend(x: torch.Tensor, group_size: int | None = None, backend:
     group = group_size or x.shape[-1]
     fits = x.dtype in _TRITON_DTYPES and group * x.element_size() <= _TRITON_MAX_GROUP_BYTES
     if backend == "triton":
-        if not x.is_cuda:
-            raise RuntimeError(f"gated_rmsnorm: backend='triton' needs CUDA tensors, got x on {x.device}")
+        if not x.is_cuda and not interpreter_on():
+            raise RuntimeError(f"gated_rmsnorm: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                               f"Triton's interpreter on CPU), got x on {x.device}")
         if not fits:
             raise RuntimeError(f"gated_rmsnorm: backend='triton' needs fp16/bf16/fp32 and groups of at most "
                                f"64 KB, got {x.dtype} with group_size={group}")

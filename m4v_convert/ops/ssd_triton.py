@@ -20,6 +20,9 @@ import sys
 import threading
 import types
 
+from m4v_convert.ops.triton_interpreter import install as install_interpreter_shims
+from m4v_convert.ops.triton_interpreter import interpreter_on, keep_first_configs
+
 _PKG = "mamba_ssm"
 _SCAN_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 _SCAN_NAME = "mamba_chunk_scan_combined"
@@ -78,6 +81,9 @@ def load_mamba_module(name: str) -> types.ModuleType | None:
                     raise
                 error = f"{error}; without mamba_ssm/__init__: {type(second).__name__}: {second}"
                 module = None
+        if module is not None and interpreter_on():  # CPU tensors through the real kernels (tests)
+            install_interpreter_shims()
+            keep_first_configs()
         _modules[name] = (module, error)
         return module
 
