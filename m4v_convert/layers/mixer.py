@@ -119,7 +119,9 @@ def apply_rotary_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     One complex multiply in float32 (x1·cos − x2·sin, x1·sin + x2·cos), returned in x's dtype.
     """
     xf = x.float()
-    if not xf.is_contiguous() or xf.storage_offset() % 2:
+    # view_as_complex needs an even storage offset; torch.compile cannot trace storage_offset()
+    # (a graph break), so a compiled graph always takes the copy, which it may fuse away
+    if torch.compiler.is_compiling() or not xf.is_contiguous() or xf.storage_offset() % 2:
         xf = xf.clone(memory_format=torch.contiguous_format)
     out = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table
     return torch.view_as_real(out).flatten(-2).to(x.dtype)

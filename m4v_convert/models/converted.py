@@ -24,7 +24,9 @@ import copy
 import inspect
 from typing import Any, Iterable, Sequence
 
+import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from m4v_convert.convert import mambafy_, record_conversion
 
@@ -111,6 +113,36 @@ class ConvertedModelMixin:
     @property
     def converted_layers(self) -> list[int]:
         return sorted(self.converted_modules())
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        """diffusers' block-level gradient checkpointing (the same call), with the converted layers'
+        call context (frame grid, text) captured when a block runs forward and put back while
+        backward recomputes it: the model's forward clears the context when it returns."""
+        func = gradient_checkpointing_func or _checkpoint
+        ctx = getattr(self, "_m4v_context", None)
+        super().enable_gradient_checkpointing(func if ctx is None else _keeping_context(ctx, func))
+
+
+def _checkpoint(block, *args):
+    """diffusers' default: non-reentrant ``torch.utils.checkpoint``."""
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+def _keeping_context(ctx, func):
+    def checkpointed(block, *args):
+        saved = dict(vars(ctx))
+
+        def run(*a):
+            current = dict(vars(ctx))
+            vars(ctx).update(saved)
+            try:
+                return block(*a)
+            finally:
+                vars(ctx).update(current)
+
+        return func(run, *args)
+
+    return checkpointed
 
 
 def converted_init(base: type):

@@ -1,8 +1,7 @@
 """What distillation needs to know about Wan2.1 beyond the converted model class (``wan.py``).
 
 Its batches (clean latents noised by rectified flow), which module outputs are the per-layer
-features, which linear layers LoRA adapts, how many video tokens a batch has, and gradient
-checkpointing that keeps the converted ``attn1``'s call context. The PyramidFlow counterpart is
+features, which linear layers LoRA adapts and how many video tokens a batch has. The PyramidFlow counterpart is
 ``pyramidflow/distill.py``; :func:`m4v_convert.distill.job.run_distillation` runs either.
 """
 
@@ -20,27 +19,6 @@ from m4v_convert.distill.stage1 import calibrate_output_norms
 
 # peft matches ``target_modules`` (a string) with re.fullmatch against each module's qualified name
 LORA_TARGETS = r"blocks\.\d+\.(attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
-
-
-def _checkpoint_keeping_context(ctx):
-    """diffusers' block-level gradient checkpointing, with the converted attention's call context
-    (frame grid, text) captured at forward time and put back while the block is recomputed in
-    backward (the model's forward clears it on return)."""
-
-    def checkpointed(block, *args):
-        saved = (ctx.layout, ctx.text, ctx.text_mask)
-
-        def run(*a):
-            current = (ctx.layout, ctx.text, ctx.text_mask)
-            ctx.layout, ctx.text, ctx.text_mask = saved
-            try:
-                return block(*a)
-            finally:
-                ctx.layout, ctx.text, ctx.text_mask = current
-
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-    return checkpointed
 
 
 @dataclass
@@ -91,7 +69,7 @@ class WanDistillAdapter:
                                            "in_channels", "text_dim", "ffn_dim")}
 
     def enable_gradient_checkpointing(self, student: M4VWanTransformer3DModel) -> None:
-        student.enable_gradient_checkpointing(_checkpoint_keeping_context(student._m4v_context))
+        student.enable_gradient_checkpointing()  # keeps the converted attn1's call context (models/converted.py)
 
     def tokens_per_sample(self, latent_shape) -> int:
         f, h, w = latent_shape[-3:]
