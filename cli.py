@@ -121,6 +121,8 @@ def convert_cmd(
                                  "process: weights, training state, activations) and stop before any weight is read"),
     memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="refuse a run whose memory plan "
                                       "exceeds the free memory of its device"),
+    copy_components: bool = typer.Option(False, "--copy-components", help="with a pipeline folder as --checkpoint: "
+                                         "copy its other components into --out (default: hard links where possible)"),
 ):
     """Convert the model a recipe describes (any backbone): load, swap attention for MM-DiM, distill, save,
     report FLOPs."""

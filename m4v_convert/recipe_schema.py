@@ -318,6 +318,9 @@ class Inputs(Strict):
     timestep: StrictStr = "timestep"
     text: StrictStr = "encoder_hidden_states"
     text_mask: StrictStr | None = None  # forward argument taking the (batch, text_len) mask
+    # text tokens the model takes exactly (int or 'config.KEY'), e.g. CogVideoX without RoPE adds
+    # position embeddings to max_text_seq_length text tokens; None: any length (calib.text_len)
+    text_len: StrictInt | StrictStr | None = None
     extra: dict[StrictStr, ExtraInput] = Field(default_factory=dict)
 
 

@@ -355,7 +355,7 @@ def test_cli_converts_distills_and_writes_the_release_layout(roots, recipes, tmp
     assert {p.name for p in out.iterdir()} == {"diffusion_transformer_768p", "conversion.json", "README.md",
                                                "flops.json", "flops.md", "train_log.jsonl", "loss.png"}
     assert {p.name for p in (out / "diffusion_transformer_768p").iterdir()} == {
-        "config.json", "diffusion_pytorch_model.safetensors"}
+        "config.json", "diffusion_pytorch_model.safetensors", "m4v_transformer.py"}  # + diffusers' loader module
     summary = json.loads((out / "conversion.json").read_text())
     assert summary["layers"] == [1, 2] and summary["calibration"] == "synthetic"
     for i in ("1", "2"):  # distillation reduced every layer's error

@@ -28,7 +28,7 @@ import m4v_convert.ops as ops
 import m4v_convert.ops.gated_rmsnorm as norm_ops
 from m4v_convert.ops.triton_interpreter import interpreter_on
 
-from test_gpu import _block, _block_inputs, _run_block, rel
+from test_gpu import _block, _block_inputs, _run_block, count_kernel_calls, rel  # noqa: F401 (a fixture)
 from test_ssd_scan import float_tensors, make_inputs, run, segments
 
 
@@ -54,29 +54,6 @@ F32 = torch.float32
 def close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
     err = rel(got, want)
     assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls into mamba-ssm's Triton scan and gated norm: the dispatch really happens."""
-    calls = {"scan": 0, "norm": 0}
-    get_scan, get_norm = ops.get_triton_scan, norm_ops.get_triton_rmsnorm
-
-    def counting(getter, key):
-        def get():
-            fn = getter()
-
-            def wrapped(*a, **k):
-                calls[key] += 1
-                return fn(*a, **k)
-
-            return wrapped
-
-        return get
-
-    monkeypatch.setattr(ops, "get_triton_scan", counting(get_scan, "scan"))
-    monkeypatch.setattr(norm_ops, "get_triton_rmsnorm", counting(get_norm, "norm"))
-    return calls
 
 
 @pytest.fixture
@@ -127,7 +104,7 @@ SCAN_CASES = {
 
 
 @pytest.mark.parametrize("case", list(SCAN_CASES), ids=list(SCAN_CASES))
-def test_ssd_scan_kernel_matches_torch_forward_and_every_gradient(case, kernel_calls):
+def test_ssd_scan_kernel_matches_torch_forward_and_every_gradient(case, count_kernel_calls):
     opts, extra = SCAN_CASES[case]
     opts = dict(opts)
     b, L, cs = 2, 24, 16  # 2 chunks, the last one partial
@@ -149,7 +126,7 @@ def test_ssd_scan_kernel_matches_torch_forward_and_every_gradient(case, kernel_c
         return y, s, dict(zip(leaves, grads))
 
     y_t, s_t, g_t = go("triton")
-    assert kernel_calls["scan"] == 1
+    assert count_kernel_calls["scan"] == 1
     y_r, s_r, g_r = go("torch")
     close(y_t, y_r, 1e-5, "output")
     if s_r is not None:
@@ -165,7 +142,7 @@ def test_ssd_scan_kernel_matches_torch_forward_and_every_gradient(case, kernel_c
 
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 @pytest.mark.parametrize("gate", ["none", "strided"])
-def test_gated_rmsnorm_kernel_matches_torch(norm_before_gate, gate, kernel_calls):
+def test_gated_rmsnorm_kernel_matches_torch(norm_before_gate, gate, count_kernel_calls):
     gen = torch.Generator().manual_seed(11)
     b, L, groups, gs = 2, 9, 2, 16
     hidden = groups * gs
@@ -183,7 +160,7 @@ def test_gated_rmsnorm_kernel_matches_torch(norm_before_gate, gate, kernel_calls
         return y, torch.autograd.grad((y * dy).sum(), leaves)
 
     y_t, g_t = go("triton")
-    assert kernel_calls["norm"] == 1
+    assert count_kernel_calls["norm"] == 1
     y_r, g_r = go("torch")
     close(y_t, y_r, 1e-5, "output")
     for i, (got, want) in enumerate(zip(g_t, g_r)):
@@ -195,7 +172,7 @@ def test_gated_rmsnorm_kernel_matches_torch(norm_before_gate, gate, kernel_calls
 
 @pytest.mark.parametrize("layout_name,bidirectional", [("one stage", False), ("one stage", True),
                                                        ("PyramidFlow stages", False)])
-def test_mmdim_block_on_the_kernels_matches_torch(layout_name, bidirectional, kernel_calls, triton_backend):
+def test_mmdim_block_on_the_kernels_matches_torch(layout_name, bidirectional, count_kernel_calls, triton_backend):
     """The whole block (text sandwich, registers, zigzag, RoPE, B/C norms, temporal branch), forward
     and every parameter's gradient, on the Triton kernels and on the PyTorch path."""
     from m4v_convert.layers.recompose import FrameBlock, VideoLayout
@@ -207,11 +184,11 @@ def test_mmdim_block_on_the_kernels_matches_torch(layout_name, bidirectional, ke
     block = _block(layout_registers=2, bidirectional=bidirectional)
     inp = _block_inputs(layout)
     got = _run_block(block, layout, inp, "cpu", F32)
-    assert kernel_calls["scan"] == 1 and kernel_calls["norm"] == 1
+    assert count_kernel_calls["scan"] == 1 and count_kernel_calls["norm"] == 1
     triton_backend(False)
     want = _run_block(block, layout, inp, "cpu", F32)
     exact = _run_block(block, layout, inp, "cpu", torch.float64)  # the PyTorch path in float64
-    assert kernel_calls["scan"] == 1  # the references did not run the kernels
+    assert count_kernel_calls["scan"] == 1  # the references did not run the kernels
     assert set(got) == set(want) == set(exact)
     for key in want:
         # a gradient summed over every token (D, A_log, the norm weights) loses more than an output:
@@ -223,7 +200,7 @@ def test_mmdim_block_on_the_kernels_matches_torch(layout_name, bidirectional, ke
 # ----------------------------------------------------------------------------- a converted model
 
 
-def test_converted_wan_trains_the_same_on_the_kernels(kernel_calls, triton_backend):
+def test_converted_wan_trains_the_same_on_the_kernels(count_kernel_calls, triton_backend):
     """A tiny converted Wan, 3 AdamW steps on each backend from the same weights: the losses and
     the final weights agree."""
     from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
@@ -253,7 +230,7 @@ def test_converted_wan_trains_the_same_on_the_kernels(kernel_calls, triton_backe
         return losses, {n: p.detach() for n, p in model.named_parameters() if ".mmdim." in n}
 
     losses_t, weights_t = train(True)
-    assert kernel_calls["scan"] == 6 and kernel_calls["norm"] == 6  # 2 layers × 3 steps
+    assert count_kernel_calls["scan"] == 6 and count_kernel_calls["norm"] == 6  # 2 layers × 3 steps
     losses_r, weights_r = train(False)
     assert all(torch.isfinite(torch.tensor(losses_t)))
     torch.testing.assert_close(torch.tensor(losses_t), torch.tensor(losses_r), rtol=1e-4, atol=0)

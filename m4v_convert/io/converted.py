@@ -29,12 +29,54 @@ def _converted_class(cfg: dict):
     return found[1] if found else None
 
 
+def converted_class(cfg: dict) -> type:
+    """The converted class a saved ``config.json`` (or its ``_class_name`` and ``m4v`` entries) names;
+    what a converted pipeline's ``transformer/m4v_transformer.py`` asks for (io/pipeline.py)."""
+    cls = _converted_class(cfg)
+    if cls is None:
+        raise CheckpointError(f"no converted class for {cfg.get('_class_name')!r} in this m4v-convert "
+                              f"({m4v_convert_version()}): is it the version that wrote the model?")
+    return cls
+
+
+_LOADER = '''"""The class of the converted transformer in this folder, from the installed m4v-convert.
+
+diffusers runs this file for AutoModel.from_pretrained(folder, trust_remote_code=True) (config.json's
+auto_map) and for DiffusionPipeline.from_pretrained(pipeline_folder, trust_remote_code=True)
+(model_index.json): it only imports the toolkit; config.json and the weights beside it hold the model.
+"""
+
+from m4v_convert.io.converted import converted_class
+
+{name} = converted_class({stub!r})
+'''
+
+
+def write_loader_module(folder, class_name: str, config: dict) -> Path:
+    """``folder/m4v_transformer.py``, the module config.json's ``auto_map`` and a converted pipeline's
+    model_index.json name."""
+    from m4v_convert.models.converted import LOADER_MODULE
+
+    m4v = config.get("m4v") or {}
+    stub = {"_class_name": class_name, "m4v": {k: m4v[k] for k in ("generic", "base_class") if k in m4v}}
+    path = Path(folder) / f"{LOADER_MODULE}.py"
+    path.write_text(_LOADER.format(name=class_name, stub=stub))
+    return path
+
+
+def m4v_convert_version() -> str:
+    import m4v_convert
+
+    return m4v_convert.__version__
+
+
 def save_converted(model, folder: Path, metadata: dict[str, str],
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write ``model`` (a converted diffusers ModelMixin) into ``folder``; returns the file names."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_config(folder)
+    write_loader_module(folder, type(model).__name__, dict(model.config))
     meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     shards, current, size = [], {}, 0
@@ -61,14 +103,24 @@ def save_converted(model, folder: Path, metadata: dict[str, str],
 
 
 def resolve_converted_folder(folder) -> Path:
-    """``folder`` itself, or its single ``diffusion_transformer_*`` subfolder when ``folder`` has no
-    config.json (PyramidFlow conversions keep the release's folder layout)."""
+    """``folder`` itself or, when it has no config.json, its single subfolder holding a converted
+    model: ``diffusion_transformer_*`` (PyramidFlow conversions keep the release's folder layout)
+    or the ``transformer/`` of a converted pipeline folder."""
     folder = Path(folder).expanduser()
     if folder.is_dir() and not (folder / "config.json").is_file():
         subs = [p for p in sorted(folder.glob("diffusion_transformer_*")) if (p / "config.json").is_file()]
+        if not subs:
+            subs = [p for p in sorted(folder.iterdir()) if p.is_dir() and _is_converted(p / "config.json")]
         if len(subs) == 1:
             return subs[0]
     return folder
+
+
+def _is_converted(path: Path) -> bool:
+    try:
+        return path.is_file() and "m4v" in json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def read_converted_config(folder: Path) -> dict:
@@ -96,9 +148,11 @@ def check_weights_match_config(folder: Path, cls: type, cfg: dict) -> None:
     on the meta device and the safetensors headers, before any weight is read."""
     from m4v_convert.io.safetensors_io import read_header
 
+    from m4v_convert.models.converted import strip_loader_entries
+
     try:
         with torch.device("meta"):
-            model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+            model = cls.from_config(strip_loader_entries({k: v for k, v in cfg.items() if not k.startswith("_")}))
     except Exception as e:  # noqa: BLE001 (any failure to build from this config is the config's fault)
         raise CheckpointError(f"{folder}/config.json: cannot build {cls.__name__} from it "
                               f"({type(e).__name__}: {error_reason(e)}); was it edited?") from None

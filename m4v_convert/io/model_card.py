@@ -62,6 +62,8 @@ def model_card(summary: dict, recipe, facts: CardFacts) -> str:
     rows = "\n".join(f"| {i} | {before[i]:.4f} | {after[i]:.4f} |" for i in before)
     folder = summary.get("transformer_folder")
     where = f"The transformer is in `{folder}/`. " if folder else ""
+    pipeline = (", or the whole pipeline with `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`"
+                if summary.get("pipeline") else "")
     flops = f"\n## FLOPs\n\n{facts.flops}\n" if facts.flops else ""
     return f"""# Converted with m4v-convert {summary['version']}
 
@@ -75,7 +77,8 @@ def model_card(summary: dict, recipe, facts: CardFacts) -> str:
 {calibration_line(summary['calibration'], facts)}{_untrained(summary)}
 
 {where}Load it with `m4v_convert.load_converted(path)`; it takes exactly the inputs of
-{facts.inputs_of}{facts.load_note}.
+{facts.inputs_of}{facts.load_note}. With diffusers alone (m4v-convert installed):
+`AutoModel.from_pretrained(transformer_folder, trust_remote_code=True)`{pipeline}.
 
 ## Per-layer relative error (held-out calibration batch)
 

@@ -55,6 +55,7 @@ class ConversionSummary(_Strict):
     calibration: str  # synthetic | folder:PATH | teacher:(synthetic|folder:PATH) | none
     distill: DistillSummary
     transformer_folder: str | None  # where in the output folder the model is (None: the folder itself)
+    pipeline: bool = False  # the output folder is a whole diffusers pipeline (model_index.json)
     error_before: dict[str, float]  # per converted layer, held-out relative error
     error_after: dict[str, float]
     end_to_end_error: dict[str, float | None]  # before / after stages 2-3
@@ -70,6 +71,7 @@ class Conversion(Protocol):
     Implemented by ``backbones/{wan,pyramidflow,generic}/conversion.py``."""
 
     transformer_folder: str | None  # where in --out the model goes (None: --out itself)
+    pipeline: Path | None  # the diffusers pipeline folder the model came from (None: not a pipeline)
     distill_scope: str  # said of the held-out batch in the printed end-to-end error, e.g. ", all stages"
 
     def check_before_loading(self) -> None:
@@ -124,6 +126,7 @@ def _convert(plan: ConversionPlan) -> dict:
     from m4v_convert.backbones import registry
     from m4v_convert.distill.job import DistillReport, run_distillation
     from m4v_convert.distill.stage1 import Stage1Result
+    from m4v_convert.io.pipeline import check_components
     from m4v_convert.jobs.memory import check_memory
 
     flags, recipe, con, dist = plan.flags, plan.recipe, plan.console, plan.dist
@@ -131,6 +134,13 @@ def _convert(plan: ConversionPlan) -> dict:
     con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
               f"checkpoint {flags.checkpoint}" + (f"  ({dist.world} processes)" if dist.enabled else ""))
     steps.check_before_loading()
+    if steps.pipeline is not None:
+        others = check_components(steps.pipeline, steps.transformer_folder)
+        con.print(f"pipeline folder in: --out will be the pipeline with the converted {steps.transformer_folder}/ "
+                  f"({', '.join(others)} {'copied' if flags.copy_components else 'hard-linked where possible'})")
+    elif steps.transformer_folder is None:
+        con.print("note: --checkpoint is not a diffusers pipeline folder (no model_index.json): --out holds the "
+                  "converted transformer alone")
     memory = check_memory(plan, steps, dist.world if dist.enabled else flags.num_processes)
     if flags.dry_run:
         con.print("--dry-run: stopped before loading any weight; nothing was written")
@@ -161,7 +171,7 @@ def _convert(plan: ConversionPlan) -> dict:
                   "the output holds the MM-DiM layers as initialized from attention, not distilled")
 
     flops = steps.flops_report(cfg, layers)
-    summary = conversion_summary(plan, layers, report, flops, steps.transformer_folder)
+    summary = conversion_summary(plan, layers, report, flops, steps.transformer_folder, steps.pipeline is not None)
     # config["m4v"]["layers"] holds the per-layer MMDiMConfig dicts; the plain list goes under its own key
     record = {k: v for k, v in summary.items() if k not in ("layers", "error_before", "error_after",
                                                            "end_to_end_error", "stages", "seconds")}
@@ -183,6 +193,7 @@ def _write_output(plan: ConversionPlan, steps: Conversion, student, layers, repo
     from m4v_convert.io.converted import save_converted
     from m4v_convert.io.model_card import model_card
     from m4v_convert.io.output import atomic_output_dir
+    from m4v_convert.io.pipeline import write_pipeline
 
     flags, recipe = plan.flags, plan.recipe
     try:
@@ -192,6 +203,9 @@ def _write_output(plan: ConversionPlan, steps: Conversion, student, layers, repo
                 "m4v_version": m4v_convert.__version__, "source": summary["source"], "recipe": recipe.name,
                 "layers": ",".join(map(str, layers)), "calibration": summary["calibration"],
             })
+            if steps.pipeline is not None:
+                write_pipeline(steps.pipeline, tmp, steps.transformer_folder, type(student).__name__,
+                               copy_components=flags.copy_components)
             steps.write_flops(flops, tmp)
             (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in report.log))
             plot_losses(report.log, tmp / "loss.png")
@@ -204,7 +218,7 @@ def _write_output(plan: ConversionPlan, steps: Conversion, student, layers, repo
 
 
 def conversion_summary(plan: ConversionPlan, layers: list[int], report, flops: dict,
-                       transformer_folder: str | None) -> dict:
+                       transformer_folder: str | None, pipeline: bool = False) -> dict:
     """``conversion.json`` (:class:`ConversionSummary`, the same for every backbone)."""
     d, stage1 = plan.distill, report.stage1
     s1 = d.schedules[1]
@@ -219,6 +233,7 @@ def conversion_summary(plan: ConversionPlan, layers: list[int], report, flops: d
                     "feature_weight": d.feature_weight,
                     "stage2": later_stage(report.results, d, 2), "stage3": later_stage(report.results, d, 3)},
         "transformer_folder": transformer_folder,
+        "pipeline": pipeline,
         "error_before": {str(k): v for k, v in stage1.error_before.items()},
         "error_after": {str(k): v for k, v in stage1.error_after.items()},
         "end_to_end_error": {"before": report.end_to_end_before, "after": report.end_to_end_after},

@@ -29,8 +29,8 @@ GB = 1e9
 
 # glibc's malloc keeps most freed activation memory of a training step in its heap (returning it to
 # the system costs page faults: a run with a fixed mmap threshold measured 2.2x slower), so on CPU
-# the resident peak exceeds the live tensors by about the step's activations again. Measured with
-# benchmarks/bench_memory.py (raw output in benchmarks/RESULTS.md): 0.8-1.0x at batch 2-8.
+# the resident peak exceeds the live tensors by about the step's activations again: measured
+# 0.8-1.0x at batch 2-8 (benchmarks/RESULTS.md, "Memory plan vs a measured peak").
 CPU_HEAP_RESERVE = 1.0
 ALLOCATOR_RESERVE = "allocator reserve (freed activations malloc keeps)"
 

@@ -61,6 +61,7 @@ class ConvertFlags:
     deterministic: bool = False
     dry_run: bool = False  # print the memory plan and stop before any weight is read
     memory_check: bool = True  # refuse a run the memory plan says will not fit
+    copy_components: bool = False  # a pipeline out: copy the unconverted components (default: hard links)
 
     @classmethod
     def from_flags(cls, **flags) -> "ConvertFlags":

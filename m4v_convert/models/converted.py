@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -29,6 +30,21 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from m4v_convert.convert import mambafy_, record_conversion
+
+
+#: the module every converted folder holds (io/converted.py writes it): one import of the class from
+#: the installed toolkit, for diffusers' ``trust_remote_code=True`` loaders (AutoModel, pipelines)
+LOADER_MODULE = "m4v_transformer"
+
+#: written into every converted ``config.json``. diffusers' stock class reads ``quantization_config``
+#: before it builds anything, so ``WanTransformer3DModel.from_pretrained(converted)`` stops with this
+#: text (unguarded, it returned the model with its MM-DiM weights dropped and the attention layers
+#: initialised at random); the converted class drops it when it loads.
+STOCK_CLASS_GUARD = {
+    "quant_method": "m4v-convert MM-DiM conversion (not a quantization): the stock class cannot load it and "
+                    "would drop its MM-DiM weights; load it with m4v_convert.load_converted(folder), "
+                    "diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True), or a converted pipeline "
+                    "with DiffusionPipeline.from_pretrained(pipeline_folder, trust_remote_code=True)"}
 
 
 class ConvertedModelMixin:
@@ -114,6 +130,30 @@ class ConvertedModelMixin:
     def converted_layers(self) -> list[int]:
         return sorted(self.converted_modules())
 
+    # ------------------------------------------------------------------ config.json
+
+    def to_json_string(self) -> str:
+        """diffusers' config.json, with the stock-class guard and ``auto_map`` (AutoModel's remote code)."""
+        data = json.loads(super().to_json_string())
+        data["quantization_config"] = STOCK_CLASS_GUARD
+        data["auto_map"] = {"AutoModel": f"{LOADER_MODULE}.{type(self).__name__}"}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config`` without the guard and ``auto_map`` (``from_pretrained`` reads both)."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        strip_loader_entries(config)
+        return out
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained``, plus the loader module ``auto_map`` names."""
+        from m4v_convert.io.converted import write_loader_module
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_loader_module(save_directory, type(self).__name__, dict(self.config))
+
     def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
         """diffusers' block-level gradient checkpointing (the same call), with the converted layers'
         call context (frame grid, text) captured when a block runs forward and put back while
@@ -121,6 +161,14 @@ class ConvertedModelMixin:
         func = gradient_checkpointing_func or _checkpoint
         ctx = getattr(self, "_m4v_context", None)
         super().enable_gradient_checkpointing(func if ctx is None else _keeping_context(ctx, func))
+
+
+def strip_loader_entries(config: dict) -> dict:
+    """``config`` without what only the stock class and AutoModel read (the guard, ``auto_map``)."""
+    if config.get("quantization_config") == STOCK_CLASS_GUARD:
+        config.pop("quantization_config")
+    config.pop("auto_map", None)
+    return config
 
 
 def _checkpoint(block, *args):

@@ -21,6 +21,7 @@ from m4v_convert.convert import layer_ranges as _ranges
 from m4v_convert.backbones import registry
 from m4v_convert.errors import CheckpointError, M4VError, RecipeError
 from m4v_convert.io.model_card import CardFacts
+from m4v_convert.io.pipeline import pipeline_root
 from m4v_convert.io.safetensors_io import read_header, refuse_integer_weights
 
 
@@ -245,6 +246,7 @@ class GenericConversion:
     the recipe is checked against the model built on the meta device before any weight is read."""
 
     transformer_folder = None
+    pipeline = None
     distill_scope = ""
 
     def __init__(self, plan):
@@ -255,6 +257,9 @@ class GenericConversion:
         flags = self.plan.flags
         self.check = check_recipe(self.recipe, flags.checkpoint, flags.model, flags.layers)
         self.source = read_source(self.recipe, flags.checkpoint, flags.model)
+        # a diffusers pipeline folder in: the same pipeline out, with the converted transformer/
+        self.pipeline = pipeline_root(self.source.folder, self.source.subfolder)
+        self.transformer_folder = self.source.subfolder if self.pipeline else None
         for note in self.check.notes:
             self.plan.console.print(f"[yellow]note:[/] {note}")
 
@@ -307,14 +312,16 @@ class GenericConversion:
             self.plan.console.print(f"note: synthetic calibration latents {fitted['frames']}×{fitted['height']}×"
                                     f"{fitted['width']} (the recipe's {size['frames']}×{size['height']}×"
                                     f"{size['width']}, rounded up to this model's patch sizes)")
+        exact_text = (None if spec.inputs.text_len is None
+                      else G.resolve_size(spec.inputs.text_len, cfg, what="inputs.text_len"))
         cspec = CalibSpec(in_channels=G.latent_channels(spec, cfg),
                           text_dim=G.resolve_size(spec.inputs.text_dim, cfg, what="inputs.text_dim"),
                           latent_frames=fitted["frames"], latent_height=fitted["height"],
-                          latent_width=fitted["width"], text_len=c["text_len"],
+                          latent_width=fitted["width"], text_len=exact_text or c["text_len"],
                           flow_shift=float(c.get("flow_shift", 1.0)))
         infos = G.selected_infos(teacher, spec, cfg, recipe.mmdim, layers, str(recipe.path))
         return GenericDistillAdapter(recipe=recipe, config=cfg, infos=infos, spec=cspec,
-                                     num_samples=int(c.get("num_samples", 8)))
+                                     num_samples=int(c.get("num_samples", 8)), exact_text_len=exact_text)
 
     def flops_report(self, config: dict, layers: list[int]) -> dict:
         flags = self.plan.flags

@@ -18,6 +18,7 @@ import torch.nn as nn
 from m4v_convert.backbones.generic import model as G
 from m4v_convert.distill.calibration import CalibSpec, check_uniform, folder_samples, noised_batch, synthetic_samples
 from m4v_convert.distill.stage1 import calibrate_output_norms
+from m4v_convert.errors import M4VError
 
 FINE_TUNE_UNSUPPORTED = ("generic backbones: the fine-tune objective depends on the backbone's prediction type; "
                          "not implemented")
@@ -30,6 +31,7 @@ class GenericDistillAdapter:
     infos: list  # teacher-side LayerInfo of the selected layers
     spec: CalibSpec
     num_samples: int = 8
+    exact_text_len: int | None = None  # recipe inputs.text_len: the model takes exactly this many text tokens
 
     fine_tune_unsupported: str = FINE_TUNE_UNSUPPORTED
     lora_targets: str | None = None  # --train lora: not offered (no recipe field names the MLPs)
@@ -46,6 +48,10 @@ class GenericDistillAdapter:
     def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype):
         if opts.calib is not None:
             samples, label = folder_samples(opts.calib, self.spec), f"folder:{opts.calib}"
+            wrong = sorted({int(s.text.shape[0]) for s in samples} - {self.exact_text_len or 0})
+            if self.exact_text_len and wrong:
+                raise M4VError(f"--calib {opts.calib}: text_embeds of {wrong[0]} tokens; this model takes exactly "
+                               f"{self.exact_text_len} (recipe inputs.text_len: the pipeline pads every prompt to it)")
         else:
             samples, label = synthetic_samples(self.spec, self.num_samples, seed=opts.seed), "synthetic"
             con.print("[yellow]calibration: SYNTHETIC batches (random latents and text embeddings)[/]")

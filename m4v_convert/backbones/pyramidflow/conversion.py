@@ -22,6 +22,7 @@ from m4v_convert.io.model_card import CardFacts
 
 class PyramidFlowConversion:
     distill_scope = ", all stages"
+    pipeline = None  # the release's own layout, not a diffusers pipeline folder
 
     def __init__(self, plan):
         from .flops import RESOLUTIONS

@@ -10,6 +10,7 @@ import torch
 
 from m4v_convert.convert import layer_ranges, parse_layers
 from m4v_convert.io.model_card import CardFacts
+from m4v_convert.io.pipeline import pipeline_root
 
 REPORT_SIZE = (480, 832)  # the Wan2.1 release's video, for the FLOPs report
 REPORT_FRAMES = 81
@@ -26,6 +27,7 @@ def check_flags(flags, recipe) -> None:
 
 class WanConversion:
     transformer_folder = None
+    pipeline = None
     distill_scope = ""
 
     def __init__(self, plan):
@@ -41,6 +43,9 @@ class WanConversion:
         from m4v_convert.backbones.wan.load import find_wan_checkpoint
 
         self.checkpoint = find_wan_checkpoint(self.plan.flags.checkpoint)
+        # a diffusers pipeline folder in: the same pipeline out, with the converted transformer/
+        self.pipeline = pipeline_root(self.checkpoint.root, self.checkpoint.subfolder)
+        self.transformer_folder = self.checkpoint.subfolder if self.pipeline else None
         parse_layers(self.plan.layer_spec, self.checkpoint.config["num_layers"])
         check_report_size(self.checkpoint.config, self.frames, self.height, self.width)
 

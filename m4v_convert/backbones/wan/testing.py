@@ -21,6 +21,7 @@ __all__ = [
     "tiny_wan_config",
     "make_tiny_wan",
     "save_tiny_wan",
+    "make_tiny_wan_pipeline",
     "tiny_wan_inputs",
     "original_wan_state_dict",
 ]
@@ -147,6 +148,34 @@ def _save_shards(state: dict[str, torch.Tensor], folder: Path, n_shards: int = 2
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+#: the words of the tiny pipeline's tokenizer (a word-level vocabulary built here: nothing is downloaded)
+TINY_WORDS = ("<pad>", "</s>", "<unk>", *"a the red blue green ball cube rolls moves left right up down on table".split())
+
+
+def make_tiny_wan_pipeline(seed: int = 0):
+    """A tiny diffusers ``WanPipeline`` in the real formats: a word-level tokenizer (saved as Wan's
+    tokenizer/ folder), a 1-layer ``UMT5EncoderModel``, a tiny ``AutoencoderKLWan`` (16 latent
+    channels, diffusers' own test sizes), ``FlowMatchEulerDiscreteScheduler`` and a tiny transformer
+    (:func:`make_tiny_wan` with 16 channels). ``pipe.save_pretrained(folder)`` writes the pipeline
+    folder a user downloads (``model_index.json``, ``transformer/``, ``text_encoder/``, ...)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_WORDS), d_model=TINY_WAN_CONFIG["text_dim"], d_kv=8,
+                                               d_ff=32, num_layers=1, num_heads=4,
+                                               relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    transformer = make_tiny_wan(seed=seed, in_channels=16, out_channels=16)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 def save_tiny_wan(model, folder: str | os.PathLike, layout: str = "diffusers", key_prefix: str = "") -> Path:

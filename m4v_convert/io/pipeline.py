@@ -1,0 +1,100 @@
+"""A converted model written as a whole diffusers pipeline folder.
+
+When ``--checkpoint`` is a pipeline folder (``model_index.json`` beside ``transformer/``,
+``text_encoder/``, ``vae/``, ...), ``--out`` becomes the same pipeline with the converted
+transformer: its other components hard-linked where the filesystem allows (else copied;
+``--copy-components`` always copies), ``model_index.json`` naming the converted class, and in
+the transformer's folder a one-line module that imports that class from the installed toolkit.
+
+diffusers then loads it in either of two ways (README "Using a converted pipeline"):
+
+* ``DiffusionPipeline.from_pretrained(out, trust_remote_code=True)``: no toolkit import in the
+  caller's code; diffusers runs ``transformer/m4v_transformer.py`` (it needs m4v-convert installed).
+* ``WanPipeline.from_pretrained(out, transformer=m4v_convert.load_converted(out / "transformer"))``:
+  no remote code; the caller imports the toolkit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from m4v_convert.errors import CheckpointError
+from m4v_convert.models.converted import LOADER_MODULE
+
+MODEL_INDEX = "model_index.json"
+def pipeline_root(folder: Path, component: str | None) -> Path | None:
+    """The pipeline folder a checkpoint's transformer was read from, or None (a bare transformer
+    folder or file): ``folder`` holds ``model_index.json`` naming ``component``."""
+    if component is None or folder is None:
+        return None
+    index = Path(folder) / MODEL_INDEX
+    if not index.is_file():
+        return None
+    try:
+        entries = json.loads(index.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    return Path(folder) if isinstance(entries.get(component), list) else None
+
+
+def read_model_index(root: Path) -> dict:
+    path = Path(root) / MODEL_INDEX
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read the pipeline's model index ({e})") from None
+
+
+def components(index: dict) -> list[str]:
+    """The component folders a model index names (entries ``[library, class]`` that are not null)."""
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+            and v[0] is not None and v[1] is not None]
+
+
+def check_components(root: Path, converted: str) -> list[str]:
+    """The components to carry over (all but ``converted``), each present; refused before loading."""
+    index = read_model_index(root)
+    others = [c for c in components(index) if c != converted]
+    missing = [c for c in others if not (Path(root) / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"{root}: {MODEL_INDEX} names component(s) {', '.join(missing)} but the folder has no "
+                              f"such subfolder; a converted pipeline needs every component (or give the "
+                              f"{converted}/ folder alone for the converted transformer only)")
+    return others
+
+
+def write_pipeline(root: Path, out: Path, converted: str, class_name: str,
+                   copy_components: bool = False) -> dict[str, str]:
+    """Complete ``out`` (which already holds ``out/converted/``) into a pipeline folder; returns
+    ``{component: "linked" | "copied"}``."""
+    root, out = Path(root), Path(out)
+    index = read_model_index(root)
+    how: dict[str, str] = {}
+    for name in check_components(root, converted):
+        how[name] = _carry(root / name, out / name, copy_components)
+    index[converted] = [LOADER_MODULE, class_name]  # out/converted/m4v_transformer.py (io/converted.py)
+    (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return how
+
+
+def _carry(src: Path, dst: Path, copy: bool) -> str:
+    """Hard-link every file of ``src`` under ``dst`` (copy where linking fails or ``copy``)."""
+    linked = not copy
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        real = path.resolve()  # a Hugging Face cache snapshot holds links to its blobs
+        if linked:
+            try:
+                os.link(real, target)
+                continue
+            except OSError:  # another filesystem, or links not allowed: copy from here on
+                linked = False
+        shutil.copy2(real, target)
+    return "linked" if linked else "copied"
