@@ -289,6 +289,40 @@ def eval_cmd(
         calib=calib, conditions=conditions, frames=frames, device=device, overwrite=overwrite))
 
 
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    model: Path = typer.Argument(..., help="a converted pipeline folder (convert with a pipeline folder as --checkpoint)"),
+    prompt: str = typer.Option(..., "--prompt", help="what the video shows"),
+    output: Path = typer.Option(..., "--output", help="the video to write (.mp4 or .gif)"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="classifier-free guidance's "
+                                                  "negative prompt (default: the pipeline's)"),
+    size: Optional[str] = typer.Option(None, "--size", help="HxW, multiples of 16 (default: the pipeline's, Wan "
+                                       "480x832)"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="4k+1 frames (default: the pipeline's, Wan 81)"),
+    steps: int = typer.Option(50, "--steps", help="denoising steps"),
+    guidance_scale: float = typer.Option(5.0, "--guidance-scale", help="classifier-free guidance scale"),
+    seed: int = _SEED,
+    fps: int = typer.Option(16, "--fps", help="frames per second of the file (Wan: 16)"),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="the original pipeline folder: also run it with "
+                                           "the same seed, write both side by side (OUTPUT-compare) and the speed "
+                                           "ratio"),
+    device: str = _DEVICE,
+    overwrite: bool = _OVERWRITE,
+    threads: Optional[int] = _THREADS,
+):
+    """A video from a converted pipeline with diffusers, timed per denoising step (and, with --compare, beside
+    the original's)."""
+    from m4v_convert.jobs.generate import GenerateOptions, run_generate
+    from m4v_convert.jobs.plan import console_or_default
+
+    _set_threads(threads)
+    run_generate(GenerateOptions(model=model, prompt=prompt, output=output, negative_prompt=negative_prompt,
+                                 size=_parse_size(size) if size else None, frames=frames, steps=steps,
+                                 guidance_scale=guidance_scale, seed=seed, fps=fps, compare=compare,
+                                 overwrite=overwrite, device=device), console_or_default(None))
+
+
 @app.command("ablate")
 @user_errors
 def ablate(

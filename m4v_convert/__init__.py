@@ -11,6 +11,7 @@ _LAZY = {
     "MMDiMConfig": ("m4v_convert.layers.mmdim", "MMDiMConfig"),
     "mambafy_": ("m4v_convert.convert", "mambafy_"),
     "load_converted": ("m4v_convert.io.converted", "load_converted"),
+    "load_pipeline": ("m4v_convert.io.pipeline", "load_pipeline"),
     "M4VError": ("m4v_convert.errors", "M4VError"),
 }
 

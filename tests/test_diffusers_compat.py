@@ -142,6 +142,9 @@ def test_a_pipeline_folder_in_gives_a_pipeline_folder_out(wan_pipeline, tmp_path
     want = reference(generator=torch.Generator().manual_seed(0), **GENERATE).frames
     got = torch.load(tmp_path / "frames.pt", weights_only=True)
     assert got.shape == want.shape and torch.isfinite(got).all() and torch.equal(got, want)
+    loaded = m4v_convert.load_pipeline(out)  # no remote code
+    assert type(loaded) is WanPipeline and type(loaded.transformer).__name__ == "M4VWanTransformer3DModel"
+    assert torch.equal(loaded(generator=torch.Generator().manual_seed(0), **GENERATE).frames, want)
 
     copied = tmp_path / "copied"
     res = runner.invoke(app, ["wan2.1", "--checkpoint", str(wan_pipeline), "--out", str(copied), "--layers", "0",

@@ -10,8 +10,9 @@ diffusers then loads it in either of two ways (README "Using a converted pipelin
 
 * ``DiffusionPipeline.from_pretrained(out, trust_remote_code=True)``: no toolkit import in the
   caller's code; diffusers runs ``transformer/m4v_transformer.py`` (it needs m4v-convert installed).
-* ``WanPipeline.from_pretrained(out, transformer=m4v_convert.load_converted(out / "transformer"))``:
-  no remote code; the caller imports the toolkit.
+* ``m4v_convert.load_pipeline(out)``: no remote code; the caller imports the toolkit. (diffusers'
+  ``WanPipeline.from_pretrained(out, transformer=...)`` still checks the library model_index.json
+  names for the transformer, which only remote code satisfies.)
 """
 
 from __future__ import annotations
@@ -98,3 +99,47 @@ def _carry(src: Path, dst: Path, copy: bool) -> str:
                 linked = False
         shutil.copy2(real, target)
     return "linked" if linked else "copied"
+
+
+#: libraries :func:`load_pipeline` loads components from (as diffusers: a name in model_index.json
+#: never makes it import anything else)
+LOADABLE_LIBRARIES = ("diffusers", "transformers")
+
+
+def load_pipeline(folder, *, dtype=None):
+    """A converted pipeline folder as its diffusers pipeline (the class ``model_index.json`` names),
+    with the converted transformer from ``load_converted``: no remote code runs. Each other
+    component is loaded with its own class's ``from_pretrained``, as diffusers does."""
+    import importlib
+
+    import diffusers
+
+    from m4v_convert.io.converted import load_converted
+
+    folder = Path(folder).expanduser()
+    index = read_model_index(folder)
+    pipeline_cls = getattr(diffusers, str(index.get("_class_name")), None)
+    if not isinstance(pipeline_cls, type) or not issubclass(pipeline_cls, diffusers.DiffusionPipeline):
+        raise CheckpointError(f"{folder}/{MODEL_INDEX}: {index.get('_class_name')!r} is not a diffusers pipeline")
+    parts = {}
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(value, list):  # the pipeline's own settings (boundary_ratio, expand_timesteps, ...)
+            parts[name] = value
+            continue
+        library, class_name = value
+        if library is None:
+            parts[name] = None
+        elif library == LOADER_MODULE:
+            parts[name] = load_converted(folder / name, dtype=dtype)
+        elif library in LOADABLE_LIBRARIES:
+            cls = getattr(importlib.import_module(library), class_name, None)
+            if cls is None:
+                raise CheckpointError(f"{folder}/{MODEL_INDEX}: {library} has no class {class_name!r} ({name})")
+            kwargs = {"torch_dtype": dtype} if dtype is not None and hasattr(cls, "dtype") else {}
+            parts[name] = cls.from_pretrained(folder / name, **kwargs)
+        else:
+            raise CheckpointError(f"{folder}/{MODEL_INDEX}: component {name} comes from {library!r}, which is not "
+                                  f"loaded here (only {', '.join(LOADABLE_LIBRARIES)})")
+    return pipeline_cls(**parts)
