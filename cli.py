@@ -123,6 +123,17 @@ def convert_cmd(
                                       "exceeds the free memory of its device"),
     copy_components: bool = typer.Option(False, "--copy-components", help="with a pipeline folder as --checkpoint: "
                                          "copy its other components into --out (default: hard links where possible)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="calibrate on the teacher's own videos of these "
+                                           "prompts (one per line, or .jsonl with prompt / negative_prompt); needs a "
+                                           "pipeline folder as --checkpoint (Wan)"),
+    calib_size: Optional[str] = typer.Option(None, "--calib-size", help="with --prompts: HxW of the teacher's "
+                                             "samples (default: the recipe's calibration latents x 8)"),
+    calib_frames: Optional[int] = typer.Option(None, "--calib-frames", help="with --prompts: 4k+1 frames per sample "
+                                               "(default: the recipe's calibration latents)"),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="with --prompts: classifier-free "
+                                                   "guidance of the teacher's sampling (default 5.0)"),
+    teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="denoising steps of each teacher "
+                                                "sample (default: the recipe's calib.teacher_steps)"),
 ):
     """Convert the model a recipe describes (any backbone): load, swap attention for MM-DiM, distill, save,
     report FLOPs."""
@@ -130,14 +141,16 @@ def convert_cmd(
 
 
 def _run_conversion(backbone: Optional[str], *, threads: Optional[int], size: Optional[str], frames: Optional[int],
-                    **flags) -> None:
+                    calib_size: Optional[str] = None, **flags) -> None:
     """A conversion command's flags → the conversion job (``backbone``: the one a backbone command converts)."""
     from m4v_convert.jobs.convert import run_conversion
     from m4v_convert.jobs.plan import ConvertFlags
 
     _set_threads(threads)
     run_conversion(ConvertFlags.from_flags(**flags, report_size=_parse_size(size) if size else None,
-                                           report_frames=frames), command=backbone)
+                                           report_frames=frames,
+                                           calib_size=_parse_size(calib_size, "--calib-size") if calib_size else None),
+                   command=backbone)
 
 
 def _backbone_command(name: str, backbone: str, default_recipe: str, doc: str) -> None:
@@ -173,7 +186,7 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def _parse_size(size: str) -> tuple[int, int]:
+def _parse_size(size: str, flag: str = "--size") -> tuple[int, int]:
     from m4v_convert.errors import M4VError
 
     try:
@@ -182,7 +195,7 @@ def _parse_size(size: str) -> tuple[int, int]:
             raise ValueError
         return h, w
     except ValueError:
-        raise M4VError(f"--size: expected HEIGHTxWIDTH like 480x832, got {size!r}") from None
+        raise M4VError(f"{flag}: expected HEIGHTxWIDTH like 480x832, got {size!r}") from None
 
 
 @app.command("flops")

@@ -6,6 +6,10 @@ side of the conversion job) plus one ``register`` call below; see docs/architect
 
 from m4v_convert.backbones.registry import Backbone, register
 
+# calibration from prompts through a diffusers pipeline's encoder: Wan only so far (PyramidFlow has no
+# diffusers pipeline; generic recipes do not say how their pipeline encodes a prompt)
+PROMPT_FLAGS = ("prompts", "calib_size", "calib_frames", "guidance_scale")
+
 register(Backbone(
     name="wan",
     converts="Wan2.1",
@@ -24,7 +28,7 @@ register(Backbone(
     name="pyramidflow",
     converts="PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)",
     conversion="m4v_convert.backbones.pyramidflow.conversion:PyramidFlowConversion",
-    flags_not_offered=("model", "report_size", "report_frames", "deterministic"),
+    flags_not_offered=("model", "report_size", "report_frames", "deterministic", *PROMPT_FLAGS),
     check_flags="m4v_convert.backbones.pyramidflow.conversion:check_flags",
     published_flops="m4v_convert.backbones.pyramidflow.conversion:published_flops",
     converted_class="m4v_convert.backbones.pyramidflow.converted:converted_class_for_config",
@@ -42,7 +46,7 @@ register(Backbone(
 register(Backbone(
     name="generic",
     converts="any model a backbone: generic recipe describes",
-    flags_not_offered=("num_processes", "deterministic"),
+    flags_not_offered=("num_processes", "deterministic", "teacher_steps", *PROMPT_FLAGS),
     conversion="m4v_convert.backbones.generic.conversion:GenericConversion",
     check_flags="m4v_convert.backbones.generic.conversion:check_flags",
     default_stages="1,2",  # no stage 3 for generic recipes

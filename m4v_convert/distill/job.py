@@ -176,7 +176,7 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
                              else s2.get("feature_weight", 0.5)),
         output_weight=float(s2.get("output_weight", 1.0)),
         lora_rank=int(d.get("lora_rank", 8)), lora_alpha=float(d.get("lora_alpha", d.get("lora_rank", 8))),
-        teacher_steps=int(recipe.calib.get("teacher_steps", 4)),
+        teacher_steps=int(getattr(opts, "teacher_steps", None) or recipe.calib.get("teacher_steps", 4)),
         teacher_first_frame_steps=(None if recipe.calib.get("teacher_first_frame_steps") is None
                                    else int(recipe.calib["teacher_first_frame_steps"])),
         bf16=(mp == "bf16") or (mp == "auto" and device.type == "cuda"),

@@ -29,6 +29,9 @@ def calibration_line(calibration: str, facts: CardFacts) -> str:
                 "is NOT ready\n  for generation quality; distill it further on real latents (`--calib DIR`)")
     if calibration == "none":
         return "- calibration data: none (nothing was distilled)"
+    if calibration.startswith("prompts:"):
+        return (f"- calibration data: videos **sampled by the teacher** through its pipeline for the prompts of "
+                f"`{calibration.removeprefix('prompts:')}`{facts.batch_note}")
     if calibration.startswith("teacher:"):
         source = calibration.removeprefix("teacher:")
         texts = ("synthetic text conditions" if source == "synthetic"

@@ -62,6 +62,11 @@ class ConvertFlags:
     dry_run: bool = False  # print the memory plan and stop before any weight is read
     memory_check: bool = True  # refuse a run the memory plan says will not fit
     copy_components: bool = False  # a pipeline out: copy the unconverted components (default: hard links)
+    prompts: Path | None = None  # calibration from prompts through the pipeline's encoder and the teacher
+    calib_size: tuple[int, int] | None = None  # (height, width) of the prompt samples
+    calib_frames: int | None = None
+    guidance_scale: float | None = None
+    teacher_steps: int | None = None
 
     @classmethod
     def from_flags(cls, **flags) -> "ConvertFlags":

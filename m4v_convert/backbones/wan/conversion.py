@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from m4v_convert.convert import layer_ranges, parse_layers
+from m4v_convert.errors import M4VError
 from m4v_convert.io.model_card import CardFacts
 from m4v_convert.io.pipeline import pipeline_root
 
@@ -18,8 +19,6 @@ REPORT_FRAMES = 81
 
 def check_flags(flags, recipe) -> None:
     """Wan's own refusals of a conversion's flags, before any weight is read (registry entry ``wan``)."""
-    from m4v_convert.errors import M4VError
-
     if flags.dtype in ("float16", "fp16"):  # it used to end in an unexplained NaN loss
         raise M4VError("--dtype float16: Wan2.1's activations and the distillation's losses overflow float16 (the "
                        "loss turns NaN); use bfloat16 (less memory) or float32 / auto")
@@ -28,6 +27,7 @@ def check_flags(flags, recipe) -> None:
 class WanConversion:
     transformer_folder = None
     pipeline = None
+    prompts = None  # [(prompt, negative prompt)] of --prompts
     distill_scope = ""
 
     def __init__(self, plan):
@@ -46,6 +46,23 @@ class WanConversion:
         # a diffusers pipeline folder in: the same pipeline out, with the converted transformer/
         self.pipeline = pipeline_root(self.checkpoint.root, self.checkpoint.subfolder)
         self.transformer_folder = self.checkpoint.subfolder if self.pipeline else None
+        flags = self.plan.flags
+        if flags.prompts is not None:
+            from m4v_convert.backbones.wan.prompts import check_prompt_flags
+
+            self.prompts = check_prompt_flags(flags, self.pipeline)
+            c = self.plan.recipe.calib
+            need = int(c.get("batch_size", 1)) * (int(c.get("eval_batches", 1)) + 1)
+            if len(self.prompts) < need:
+                raise M4VError(f"--prompts {flags.prompts}: {len(self.prompts)} prompt(s), the calibration needs at "
+                               f"least {need} (batch_size {c.get('batch_size', 1)} x ({c.get('eval_batches', 1)} "
+                               "held-out + 1 training) batches)")
+        if flags.teacher_steps is not None and not (flags.prompts or flags.teacher_calib or flags.calib_cache):
+            raise M4VError("--teacher-steps: the steps of the teacher's samples; give --prompts FILE or --teacher-calib")
+        if flags.prompts is None and any(v is not None for v in (flags.calib_size, flags.calib_frames,
+                                                                 flags.guidance_scale)):
+            raise M4VError("--calib-size / --calib-frames / --guidance-scale: they size the teacher's samples of "
+                           "--prompts; give --prompts FILE")
         parse_layers(self.plan.layer_spec, self.checkpoint.config["num_layers"])
         check_report_size(self.checkpoint.config, self.frames, self.height, self.width)
 
@@ -86,7 +103,8 @@ class WanConversion:
         spec = CalibSpec(in_channels=cfg["in_channels"], text_dim=cfg["text_dim"], latent_frames=c["latent_frames"],
                          latent_height=c["latent_height"], latent_width=c["latent_width"], text_len=c["text_len"],
                          flow_shift=float(c.get("flow_shift", 1.0)))
-        return WanDistillAdapter(layers=layers, patch_size=tuple(cfg["patch_size"]), spec=spec)
+        return WanDistillAdapter(layers=layers, patch_size=tuple(cfg["patch_size"]), spec=spec, prompts=self.prompts,
+                                 pipeline=self.pipeline)
 
     def flops_report(self, config: dict, layers: list[int]) -> dict:
         from m4v_convert.backbones.wan.flops import build_wan_flops_report

@@ -28,10 +28,27 @@ class WanDistillAdapter:
     spec: CalibSpec | None = None
 
     lora_targets: str = LORA_TARGETS
+    prompts: list | None = None  # --prompts: [(prompt, negative prompt)], sampled through ``pipeline``
+    pipeline: Path | None = None
 
     # ---- data: clean latents + text embeddings, noised by rectified flow (distill/calibration.py)
     def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype):
-        from m4v_convert.distill.job import calibration_samples
+        from m4v_convert.distill.job import calibration_samples, teacher_calib_cache
+
+        if self.prompts is not None:
+            from m4v_convert.backbones.wan.prompts import prompt_samples, stand_in_samples
+
+            s = self.spec
+            size = opts.calib_size or (s.latent_height * 8, s.latent_width * 8)
+            frames = opts.calib_frames or (s.latent_frames - 1) * 4 + 1
+            if next(teacher.parameters()).is_meta:  # the memory plan
+                return stand_in_samples(teacher, self.prompts, size=size, frames=frames), "prompts"
+            samples = prompt_samples(self.pipeline, teacher, self.prompts, size=size, frames=frames,
+                                     steps=plan.teacher_steps, seed=opts.seed, cache=teacher_calib_cache(opts, plan),
+                                     guidance=5.0 if opts.guidance_scale is None else opts.guidance_scale,
+                                     con=con, device=device, dtype=dtype)
+            check_uniform(samples, "--prompts", self.patch_size)
+            return samples, f"prompts:{Path(opts.prompts).resolve()}"
 
         return calibration_samples(recipe, opts, self.spec, teacher, plan, dist, con, device, dtype, self.patch_size)
 
