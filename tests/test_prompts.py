@@ -91,7 +91,7 @@ def test_a_killed_sampling_run_keeps_its_samples_and_continues(pipeline, tmp_pat
 @pytest.mark.parametrize("case,expect", [
     ("transformer", "needs a diffusers pipeline folder as --checkpoint"),
     ("empty", "no prompts in it"),
-    ("frames", "--calib-frames 6: Wan's VAE compresses time 4x"),
+    ("frames", "--calib-frames 6: the video VAE compresses time 4x"),
     ("few", "the calibration needs at least 4"),
     ("size-alone", "give --prompts FILE"),
     ("steps-alone", "--teacher-steps: the steps of the teacher's samples"),

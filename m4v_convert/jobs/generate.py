@@ -42,7 +42,7 @@ class GenerateOptions:
 
 def check_options(o: GenerateOptions) -> None:
     """Everything that can be refused before a weight is read."""
-    from m4v_convert.io.pipeline import MODEL_INDEX, read_model_index
+    from m4v_convert.io.pipeline import MODEL_INDEX, check_video_shape, read_model_index
 
     for flag, folder in (("MODEL", o.model), ("--compare", o.compare)):
         if folder is None:
@@ -58,11 +58,7 @@ def check_options(o: GenerateOptions) -> None:
         raise M4VError("--prompt: empty")
     if o.steps < 1:
         raise M4VError(f"--steps {o.steps}: must be at least 1")
-    if o.frames is not None and (o.frames < 1 or (o.frames - 1) % 4):
-        raise M4VError(f"--frames {o.frames}: the video VAE compresses time 4x; use 4k+1 frames (e.g. 81, 49, 17, 5)")
-    if o.size is not None and any(v % 16 for v in o.size):
-        raise M4VError(f"--size {o.size[0]}x{o.size[1]}: height and width must be multiples of 16 "
-                       "(8x the VAE's spatial compression, 2x the transformer's patch)")
+    check_video_shape(o.frames, o.size, "--frames", "--size")
     out = Path(o.output)
     if out.suffix.lower() not in VIDEO_SUFFIXES:
         raise M4VError(f"--output {out}: write a {' or '.join(VIDEO_SUFFIXES)} file")

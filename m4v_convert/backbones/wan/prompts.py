@@ -69,7 +69,7 @@ def read_prompts(path: Path) -> list[tuple[str, str | None]]:
 
 def check_prompt_flags(flags, pipeline: Path | None) -> list[tuple[str, str | None]]:
     """The ``--prompts`` options checked before any weight is read; returns the prompts."""
-    from m4v_convert.io.pipeline import read_model_index
+    from m4v_convert.io.pipeline import check_video_shape, read_model_index
 
     if flags.calib is not None or flags.teacher_calib:
         raise M4VError("--prompts: the calibration comes from the prompts; drop --calib / --teacher-calib")
@@ -83,11 +83,7 @@ def check_prompt_flags(flags, pipeline: Path | None) -> list[tuple[str, str | No
     missing = [c for c in ("text_encoder", "tokenizer") if not (isinstance(index.get(c), list) and index[c][0])]
     if missing:
         raise M4VError(f"--prompts: {pipeline} has no {' / '.join(missing)} to encode the prompts with")
-    if flags.calib_frames is not None and (flags.calib_frames < 1 or (flags.calib_frames - 1) % 4):
-        raise M4VError(f"--calib-frames {flags.calib_frames}: Wan's VAE compresses time 4x; use 4k+1 frames (5, 9, 17, ...)")
-    if flags.calib_size is not None and any(v % 16 for v in flags.calib_size):
-        raise M4VError(f"--calib-size {flags.calib_size[0]}x{flags.calib_size[1]}: height and width must be multiples "
-                       "of 16 (the VAE's 8x and the patch's 2x)")
+    check_video_shape(flags.calib_frames, flags.calib_size, "--calib-frames", "--calib-size")
     if flags.guidance_scale is not None and not flags.guidance_scale >= 0:
         raise M4VError(f"--guidance-scale {flags.guidance_scale}: expected a number >= 0")
     return read_prompts(flags.prompts)
