@@ -62,8 +62,8 @@ _OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing --out 
 _SEED = typer.Option(0, "--seed")
 _TEACHER_CALIB = typer.Option(False, "--teacher-calib", help="calibrate on latents sampled by the teacher (text "
                               "conditions from --calib, else synthetic)")
-_CALIB_CACHE = typer.Option(None, "--calib-cache", help="cache folder of teacher-generated calibration, reused by "
-                            "later runs (implies --teacher-calib)")
+_CALIB_CACHE = typer.Option(None, "--calib-cache", help="cache folder of teacher-generated calibration (implies "
+                            "--teacher-calib) or of the samples of --prompts / --videos, reused by later runs")
 _FEATURE_WEIGHT = typer.Option(None, "--feature-weight", help="stage-2 weight of the per-layer feature loss")
 _DATA = typer.Option(None, "--data", help="stage-3 fine-tune data: folder of latents + text_embeds safetensors (the "
                      "--calib format)")
@@ -126,10 +126,13 @@ def convert_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="calibrate on the teacher's own videos of these "
                                            "prompts (one per line, or .jsonl with prompt / negative_prompt); needs a "
                                            "pipeline folder as --checkpoint (Wan)"),
-    calib_size: Optional[str] = typer.Option(None, "--calib-size", help="with --prompts: HxW of the teacher's "
+    videos: Optional[Path] = typer.Option(None, "--videos", help="calibrate on these videos (a folder of video "
+                                          "files, each with a same-named .txt caption), encoded by the pipeline's "
+                                          "VAE and text encoder; needs a pipeline folder as --checkpoint (Wan)"),
+    calib_size: Optional[str] = typer.Option(None, "--calib-size", help="with --prompts / --videos: HxW of the "
                                              "samples (default: the recipe's calibration latents x 8)"),
-    calib_frames: Optional[int] = typer.Option(None, "--calib-frames", help="with --prompts: 4k+1 frames per sample "
-                                               "(default: the recipe's calibration latents)"),
+    calib_frames: Optional[int] = typer.Option(None, "--calib-frames", help="with --prompts / --videos: 4k+1 frames "
+                                               "per sample at 16 fps (default: the recipe's calibration latents)"),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="with --prompts: classifier-free "
                                                    "guidance of the teacher's sampling (default 5.0)"),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="denoising steps of each teacher "

@@ -63,23 +63,25 @@ def test_prompt_samples_are_the_pipelines_own(pipeline, tmp_path):
 
 
 def test_a_killed_sampling_run_keeps_its_samples_and_continues(pipeline, tmp_path, monkeypatch):
+    from m4v_convert.distill import sample_cache
+
     cache = tmp_path / "cache"
     saved = []
-    real = P._save_atomic
+    real = sample_cache.save_atomic
 
-    def interrupted(save_file, tensors, path):
+    def interrupted(tensors, path):
         if len(saved) == 2:
             raise KeyboardInterrupt  # Ctrl-C while sampling the third prompt
         saved.append(path.name)
-        real(save_file, tensors, path)
+        real(tensors, path)
 
-    monkeypatch.setattr(P, "_save_atomic", interrupted)
+    monkeypatch.setattr(sample_cache, "save_atomic", interrupted)
     res = _convert(pipeline, tmp_path, cache)
     assert res.exit_code == 130, res.output
     kept = {f.name: f.read_bytes() for f in cache.glob("sample-*.safetensors")}
     assert sorted(kept) == ["sample-00000.safetensors", "sample-00001.safetensors"]
     assert not list(cache.glob(".*tmp*"))  # no half-written sample
-    monkeypatch.setattr(P, "_save_atomic", lambda sf, t, p: (saved.append(p.name), real(sf, t, p)))
+    monkeypatch.setattr(sample_cache, "save_atomic", lambda t, p: (saved.append(p.name), real(t, p)))
     saved.clear()
     res = _convert(pipeline, tmp_path, cache, "--overwrite")
     assert res.exit_code == 0, res.output

@@ -8,7 +8,7 @@ from m4v_convert.backbones.registry import Backbone, register
 
 # calibration from prompts through a diffusers pipeline's encoder: Wan only so far (PyramidFlow has no
 # diffusers pipeline; generic recipes do not say how their pipeline encodes a prompt)
-PROMPT_FLAGS = ("prompts", "calib_size", "calib_frames", "guidance_scale")
+PROMPT_FLAGS = ("prompts", "videos", "calib_size", "calib_frames", "guidance_scale")
 
 register(Backbone(
     name="wan",

@@ -32,6 +32,9 @@ def calibration_line(calibration: str, facts: CardFacts) -> str:
     if calibration.startswith("prompts:"):
         return (f"- calibration data: videos **sampled by the teacher** through its pipeline for the prompts of "
                 f"`{calibration.removeprefix('prompts:')}`{facts.batch_note}")
+    if calibration.startswith("videos:"):
+        return (f"- calibration data: the **real videos** of `{calibration.removeprefix('videos:')}`, encoded by the "
+                f"pipeline's VAE, with their captions{facts.batch_note}")
     if calibration.startswith("teacher:"):
         source = calibration.removeprefix("teacher:")
         texts = ("synthetic text conditions" if source == "synthetic"

@@ -63,7 +63,8 @@ class ConvertFlags:
     memory_check: bool = True  # refuse a run the memory plan says will not fit
     copy_components: bool = False  # a pipeline out: copy the unconverted components (default: hard links)
     prompts: Path | None = None  # calibration from prompts through the pipeline's encoder and the teacher
-    calib_size: tuple[int, int] | None = None  # (height, width) of the prompt samples
+    videos: Path | None = None  # calibration from videos + captions through the pipeline's VAE and encoder
+    calib_size: tuple[int, int] | None = None  # (height, width) of the prompt samples / video clips
     calib_frames: int | None = None
     guidance_scale: float | None = None
     teacher_steps: int | None = None
@@ -186,6 +187,7 @@ def plan_conversion(flags: ConvertFlags, recipe, entry, console=None) -> Convers
 def conversion_inputs(flags: ConvertFlags, recipe) -> dict[str, Path | None]:
     """The folders and files a conversion reads (or keeps its run in), which ``--out`` must stay apart from."""
     return {"--checkpoint": flags.checkpoint, "--calib": flags.calib, "--data": flags.data,
+            "--prompts": flags.prompts, "--videos": flags.videos,
             "--calib-cache": flags.calib_cache, "--run-dir": flags.run_dir, "--resume": flags.resume,
             "recipe": recipe.path}
 

@@ -28,6 +28,7 @@ class WanConversion:
     transformer_folder = None
     pipeline = None
     prompts = None  # [(prompt, negative prompt)] of --prompts
+    videos = None  # [(video file, caption)] of --videos
     distill_scope = ""
 
     def __init__(self, plan):
@@ -51,20 +52,46 @@ class WanConversion:
             from m4v_convert.backbones.wan.prompts import check_prompt_flags
 
             self.prompts = check_prompt_flags(flags, self.pipeline)
-            c = self.plan.recipe.calib
-            need = int(c.get("batch_size", 1)) * (int(c.get("eval_batches", 1)) + 1)
-            if len(self.prompts) < need:
-                raise M4VError(f"--prompts {flags.prompts}: {len(self.prompts)} prompt(s), the calibration needs at "
-                               f"least {need} (batch_size {c.get('batch_size', 1)} x ({c.get('eval_batches', 1)} "
-                               "held-out + 1 training) batches)")
+            self._check_count(len(self.prompts), f"--prompts {flags.prompts}", "prompt(s)")
+        if flags.videos is not None:
+            from m4v_convert.backbones.wan.videos import check_video_flags
+
+            self.videos = check_video_flags(flags, self.pipeline)
+            self._check_count(len(self.videos), f"--videos {flags.videos}", "captioned video(s)")
+            self._check_video_cache()
         if flags.teacher_steps is not None and not (flags.prompts or flags.teacher_calib or flags.calib_cache):
             raise M4VError("--teacher-steps: the steps of the teacher's samples; give --prompts FILE or --teacher-calib")
-        if flags.prompts is None and any(v is not None for v in (flags.calib_size, flags.calib_frames,
-                                                                 flags.guidance_scale)):
-            raise M4VError("--calib-size / --calib-frames / --guidance-scale: they size the teacher's samples of "
-                           "--prompts; give --prompts FILE")
+        if flags.prompts is None and flags.guidance_scale is not None:
+            raise M4VError("--guidance-scale: the guidance of the teacher's samples of --prompts; give --prompts FILE")
+        if flags.prompts is None and flags.videos is None and (flags.calib_size or flags.calib_frames):
+            raise M4VError("--calib-size / --calib-frames: they size the samples of --prompts or --videos; give "
+                           "--prompts FILE or --videos DIR")
         parse_layers(self.plan.layer_spec, self.checkpoint.config["num_layers"])
         check_report_size(self.checkpoint.config, self.frames, self.height, self.width)
+
+    def sample_shape(self) -> tuple[tuple[int, int], int]:
+        """((height, width), frames) of the --prompts / --videos samples: the flags, else the recipe's
+        calibration latents in pixels."""
+        flags, c = self.plan.flags, self.plan.recipe.calib
+        size = flags.calib_size or (int(c["latent_height"]) * 8, int(c["latent_width"]) * 8)
+        return size, flags.calib_frames or (int(c["latent_frames"]) - 1) * 4 + 1
+
+    def _check_video_cache(self) -> None:
+        """A --calib-cache of other clips is refused now (its key needs no weights)."""
+        from m4v_convert.backbones.wan.videos import cache_key
+        from m4v_convert.distill.job import teacher_calib_cache
+        from m4v_convert.distill.sample_cache import check_cache
+
+        size, frames = self.sample_shape()
+        check_cache(teacher_calib_cache(self.plan.flags, self.plan.distill),
+                    cache_key(self.pipeline, self.videos, size, frames, self.plan.dtype), "video clips")
+
+    def _check_count(self, n: int, what: str, unit: str) -> None:
+        c = self.plan.recipe.calib
+        need = int(c.get("batch_size", 1)) * (int(c.get("eval_batches", 1)) + 1)
+        if n < need:
+            raise M4VError(f"{what}: {n} {unit}, the calibration needs at least {need} (batch_size "
+                           f"{c.get('batch_size', 1)} x ({c.get('eval_batches', 1)} held-out + 1 training) batches)")
 
     def load_teacher(self):
         from m4v_convert.backbones.wan.load import load_wan_transformer
@@ -104,7 +131,7 @@ class WanConversion:
                          latent_height=c["latent_height"], latent_width=c["latent_width"], text_len=c["text_len"],
                          flow_shift=float(c.get("flow_shift", 1.0)))
         return WanDistillAdapter(layers=layers, patch_size=tuple(cfg["patch_size"]), spec=spec, prompts=self.prompts,
-                                 pipeline=self.pipeline)
+                                 videos=self.videos, pipeline=self.pipeline, sample_shape=self.sample_shape())
 
     def flops_report(self, config: dict, layers: list[int]) -> dict:
         from m4v_convert.backbones.wan.flops import build_wan_flops_report

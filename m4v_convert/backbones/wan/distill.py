@@ -29,20 +29,28 @@ class WanDistillAdapter:
 
     lora_targets: str = LORA_TARGETS
     prompts: list | None = None  # --prompts: [(prompt, negative prompt)], sampled through ``pipeline``
+    videos: list | None = None  # --videos: [(video file, caption)], encoded through ``pipeline``
     pipeline: Path | None = None
+    sample_shape: tuple | None = None  # ((height, width), frames) of the --prompts / --videos samples
 
     # ---- data: clean latents + text embeddings, noised by rectified flow (distill/calibration.py)
     def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype):
         from m4v_convert.distill.job import calibration_samples, teacher_calib_cache
 
-        if self.prompts is not None:
+        if self.prompts is not None or self.videos is not None:
             from m4v_convert.backbones.wan.prompts import prompt_samples, stand_in_samples
 
-            s = self.spec
-            size = opts.calib_size or (s.latent_height * 8, s.latent_width * 8)
-            frames = opts.calib_frames or (s.latent_frames - 1) * 4 + 1
+            size, frames = self.sample_shape
             if next(teacher.parameters()).is_meta:  # the memory plan
-                return stand_in_samples(teacher, self.prompts, size=size, frames=frames), "prompts"
+                return stand_in_samples(teacher, self.prompts or self.videos, size=size, frames=frames), "pipeline"
+        if self.videos is not None:
+            from m4v_convert.backbones.wan.videos import video_samples
+
+            samples = video_samples(self.pipeline, self.videos, size=size, frames=frames,
+                                    cache=teacher_calib_cache(opts, plan), con=con, device=device, dtype=dtype)
+            check_uniform(samples, "--videos", self.patch_size)
+            return samples, f"videos:{Path(opts.videos).resolve()}"
+        if self.prompts is not None:
             samples = prompt_samples(self.pipeline, teacher, self.prompts, size=size, frames=frames,
                                      steps=plan.teacher_steps, seed=opts.seed, cache=teacher_calib_cache(opts, plan),
                                      guidance=5.0 if opts.guidance_scale is None else opts.guidance_scale,

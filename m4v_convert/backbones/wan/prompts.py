@@ -6,9 +6,9 @@ its max length, zero rows past the mask) and sampled by the teacher through the 
 prompt), so the calibration latents are the teacher's own videos of real prompts (the practice of
 TurboDiffusion / FastVideo: teacher-generated data distils better than real video).
 
-Samples are cached one file per sample as they finish (``sample-00000.safetensors``, the
-``--calib`` format) under a manifest of everything they depend on; a killed run keeps its samples
-and the next run makes only the missing ones; a cache made with other settings is refused.
+Samples are cached one file per sample as they finish, in the ``--calib`` format under a manifest of
+everything they depend on (:mod:`m4v_convert.distill.sample_cache`): a killed run keeps its samples and
+the next run makes only the missing ones; a cache made with other settings is refused.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import gc
 import hashlib
 import json
 import os
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +30,6 @@ DEFAULT_NEGATIVE = ("Bright tones, overexposed, static, blurred details, subtitl
                     "fused fingers, still picture, messy background, three legs, many people in the background, "
                     "walking backwards")
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s
-MANIFEST = "manifest.json"
 
 
 def read_prompts(path: Path) -> list[tuple[str, str | None]]:
@@ -69,24 +66,34 @@ def read_prompts(path: Path) -> list[tuple[str, str | None]]:
 
 def check_prompt_flags(flags, pipeline: Path | None) -> list[tuple[str, str | None]]:
     """The ``--prompts`` options checked before any weight is read; returns the prompts."""
-    from m4v_convert.io.pipeline import check_video_shape, read_model_index
-
-    if flags.calib is not None or flags.teacher_calib:
-        raise M4VError("--prompts: the calibration comes from the prompts; drop --calib / --teacher-calib")
-    if flags.num_processes > 1:  # every process would sample the same prompts
-        raise M4VError("--prompts with --num-processes: not offered yet (every process would sample the same "
-                       "prompts); convert with one process")
-    if pipeline is None:
-        raise M4VError(f"--prompts needs a diffusers pipeline folder as --checkpoint (model_index.json, text_encoder/, "
-                       f"tokenizer/); {flags.checkpoint} is a transformer alone")
-    index = read_model_index(pipeline)
-    missing = [c for c in ("text_encoder", "tokenizer") if not (isinstance(index.get(c), list) and index[c][0])]
-    if missing:
-        raise M4VError(f"--prompts: {pipeline} has no {' / '.join(missing)} to encode the prompts with")
-    check_video_shape(flags.calib_frames, flags.calib_size, "--calib-frames", "--calib-size")
+    check_pipeline_source(flags, pipeline, "--prompts", ("text_encoder", "tokenizer"))
     if flags.guidance_scale is not None and not flags.guidance_scale >= 0:
         raise M4VError(f"--guidance-scale {flags.guidance_scale}: expected a number >= 0")
     return read_prompts(flags.prompts)
+
+
+def check_pipeline_source(flags, pipeline: Path | None, flag: str, needs: tuple[str, ...]) -> None:
+    """What calibration made through the input pipeline (``--prompts``, ``--videos``) needs: no other
+    calibration source, one process, a pipeline folder with the components ``needs``, a video shape
+    the VAE takes."""
+    from m4v_convert.io.pipeline import check_video_shape, read_model_index
+
+    other = [f for f, given in (("--calib", flags.calib is not None), ("--teacher-calib", flags.teacher_calib),
+                                ("--prompts", flags.prompts is not None and flag != "--prompts")) if given]
+    if other:
+        raise M4VError(f"{flag}: the calibration comes from {flag}; drop {' / '.join(other)}")
+    if flags.num_processes > 1:  # every process would make the same samples into the same cache
+        raise M4VError(f"{flag} with --num-processes: not offered yet (every process would make the same samples); "
+                       "convert with one process, or make the cache first and pass it as --calib")
+    if pipeline is None:
+        raise M4VError(f"{flag} needs a diffusers pipeline folder as --checkpoint (model_index.json, "
+                       f"{', '.join(c + '/' for c in needs)}); {flags.checkpoint} is a transformer alone")
+    index = read_model_index(pipeline)
+    missing = [c for c in needs if not (isinstance(index.get(c), list) and index[c][0])]
+    if missing:
+        raise M4VError(f"{flag}: {pipeline} has no {' / '.join(missing)} (needed to encode the "
+                       f"{'videos and their captions' if flag == '--videos' else 'prompts'})")
+    check_video_shape(flags.calib_frames, flags.calib_size, "--calib-frames", "--calib-size")
 
 
 def stand_in_samples(teacher, prompts: list, *, size: tuple[int, int], frames: int) -> list:
@@ -103,83 +110,49 @@ def prompt_samples(pipeline: Path, teacher, prompts: list[tuple[str, str | None]
                    frames: int, steps: int, guidance: float, seed: int, cache: Path, con, device, dtype) -> list:
     """The calibration samples of ``prompts`` (``CleanSample``: the teacher's latents, the prompt's
     embeddings), made by the pipeline and cached per sample in ``cache`` (see the module docstring)."""
-    from safetensors.torch import load_file, save_file
-
-    from m4v_convert.distill.calibration import CleanSample
+    from m4v_convert.distill.sample_cache import SampleCache, sample_progress
     from m4v_convert.distill.teacher_samples import teacher_fingerprint
 
     key = {"prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "size": list(size),
            "frames": frames, "steps": steps, "guidance_scale": guidance, "seed": seed,
            "max_sequence_length": MAX_SEQUENCE_LENGTH, "default_negative": DEFAULT_NEGATIVE,
            "teacher": teacher_fingerprint(teacher, str(Path(pipeline).resolve())), "dtype": str(dtype)}
-    cache = Path(cache).expanduser().resolve()
-    manifest = cache / MANIFEST
-    if manifest.is_file():
-        try:
-            saved = json.loads(manifest.read_text()).get("key")
-        except json.JSONDecodeError:
-            raise M4VError(f"--calib-cache {cache}: {MANIFEST} is not valid JSON; delete the folder to regenerate") from None
-        if saved != key:
-            diff = sorted(k for k in set(key) | set(saved or {}) if (saved or {}).get(k) != key.get(k))
-            raise M4VError(f"--calib-cache {cache}: holds prompt samples made with other settings (differs in: "
-                           f"{', '.join(diff)}); pass another folder or delete this one")
-    elif cache.exists() and any(cache.iterdir()):
-        raise M4VError(f"--calib-cache {cache}: folder exists and is not a prompt-sample cache (no {MANIFEST}); "
-                       "refusing to write into it")
-    else:
-        cache.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps({"key": key, "num_samples": len(prompts)}, indent=2))
-
-    files = [cache / f"sample-{i:05d}.safetensors" for i in range(len(prompts))]
-    todo = [i for i, f in enumerate(files) if not f.is_file()]
+    cache = SampleCache(cache, key, len(prompts), "prompt samples")
+    todo = cache.missing()
     if todo:
-        pipe = _pipeline(pipeline, teacher, device, dtype)
+        pipe = open_pipeline(pipeline, "--prompts", device, dtype, transformer=teacher, vae=None)  # latents out
         con.print(f"calibration: sampling {len(todo)} of {len(prompts)} prompts with the teacher ({steps} steps, "
-                  f"guidance {guidance}, {frames} frames at {size[0]}x{size[1]}; cached in {cache})")
-        started = time.time()
-        for done, i in enumerate(todo, 1):
-            prompt, negative = prompts[i]
-            embeds, negative_embeds = pipe.encode_prompt(
-                prompt, negative if negative is not None else DEFAULT_NEGATIVE,
-                do_classifier_free_guidance=guidance > 1.0, max_sequence_length=MAX_SEQUENCE_LENGTH, device=device)
-            latents = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, height=size[0],
-                           width=size[1], num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
-                           generator=torch.Generator().manual_seed(seed + i), output_type="latent").frames
-            _save_atomic(save_file, {"latents": latents[0].float().cpu().contiguous(),
-                                     "text_embeds": embeds[0].float().cpu().contiguous()}, files[i])
-            left = (time.time() - started) / done * (len(todo) - done)
-            con.print(f"  teacher sample {i + 1}/{len(prompts)} ({done}/{len(todo)} this run, ETA {left:.0f} s)",
-                      highlight=False)
+                  f"guidance {guidance}, {frames} frames at {size[0]}x{size[1]}; cached in {cache.folder})")
+        with sample_progress(con, "teacher samples", len(todo)) as advance:
+            for i in todo:
+                prompt, negative = prompts[i]
+                embeds, negative_embeds = pipe.encode_prompt(
+                    prompt, negative if negative is not None else DEFAULT_NEGATIVE,
+                    do_classifier_free_guidance=guidance > 1.0, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    device=device)
+                latents = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, height=size[0],
+                               width=size[1], num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
+                               generator=torch.Generator().manual_seed(seed + i), output_type="latent").frames
+                cache.save(i, latents[0], embeds[0])
+                advance()
         del pipe  # the text encoder is not needed for distillation
         gc.collect()
     else:
-        con.print(f"calibration: {len(prompts)} prompt samples reused from {cache}")
-    samples = []
-    for f in files:
-        t = load_file(str(f))
-        samples.append(CleanSample(t["latents"], t["text_embeds"]))
-    return samples
+        con.print(f"calibration: {len(prompts)} prompt samples reused from {cache.folder}")
+    return cache.load()
 
 
-def _pipeline(root: Path, teacher, device, dtype):
-    """The input pipeline with the loaded teacher as its transformer and no VAE (latents out)."""
+def open_pipeline(root: Path, flag: str, device, dtype, **components):
+    """The input pipeline (``components`` replace or drop its own, e.g. ``vae=None``) on ``device``: the
+    text encoder in the run's ``dtype`` (UMT5-XXL is 23 GB in float32, 11 GB in bfloat16), the VAE in
+    float32 as diffusers' Wan examples keep it."""
     from diffusers import WanPipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        pipe = WanPipeline.from_pretrained(root, transformer=teacher, vae=None, local_files_only=True)
+        pipe = WanPipeline.from_pretrained(root, local_files_only=True, **components,
+                                           dtype={"text_encoder": dtype, "default": torch.float32})
     except (OSError, ValueError, TypeError) as e:
-        raise M4VError(f"--prompts: cannot load the text encoder and tokenizer of {root} ({e})") from None
-    pipe.set_progress_bar_config(disable=True)  # one line per sample instead
-    return pipe.to(device)  # the teacher stays as loaded; the pipeline casts the embeddings to its dtype
-
-
-def _save_atomic(save_file, tensors: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise M4VError(f"{flag}: cannot load the components of {root} ({e})") from None
+    pipe.set_progress_bar_config(disable=True)  # one progress bar over the samples instead
+    return pipe.to(device)  # a passed teacher stays as loaded; the pipeline casts the embeddings to its dtype
