@@ -125,7 +125,8 @@ def convert_cmd(
                                          "copy its other components into --out (default: hard links where possible)"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="calibrate on the teacher's own videos of these "
                                            "prompts (one per line, or .jsonl with prompt / negative_prompt); needs a "
-                                           "pipeline folder as --checkpoint (Wan)"),
+                                           "pipeline folder as --checkpoint (Wan; generic recipes with a pipeline: "
+                                           "section)"),
     videos: Optional[Path] = typer.Option(None, "--videos", help="calibrate on these videos (a folder of video "
                                           "files, each with a same-named .txt caption), encoded by the pipeline's "
                                           "VAE and text encoder; needs a pipeline folder as --checkpoint (Wan)"),
@@ -134,7 +135,8 @@ def convert_cmd(
     calib_frames: Optional[int] = typer.Option(None, "--calib-frames", help="with --prompts / --videos: 4k+1 frames "
                                                "per sample at 16 fps (default: the recipe's calibration latents)"),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="with --prompts: classifier-free "
-                                                   "guidance of the teacher's sampling (default 5.0)"),
+                                                   "guidance of the teacher's sampling (default: the pipeline's; "
+                                                   "Wan 5.0)"),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="denoising steps of each teacher "
                                                 "sample (default: the recipe's calib.teacher_steps)"),
 ):

@@ -4,7 +4,7 @@
 pydantic error into one line naming the file, the line, the field path and what was expected.
 Sections shared by every backbone (``video``, ``calib``, ``distill``, ``published``, ``mmdim``)
 are here next to the sections of ``backbone: generic`` (``model``, ``attention``, ``tokens``,
-``grid``, ``rope``, ``inputs``), which describe a diffusers video DiT the toolkit has no code for.
+``grid``, ``rope``, ``inputs``, ``pipeline``), which describe a diffusers video DiT the toolkit has no code for.
 ``docs/recipes.md`` is the reference a recipe writer reads; keep the two in step.
 
 Everything here is checked from the YAML alone. What needs the model's module tree (patterns
@@ -324,6 +324,27 @@ class Inputs(Strict):
     extra: dict[StrictStr, ExtraInput] = Field(default_factory=dict)
 
 
+class Pipeline(Strict):
+    """The diffusers pipeline of a pipeline folder (``--prompts``): one whose ``encode_prompt(prompt,
+    negative_prompt, do_classifier_free_guidance, max_sequence_length, device)`` returns (embeddings,
+    negative embeddings) and whose ``__call__`` takes them and ``output_type="latent"``, as WanPipeline."""
+
+    class_name: StrictStr = Field(alias="class")  # e.g. CogVideoXPipeline (model_index.json's _class_name)
+    max_sequence_length: StrictInt | StrictStr | None = None  # encode_prompt's (int or 'config.KEY')
+    guidance_scale: NonNegNumber | None = None  # --guidance-scale's default (the pipeline's own)
+    negative_prompt: StrictStr = ""  # for prompts that bring none
+    prompts_refused: StrictStr | None = None  # why --prompts is not offered for this pipeline
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.prompts_refused is None:
+            for key in ("max_sequence_length", "guidance_scale"):
+                if getattr(self, key) is None:
+                    raise _field_error(key, "needed to sample the teacher from --prompts (or say why not in "
+                                            "prompts_refused)")
+        return self
+
+
 # ------------------------------------------------------------------------------------ the file
 
 
@@ -348,6 +369,7 @@ class RecipeFile(Strict):
     grid: Grid | None = None
     rope: Rope | None = None
     inputs: Inputs | None = None
+    pipeline: Pipeline | None = None
 
     @model_validator(mode="before")
     @classmethod

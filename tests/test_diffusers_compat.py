@@ -204,27 +204,9 @@ def test_a_cogvideox_pipeline_converts_into_a_pipeline(tmp_path):
     """CogVideoX-2B's layout (no RoPE: position embeddings cover exactly max_text_seq_length text
     tokens, 16 here, where the recipe's synthetic text has 8: the conversion stopped with a size
     mismatch) in a CogVideoXPipeline folder: the converted pipeline loads with diffusers alone."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from m4v_convert.backbones.generic.testing import make_tiny_cogvideox_pipeline
 
-    from m4v_convert.backbones.wan.testing import TINY_WORDS
-
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    torch.manual_seed(0)
-    CogVideoXPipeline(  # diffusers' own tiny CogVideoX test sizes; a word-level T5 tokenizer built here
-        tokenizer=PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"),
-        text_encoder=T5EncoderModel(T5Config(vocab_size=len(TINY_WORDS), d_model=32, d_kv=8, d_ff=32, num_layers=1,
-                                             num_heads=4, relative_attention_num_buckets=8)).eval(),
-        vae=AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 4,
-                                   up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                   latent_channels=4, layers_per_block=1, norm_num_groups=2).eval(),
-        transformer=CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4,
-                                                out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=2,
-                                                sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
-                                                max_text_seq_length=16).eval(),
-        scheduler=CogVideoXDDIMScheduler()).save_pretrained(tmp_path / "cog")
+    make_tiny_cogvideox_pipeline(seed=0, max_text_seq_length=16).save_pretrained(tmp_path / "cog")
     out = tmp_path / "out"
     res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(tmp_path / "cog"), "--out", str(out),
                               "--distill-steps", "1", "--stage2-steps", "0"])

@@ -128,9 +128,54 @@ def test_bad_prompt_input_is_refused_before_loading(pipeline, tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
-def test_other_backbones_refuse_prompts(tmp_path):
+def test_a_cogvideox_pipeline_samples_its_prompts(tmp_path):
+    """A generic recipe whose pipeline: section names CogVideoXPipeline: its samples are the pipeline's own
+    (encode_prompt at max_text_seq_length, the pipeline's DDIM sampler with guidance 6 and an empty negative
+    prompt), its (F, C, H, W) latents stored as (C, F, H, W)."""
+    from diffusers import CogVideoXPipeline
+
+    from m4v_convert.backbones.generic.testing import make_tiny_cogvideox_pipeline
+
+    make_tiny_cogvideox_pipeline(seed=0, max_text_seq_length=16).save_pretrained(tmp_path / "cog")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    cache = tmp_path / "cache"
+    res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(tmp_path / "cog"), "--out",
+                              str(tmp_path / "out"), "--prompts", str(prompts), "--calib-size", "16x16",
+                              "--calib-frames", "5", "--teacher-steps", "2", "--calib-cache", str(cache),
+                              "--distill-steps", "1", "--stage2-steps", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out" / "conversion.json").read_text())["calibration"].startswith("prompts:")
+    pipe = CogVideoXPipeline.from_pretrained(tmp_path / "cog")
+    for i, prompt in enumerate(PROMPTS):
+        saved = load_file(str(cache / f"sample-{i:05d}.safetensors"))
+        embeds, negative = pipe.encode_prompt(prompt, "", do_classifier_free_guidance=True, max_sequence_length=16)
+        assert torch.equal(saved["text_embeds"], embeds[0])
+        want = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, height=16, width=16, num_frames=5,
+                    num_inference_steps=2, guidance_scale=6.0, generator=torch.Generator().manual_seed(i),
+                    output_type="latent").frames[0]
+        assert want.shape == (2, 4, 2, 2) and saved["latents"].shape == (4, 2, 2, 2)
+        want = want.transpose(0, 1)
+        assert ((saved["latents"] - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["convert", "ltx-video", "--prompts", "P"], "--prompts: not offered for recipe ltx-video: LTXPipeline.encode_prompt"),
+    (["convert", "hunyuanvideo", "--prompts", "P"], "takes no negative prompt"),
+    (["convert", "cogvideox", "--videos", "P"], "--videos: not offered for generic recipes"),
+    (["convert", "cogvideox", "--calib-size", "16x16"], "--calib-size: they set the teacher's samples of --prompts"),
+    (["convert", "cogvideox", "--prompts", "P"], "--prompts needs a diffusers pipeline folder as --checkpoint"),
+    (["pyramidflow", "--prompts", "P"], "--prompts: not offered for pyramidflow recipes"),
+])
+def test_other_backbones_refuse_prompts(tmp_path, args, expect):
+    from diffusers import CogVideoXTransformer3DModel
+
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red ball\n")
-    res = runner.invoke(app, ["convert", "cogvideox", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
-                              "--prompts", str(prompts)])
-    assert res.exit_code == 2 and "--prompts: not offered for generic recipes" in res.output, res.output
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                time_embed_dim=2, text_embed_dim=16, num_layers=1, sample_width=2, sample_height=2,
+                                sample_frames=9, patch_size=2).save_pretrained(tmp_path / "cog")
+    args = [str(prompts) if a == "P" else a for a in args]
+    res = runner.invoke(app, [*args, "--checkpoint", str(tmp_path / "cog"), "--out", str(tmp_path / "o")])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and expect in out and res.output.count("error:") == 1, res.output

@@ -202,3 +202,23 @@ def test_bad_video_input_is_refused_before_loading(pipeline, video_dir, tmp_path
     out = " ".join(res.output.split())
     assert expect in out and res.output.count("error:") == 1 and "Traceback" not in out, out
     assert "ffmpeg version" not in out and "moov atom" not in out, out  # one line, not ffmpeg's whole stderr
+
+
+@pytest.mark.memory_plan
+def test_dry_run_plans_the_clips_without_reading_them(pipeline, video_dir, tmp_path, monkeypatch):
+    """The memory plan runs on the meta device: it counts the clips' samples at their size (stand-ins)
+    and reads no weight and no video, and makes no cache."""
+    from m4v_convert.backbones.wan import load
+    from m4v_convert.distill import pipeline_samples
+
+    made = []
+    real = pipeline_samples.stand_in_samples
+    monkeypatch.setattr(pipeline_samples, "stand_in_samples", lambda *a, **k: made.extend(real(*a, **k)) or made)
+    monkeypatch.setattr(load, "load_wan_transformer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(V, "read_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    res = runner.invoke(app, ["wan2.1", "--checkpoint", str(pipeline), "--out", str(tmp_path / "out"), "--videos",
+                              str(video_dir), *SAMPLING, "--calib-cache", str(tmp_path / "cache"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "calibration samples" in res.output and "--dry-run: stopped before loading any weight" in res.output
+    assert len(made) == 4 and made[0].latents.shape == (16, 2, 4, 4) and made[0].text.shape == (512, 32)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

@@ -6,9 +6,9 @@ side of the conversion job) plus one ``register`` call below; see docs/architect
 
 from m4v_convert.backbones.registry import Backbone, register
 
-# calibration from prompts through a diffusers pipeline's encoder: Wan only so far (PyramidFlow has no
-# diffusers pipeline; generic recipes do not say how their pipeline encodes a prompt)
-PROMPT_FLAGS = ("prompts", "videos", "calib_size", "calib_frames", "guidance_scale")
+# calibration through a diffusers pipeline: PyramidFlow has no diffusers pipeline; generic recipes take
+# --prompts where their pipeline: section names one (not --videos: each VAE normalises its latents its own way)
+PROMPT_FLAGS = ("prompts", "calib_size", "calib_frames", "guidance_scale")
 
 register(Backbone(
     name="wan",
@@ -28,7 +28,7 @@ register(Backbone(
     name="pyramidflow",
     converts="PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)",
     conversion="m4v_convert.backbones.pyramidflow.conversion:PyramidFlowConversion",
-    flags_not_offered=("model", "report_size", "report_frames", "deterministic", *PROMPT_FLAGS),
+    flags_not_offered=("model", "report_size", "report_frames", "deterministic", "videos", *PROMPT_FLAGS),
     check_flags="m4v_convert.backbones.pyramidflow.conversion:check_flags",
     published_flops="m4v_convert.backbones.pyramidflow.conversion:published_flops",
     converted_class="m4v_convert.backbones.pyramidflow.converted:converted_class_for_config",
@@ -46,13 +46,13 @@ register(Backbone(
 register(Backbone(
     name="generic",
     converts="any model a backbone: generic recipe describes",
-    flags_not_offered=("num_processes", "deterministic", "teacher_steps", *PROMPT_FLAGS),
+    flags_not_offered=("num_processes", "deterministic", "videos"),
     conversion="m4v_convert.backbones.generic.conversion:GenericConversion",
     check_flags="m4v_convert.backbones.generic.conversion:check_flags",
     default_stages="1,2",  # no stage 3 for generic recipes
     published_flops="m4v_convert.backbones.generic.conversion:published_flops",
     converted_class="m4v_convert.backbones.generic.model:converted_class_for_config",
     check_recipe="m4v_convert.backbones.generic.conversion:check_recipe",
-    recipe_fields=("model", "attention", "tokens", "grid", "rope", "inputs"),
+    recipe_fields=("model", "attention", "tokens", "grid", "rope", "inputs", "pipeline"),
     recipe_required=("model", "attention", "tokens", "grid"),
 ))

@@ -26,14 +26,18 @@ from m4v_convert.errors import CheckpointError, M4VError
 from m4v_convert.models.converted import LOADER_MODULE
 
 MODEL_INDEX = "model_index.json"
-def check_video_shape(frames: int | None, size: tuple[int, int] | None, frames_flag: str, size_flag: str) -> None:
-    """A Wan pipeline's video shape: 4k+1 frames (its VAE compresses time 4x), height and width
-    multiples of 16 (the VAE's 8x, the transformer's 2x patch); None: not given."""
-    if frames is not None and (frames < 1 or (frames - 1) % 4):
-        raise M4VError(f"{frames_flag} {frames}: the video VAE compresses time 4x; use 4k+1 frames (e.g. 81, 49, 17, 5)")
-    if size is not None and any(v % 16 for v in size):
-        raise M4VError(f"{size_flag} {size[0]}x{size[1]}: height and width must be multiples of 16 "
-                       "(8x the VAE's spatial compression, 2x the transformer's patch)")
+def check_video_shape(frames: int | None, size: tuple[int, int] | None, frames_flag: str, size_flag: str,
+                      temporal: int = 4, side: int = 16) -> None:
+    """A pipeline's video shape: ``temporal``·k+1 frames (its VAE compresses time ``temporal``x), height and
+    width multiples of ``side`` (the VAE's spatial compression x the transformer's patch; Wan2.1: 8 x 2);
+    None: not given."""
+    if frames is not None and (frames < 1 or (frames - 1) % temporal):
+        examples = ", ".join(str(temporal * k + 1) for k in (20, 12, 4, 1))
+        raise M4VError(f"{frames_flag} {frames}: the video VAE compresses time {temporal}x; use {temporal}k+1 frames "
+                       f"(e.g. {examples})")
+    if size is not None and any(v % side for v in size):
+        raise M4VError(f"{size_flag} {size[0]}x{size[1]}: height and width must be multiples of {side} "
+                       "(the VAE's spatial compression x the transformer's patch)")
 
 
 def pipeline_root(folder: Path, component: str | None) -> Path | None:

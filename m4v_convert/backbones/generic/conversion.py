@@ -234,8 +234,24 @@ def check_flags(flags, recipe) -> None:
         raise M4VError(f"--data: stage 3 (fine-tune) is not offered here ({FINE_TUNE_UNSUPPORTED})")
     if flags.grad_checkpointing:
         raise M4VError("--grad-checkpointing: not offered for generic recipes")
-    if flags.teacher_calib or flags.calib_cache is not None:
-        raise M4VError("--teacher-calib: not offered for generic recipes (the sampler depends on the backbone)")
+    if flags.teacher_calib or (flags.calib_cache is not None and flags.prompts is None):
+        raise M4VError("--teacher-calib: not offered for generic recipes (the sampler depends on the backbone); "
+                       "--prompts FILE samples the teacher through its pipeline where the recipe names one")
+    sampling = [f for f, v in (("--calib-size", flags.calib_size), ("--calib-frames", flags.calib_frames),
+                               ("--guidance-scale", flags.guidance_scale), ("--teacher-steps", flags.teacher_steps))
+                if v is not None]
+    if flags.prompts is None and sampling:
+        raise M4VError(f"{' / '.join(sampling)}: they set the teacher's samples of --prompts; give --prompts FILE")
+    if flags.prompts is not None:
+        pipe = recipe.spec.pipeline
+        if pipe is None:
+            raise M4VError(f"--prompts: recipe {recipe.name} has no pipeline: section (the diffusers pipeline that "
+                           "encodes a prompt and samples the teacher; docs/recipes.md)")
+        if pipe.prompts_refused:
+            raise M4VError(f"--prompts: not offered for recipe {recipe.name}: {pipe.prompts_refused}")
+        if recipe.spec.grid.layout == "BNC":
+            raise M4VError(f"--prompts: recipe {recipe.name} lays the latents out as packed tokens (grid.layout BNC); "
+                           "samples are read from pipelines whose latents are BCFHW or BFCHW")
     if flags.train == "lora" or (flags.train is None and recipe.distill.get("train") == "lora"):
         raise M4VError("--train lora: not offered for generic recipes (no recipe field names the layers to adapt); "
                        "use mmdim or all")
@@ -247,6 +263,8 @@ class GenericConversion:
 
     transformer_folder = None
     pipeline = None
+    prompts = None  # [(prompt, negative prompt)] of --prompts
+    prompt_pipeline = None  # how the recipe's pipeline encodes and samples them (distill/pipeline_samples.py)
     distill_scope = ""
 
     def __init__(self, plan):
@@ -262,6 +280,30 @@ class GenericConversion:
         self.transformer_folder = self.source.subfolder if self.pipeline else None
         for note in self.check.notes:
             self.plan.console.print(f"[yellow]note:[/] {note}")
+        if flags.prompts is not None:
+            self._check_prompts()
+
+    def _check_prompts(self) -> None:
+        """--prompts checked before loading: the recipe's pipeline: section resolved against the config."""
+        from m4v_convert.distill.pipeline_samples import PromptPipeline, check_prompt_flags, check_sample_count
+
+        flags, spec, cfg, video = self.plan.flags, self.recipe.spec, self.source.config, self.recipe.video
+        pipe = spec.pipeline
+        _, ph, pw = G.patch_sizes(spec, cfg)
+        self.prompt_pipeline = PromptPipeline(
+            class_name=pipe.class_name, guidance_scale=float(pipe.guidance_scale), negative_prompt=pipe.negative_prompt,
+            max_sequence_length=G.resolve_size(pipe.max_sequence_length, cfg, what="pipeline.max_sequence_length"),
+            latent_layout=spec.grid.layout, temporal_compression=int(video["temporal_compression"]),
+            spatial_compression=int(video["spatial_compression"]),
+            side_multiple=int(video["spatial_compression"]) * max(ph, pw))
+        exact = None if spec.inputs is None or spec.inputs.text_len is None else \
+            G.resolve_size(spec.inputs.text_len, cfg, what="inputs.text_len")
+        if exact is not None and exact != self.prompt_pipeline.max_sequence_length:
+            raise RecipeError(f"{self.recipe.path}: pipeline.max_sequence_length "
+                              f"({self.prompt_pipeline.max_sequence_length}) must equal inputs.text_len ({exact}): the "
+                              "model takes exactly that many text tokens")
+        self.prompts = check_prompt_flags(flags, self.pipeline, self.prompt_pipeline)
+        check_sample_count(len(self.prompts), self.recipe, f"--prompts {flags.prompts}", "prompt(s)")
 
     def load_teacher(self):
         return load_teacher(self.recipe, self.source, self.plan.dtype, self.plan.device)
@@ -308,7 +350,7 @@ class GenericConversion:
         # time differently (CogVideoX 1.0: 1 frame, 1.5: 2 frames)
         size = {k: c[f"latent_{k}"] for k in ("frames", "height", "width")}
         fitted = {k: -(-n // p) * p for (k, n), p in zip(size.items(), G.patch_sizes(spec, cfg))}
-        if fitted != size and self.plan.flags.calib is None:
+        if fitted != size and self.plan.flags.calib is None and self.prompts is None:
             self.plan.console.print(f"note: synthetic calibration latents {fitted['frames']}×{fitted['height']}×"
                                     f"{fitted['width']} (the recipe's {size['frames']}×{size['height']}×"
                                     f"{size['width']}, rounded up to this model's patch sizes)")
@@ -320,8 +362,13 @@ class GenericConversion:
                           latent_width=fitted["width"], text_len=exact_text or c["text_len"],
                           flow_shift=float(c.get("flow_shift", 1.0)))
         infos = G.selected_infos(teacher, spec, cfg, recipe.mmdim, layers, str(recipe.path))
+        from m4v_convert.distill.pipeline_samples import default_sample_shape
+
         return GenericDistillAdapter(recipe=recipe, config=cfg, infos=infos, spec=cspec,
-                                     num_samples=int(c.get("num_samples", 8)), exact_text_len=exact_text)
+                                     num_samples=int(c.get("num_samples", 8)), exact_text_len=exact_text,
+                                     prompts=self.prompts, pipeline=self.pipeline,
+                                     prompt_pipeline=self.prompt_pipeline,
+                                     sample_shape=default_sample_shape(self.plan.flags, recipe))
 
     def flops_report(self, config: dict, layers: list[int]) -> dict:
         flags = self.plan.flags

@@ -11,6 +11,7 @@ recipe lays the latents out, which a recipe does not describe yet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,10 @@ class GenericDistillAdapter:
     spec: CalibSpec
     num_samples: int = 8
     exact_text_len: int | None = None  # recipe inputs.text_len: the model takes exactly this many text tokens
+    prompts: list | None = None  # --prompts: [(prompt, negative prompt)], sampled through ``pipeline``
+    pipeline: Path | None = None
+    prompt_pipeline: object = None  # distill.pipeline_samples.PromptPipeline of the recipe's pipeline: section
+    sample_shape: tuple | None = None  # ((height, width), frames) of the prompt samples
 
     fine_tune_unsupported: str = FINE_TUNE_UNSUPPORTED
     lora_targets: str | None = None  # --train lora: not offered (no recipe field names the MLPs)
@@ -46,7 +51,14 @@ class GenericDistillAdapter:
 
     # ---- data
     def calibration_samples(self, recipe, opts, teacher, plan, dist, con, device, dtype):
-        if opts.calib is not None:
+        if self.prompts is not None:
+            from m4v_convert.distill.pipeline_samples import calibration_from_prompts
+
+            size, frames = self.sample_shape
+            samples, label = calibration_from_prompts(
+                self.prompt_pipeline, self.pipeline, self.prompts, teacher, opts, plan, size=size, frames=frames,
+                in_channels=self.spec.in_channels, text_dim=self.spec.text_dim, con=con, device=device, dtype=dtype)
+        elif opts.calib is not None:
             samples, label = folder_samples(opts.calib, self.spec), f"folder:{opts.calib}"
             wrong = sorted({int(s.text.shape[0]) for s in samples} - {self.exact_text_len or 0})
             if self.exact_text_len and wrong:

@@ -49,15 +49,17 @@ class WanConversion:
         self.transformer_folder = self.checkpoint.subfolder if self.pipeline else None
         flags = self.plan.flags
         if flags.prompts is not None:
-            from m4v_convert.backbones.wan.prompts import check_prompt_flags
+            from m4v_convert.backbones.wan.prompts import WAN_PIPELINE
+            from m4v_convert.distill.pipeline_samples import check_prompt_flags, check_sample_count
 
-            self.prompts = check_prompt_flags(flags, self.pipeline)
-            self._check_count(len(self.prompts), f"--prompts {flags.prompts}", "prompt(s)")
+            self.prompts = check_prompt_flags(flags, self.pipeline, WAN_PIPELINE)
+            check_sample_count(len(self.prompts), self.plan.recipe, f"--prompts {flags.prompts}", "prompt(s)")
         if flags.videos is not None:
             from m4v_convert.backbones.wan.videos import check_video_flags
+            from m4v_convert.distill.pipeline_samples import check_sample_count
 
             self.videos = check_video_flags(flags, self.pipeline)
-            self._check_count(len(self.videos), f"--videos {flags.videos}", "captioned video(s)")
+            check_sample_count(len(self.videos), self.plan.recipe, f"--videos {flags.videos}", "captioned video(s)")
             self._check_video_cache()
         if flags.teacher_steps is not None and not (flags.prompts or flags.teacher_calib or flags.calib_cache):
             raise M4VError("--teacher-steps: the steps of the teacher's samples; give --prompts FILE or --teacher-calib")
@@ -70,11 +72,9 @@ class WanConversion:
         check_report_size(self.checkpoint.config, self.frames, self.height, self.width)
 
     def sample_shape(self) -> tuple[tuple[int, int], int]:
-        """((height, width), frames) of the --prompts / --videos samples: the flags, else the recipe's
-        calibration latents in pixels."""
-        flags, c = self.plan.flags, self.plan.recipe.calib
-        size = flags.calib_size or (int(c["latent_height"]) * 8, int(c["latent_width"]) * 8)
-        return size, flags.calib_frames or (int(c["latent_frames"]) - 1) * 4 + 1
+        from m4v_convert.distill.pipeline_samples import default_sample_shape
+
+        return default_sample_shape(self.plan.flags, self.plan.recipe)
 
     def _check_video_cache(self) -> None:
         """A --calib-cache of other clips is refused now (its key needs no weights)."""
@@ -85,13 +85,6 @@ class WanConversion:
         size, frames = self.sample_shape()
         check_cache(teacher_calib_cache(self.plan.flags, self.plan.distill),
                     cache_key(self.pipeline, self.videos, size, frames, self.plan.dtype), "video clips")
-
-    def _check_count(self, n: int, what: str, unit: str) -> None:
-        c = self.plan.recipe.calib
-        need = int(c.get("batch_size", 1)) * (int(c.get("eval_batches", 1)) + 1)
-        if n < need:
-            raise M4VError(f"{what}: {n} {unit}, the calibration needs at least {need} (batch_size "
-                           f"{c.get('batch_size', 1)} x ({c.get('eval_batches', 1)} held-out + 1 training) batches)")
 
     def load_teacher(self):
         from m4v_convert.backbones.wan.load import load_wan_transformer

@@ -38,25 +38,24 @@ class WanDistillAdapter:
         from m4v_convert.distill.job import calibration_samples, teacher_calib_cache
 
         if self.prompts is not None or self.videos is not None:
-            from m4v_convert.backbones.wan.prompts import prompt_samples, stand_in_samples
+            from m4v_convert.backbones.wan.prompts import WAN_PIPELINE
+            from m4v_convert.distill.pipeline_samples import calibration_from_prompts
 
             size, frames = self.sample_shape
-            if next(teacher.parameters()).is_meta:  # the memory plan
-                return stand_in_samples(teacher, self.prompts or self.videos, size=size, frames=frames), "pipeline"
-        if self.videos is not None:
-            from m4v_convert.backbones.wan.videos import video_samples
+            cfg = teacher.config
+            if self.videos is not None and not next(teacher.parameters()).is_meta:
+                from m4v_convert.backbones.wan.videos import video_samples
 
-            samples = video_samples(self.pipeline, self.videos, size=size, frames=frames,
-                                    cache=teacher_calib_cache(opts, plan), con=con, device=device, dtype=dtype)
-            check_uniform(samples, "--videos", self.patch_size)
-            return samples, f"videos:{Path(opts.videos).resolve()}"
-        if self.prompts is not None:
-            samples = prompt_samples(self.pipeline, teacher, self.prompts, size=size, frames=frames,
-                                     steps=plan.teacher_steps, seed=opts.seed, cache=teacher_calib_cache(opts, plan),
-                                     guidance=5.0 if opts.guidance_scale is None else opts.guidance_scale,
-                                     con=con, device=device, dtype=dtype)
-            check_uniform(samples, "--prompts", self.patch_size)
-            return samples, f"prompts:{Path(opts.prompts).resolve()}"
+                samples = video_samples(self.pipeline, self.videos, size=size, frames=frames,
+                                        cache=teacher_calib_cache(opts, plan), con=con, device=device, dtype=dtype)
+                label = f"videos:{Path(opts.videos).resolve()}"
+            else:  # --prompts, or the memory plan's stand-ins of the same shapes for either
+                samples, label = calibration_from_prompts(
+                    WAN_PIPELINE, self.pipeline, self.prompts or self.videos, teacher, opts, plan, size=size,
+                    frames=frames, in_channels=cfg["in_channels"], text_dim=cfg["text_dim"], con=con, device=device,
+                    dtype=dtype)
+            check_uniform(samples, "--videos" if self.videos is not None else "--prompts", self.patch_size)
+            return samples, label
 
         return calibration_samples(recipe, opts, self.spec, teacher, plan, dist, con, device, dtype, self.patch_size)
 

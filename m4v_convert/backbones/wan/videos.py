@@ -52,9 +52,10 @@ def read_video_folder(folder: Path) -> list[tuple[Path, str]]:
 
 def check_video_flags(flags, pipeline: Path | None) -> list[tuple[Path, str]]:
     """The ``--videos`` options checked before any weight is read; returns (video, caption) pairs."""
-    from m4v_convert.backbones.wan.prompts import check_pipeline_source
+    from m4v_convert.backbones.wan.prompts import WAN_PIPELINE
+    from m4v_convert.distill.pipeline_samples import check_pipeline_source
 
-    check_pipeline_source(flags, pipeline, "--videos", ("vae", "text_encoder", "tokenizer"))
+    check_pipeline_source(flags, pipeline, "--videos", ("vae", "text_encoder", "tokenizer"), WAN_PIPELINE)
     if flags.guidance_scale is not None or flags.teacher_steps is not None:
         raise M4VError("--guidance-scale / --teacher-steps: they set the teacher's sampling of --prompts; "
                        "--videos encodes real videos and samples nothing")
@@ -171,13 +172,14 @@ def video_samples(pipeline: Path, pairs: list[tuple[Path, str]], *, size: tuple[
                   cache: Path, con, device, dtype) -> list:
     """The calibration samples of the videos (``CleanSample``: the clip's latents, its caption's
     embeddings), cached per clip in ``cache`` (see the module docstring)."""
-    from m4v_convert.backbones.wan.prompts import MAX_SEQUENCE_LENGTH, open_pipeline
+    from m4v_convert.backbones.wan.prompts import MAX_SEQUENCE_LENGTH
+    from m4v_convert.distill.pipeline_samples import open_pipeline
     from m4v_convert.distill.sample_cache import SampleCache, sample_progress
 
     cache = SampleCache(cache, cache_key(pipeline, pairs, size, frames, dtype), len(pairs), "video clips")
     todo = cache.missing()
     if todo:
-        pipe = open_pipeline(pipeline, "--videos", device, dtype, transformer=None)
+        pipe = open_pipeline("WanPipeline", pipeline, "--videos", device, dtype, transformer=None)
         con.print(f"calibration: encoding {len(todo)} of {len(pairs)} videos with the pipeline's VAE and text "
                   f"encoder ({frames} frames at {WAN_FPS} fps, {size[0]}x{size[1]}; cached in {cache.folder})")
         with sample_progress(con, "video clips", len(todo)) as advance:
