@@ -60,6 +60,14 @@ def test_prompt_samples_are_the_pipelines_own(pipeline, tmp_path):
         # the conversion's teacher holds its weights in owned memory, from_pretrained's are memory-mapped:
         # CPU matmuls may sum in another order (wan/load.py, _own_cpu_tensors), so float32 rounding apart
         assert ((saved["latents"] - want).norm() / want.norm()).item() < 1e-5
+    # the converted pipeline folder runs in diffusers as downloaded pipelines do
+    from diffusers import DiffusionPipeline
+
+    converted = DiffusionPipeline.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(converted).__name__ == "WanPipeline" and converted.transformer.converted_layers == [0, 1]
+    video = converted(PROMPTS[0], height=32, width=32, num_frames=5, num_inference_steps=2, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
 
 
 def test_a_killed_sampling_run_keeps_its_samples_and_continues(pipeline, tmp_path, monkeypatch):

@@ -219,6 +219,34 @@ def test_dry_run_plans_the_clips_without_reading_them(pipeline, video_dir, tmp_p
     res = runner.invoke(app, ["wan2.1", "--checkpoint", str(pipeline), "--out", str(tmp_path / "out"), "--videos",
                               str(video_dir), *SAMPLING, "--calib-cache", str(tmp_path / "cache"), "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "calibration samples" in res.output and "--dry-run: stopped before loading any weight" in res.output
+    for part in ("calibration samples", "calibration sampling (pipeline components)", "text_encoder (float32)",
+                 "vae (float32)", "--dry-run: stopped before loading any weight"):
+        assert part in res.output, res.output
     assert len(made) == 4 and made[0].latents.shape == (16, 2, 4, 4) and made[0].text.shape == (512, 32)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.memory_plan
+def test_the_memory_plan_counts_the_pipeline_components_until_the_cache_is_full(pipeline, tmp_path):
+    """The text encoder (in the run's dtype) and the VAE (float32) that sampling loads beside the teacher,
+    sized from their headers: equal to the loaded models' own parameter bytes; nothing once every sample
+    is cached."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
+
+    from m4v_convert.jobs.memory import pipeline_sampling_phase
+
+    cache = tmp_path / "cache"
+    plan = SimpleNamespace(flags=SimpleNamespace(calib_cache=cache), distill=None, dtype=torch.bfloat16)
+    adapter = SimpleNamespace(pipeline=pipeline, prompts=None, videos=[("clip", "caption")] * 4)
+    phase = pipeline_sampling_phase(plan, adapter, 4)
+    encoder = UMT5EncoderModel.from_pretrained(pipeline / "text_encoder")
+    vae = AutoencoderKLWan.from_pretrained(pipeline / "vae")
+    assert phase.parts == {"text_encoder (bfloat16)": 2 * sum(p.numel() for p in encoder.parameters()),
+                           "vae (float32)": 4 * sum(p.numel() for p in vae.parameters())}
+    cache.mkdir()
+    for i in range(4):
+        (cache / f"sample-{i:05d}.safetensors").write_bytes(b"")
+    assert pipeline_sampling_phase(plan, adapter, 4) is None

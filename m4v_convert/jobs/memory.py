@@ -17,6 +17,7 @@ measured peak.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -255,6 +256,11 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     host = tensor_bytes(samples)
     if device.type == "cpu":
         mp.weights["calibration samples"] = host
+    sampling = pipeline_sampling_phase(plan, adapter, len(samples))
+    if sampling is not None:
+        mp.phases.append(sampling)
+        mp.notes.append("calibration sampling: the teacher's transient activations while it samples are not "
+                        "counted")
     bs_eval, n_eval = int(plan.recipe.calib.get("batch_size", 1)), int(plan.recipe.calib.get("eval_batches", 1))
     meta = torch.device("meta")
 
@@ -334,6 +340,31 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     if d.uses_lora:
         mp.notes.append("LoRA adapters are not counted (rank-r matrices: small beside the layers they adapt)")
     return mp
+
+
+def pipeline_sampling_phase(plan, adapter, count: int) -> MemoryPhase | None:
+    """What making the --prompts / --videos samples loads beside the teacher and the student: the
+    pipeline's text encoder (in the run's dtype) and VAE (float32), sized from their safetensors
+    headers; None when nothing is sampled or the cache already holds every sample."""
+    from m4v_convert.distill.job import teacher_calib_cache
+    from m4v_convert.io.safetensors_io import read_header
+
+    pipeline = getattr(adapter, "pipeline", None)
+    if pipeline is None or not (getattr(adapter, "prompts", None) or getattr(adapter, "videos", None)):
+        return None
+    cache = teacher_calib_cache(plan.flags, plan.distill)
+    if len(list(cache.glob("sample-*.safetensors"))) >= count:
+        return None
+    parts = {}
+    for component, dtype in (("text_encoder", plan.dtype), ("vae", torch.float32)):
+        size = torch.tensor([], dtype=dtype).element_size()
+        try:
+            header = read_header(pipeline / component)
+        except M4VError:
+            continue  # not safetensors: diffusers reads it, the plan cannot size it
+        n = sum(math.prod(info.shape) for info in header.values())
+        parts[f"{component} ({str(dtype).removeprefix('torch.')})"] = n * size
+    return MemoryPhase("calibration sampling (pipeline components)", parts)
 
 
 def _count(params: dict) -> str:
