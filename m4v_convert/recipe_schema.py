@@ -75,13 +75,17 @@ class StageBase(Strict):
     checkpoint_every: NonNegInt | None = None
 
 
+class Stage1(StageBase):
+    layer_groups: PosInt | None = None  # --layer-groups: train the converted layers in this many groups in turn
+
+
 class Stage2(StageBase):
     feature_weight: NonNegNumber | None = None
     output_weight: NonNegNumber | None = None
 
 
 class Distill(Strict):
-    stage1: StageBase | None = None
+    stage1: Stage1 | None = None
     stage2: Stage2 | None = None
     stage3: StageBase | None = None
     stages: StrictStr | StrictInt | list[StrictInt | StrictStr] | None = None

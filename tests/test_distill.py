@@ -1,5 +1,6 @@
 """Distillation beyond stage 1: end-to-end KD, fine-tune, teacher calibration, resume, processes, guards."""
 
+import copy
 import json
 import os
 import signal
@@ -199,6 +200,8 @@ def test_teacher_generated_calibration_is_cached_and_reused(ckpt, recipe_file, t
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(teacher):
+    teacher = copy.deepcopy(teacher).requires_grad_(False)  # frozen, as a conversion holds it: the student
+    # shares its untouched weights, which must gather no gradient
     from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
     from m4v_convert.backbones.wan.distill import WanDistillAdapter
     from m4v_convert.distill.stage1 import Stage1Task
@@ -417,3 +420,76 @@ def test_two_processes_equal_one_process_on_the_combined_batch(ckpt, recipe_file
     for k in a:  # Adam normalizes tiny gradients, so allow a little more than float rounding
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=2e-4)
     assert json.loads((tmp_path / "two" / "conversion.json").read_text())["distill"]["processes"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ layer groups
+
+
+def test_layer_groups_train_every_layer_and_match_one_group(ckpt, recipe_file, tmp_path):
+    """--layer-groups 2: each converted layer trained in its own group (its own stage in the log and the
+    checkpoints), every layer's error falls, and the result is as good as training them together."""
+    common = ["--stages", "1", "--distill-steps", "12", "--layers", "all", "--mixed-precision", "no"]
+    res = _convert(ckpt, tmp_path / "groups", recipe_file, *common, "--layer-groups", "2")
+    assert res.exit_code == 0, res.output
+    one = _convert(ckpt, tmp_path / "one", recipe_file, *common)
+    assert one.exit_code == 0, one.output
+    log = _log(tmp_path / "groups")
+    assert len(_losses(log, "stage1.group1")) == 12 and len(_losses(log, "stage1.group2")) == 12
+    groups = json.loads((tmp_path / "groups" / "conversion.json").read_text())
+    together = json.loads((tmp_path / "one" / "conversion.json").read_text())
+    assert groups["stages"]["stage1"]["layer_groups"] == [[0], [1]]
+    for layer in ("0", "1"):
+        assert groups["error_after"][layer] < groups["error_before"][layer]
+        # a layer's loss reads only its own records: alone it trains as well as beside the others
+        assert groups["error_after"][layer] < 1.5 * together["error_after"][layer]
+    t = load_file(str(ckpt / "diffusion_pytorch_model.safetensors"))
+    out = load_file(str(tmp_path / "groups" / "diffusion_pytorch_model.safetensors"))
+    init = _convert(ckpt, tmp_path / "init", recipe_file, "--stages", "1", "--distill-steps", "0", "--layers", "all")
+    assert init.exit_code == 0, init.output
+    start = load_file(str(tmp_path / "init" / "diffusion_pytorch_model.safetensors"))
+    for layer in (0, 1):  # both groups moved their own weights
+        assert any(not torch.equal(out[k], start[k]) for k in out if k.startswith(f"blocks.{layer}.attn1.mmdim."))
+    assert all(torch.equal(out[k], t[k]) for k in t if k in out)  # nothing outside MM-DiM changed
+
+
+def test_layer_groups_resume_per_group_after_sigkill(ckpt, recipe_file, tmp_path):
+    common = ["--stages", "1", "--distill-steps", "30", "--layers", "all", "--layer-groups", "2",
+              "--checkpoint-every", "3", "--deterministic", "--mixed-precision", "no"]
+    run = tmp_path / "run"
+    killed = subprocess.Popen([sys.executable, str(ROOT / "cli.py")] +
+                              _args(ckpt, tmp_path / "out", recipe_file, *common, "--run-dir", str(run)),
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == 1
+    try:
+        ref = _convert(ckpt, tmp_path / "ref", recipe_file, *common, "--run-dir", str(tmp_path / "ref_run"))
+        assert ref.exit_code == 0, ref.output
+        deadline = time.time() + 100
+        while time.time() < deadline and killed.poll() is None:
+            try:
+                state = json.loads((run / "state.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                state = {}
+            if state.get("stage") == "stage1.group2" and state.get("step", 0) >= 3:
+                os.kill(killed.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        assert killed.wait(30) == -signal.SIGKILL, "the run ended before it could be killed in the second group"
+        state = json.loads((run / "state.json").read_text())
+        assert state["stage"] == "stage1.group2" and 3 <= state["step"] < 30
+        resumed = _convert(ckpt, tmp_path / "out", recipe_file, *common, "--resume", str(run))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {run.resolve()}: stage1.group2 step {state['step']}" in " ".join(resumed.output.split())
+    log = _log(tmp_path / "out")
+    assert _losses(log, "stage1.group1") == _losses(_log(tmp_path / "ref"), "stage1.group1")  # not trained again
+    assert _losses(log, "stage1.group2") == _losses(_log(tmp_path / "ref"), "stage1.group2")
+    a = load_file(str(tmp_path / "ref" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_layer_groups_beyond_the_layers_are_refused(ckpt, recipe_file, tmp_path):
+    res = _convert(ckpt, tmp_path / "o", recipe_file, "--layers", "0", "--layer-groups", "2")
+    assert res.exit_code == 2 and "--layer-groups 2: more groups than the 1 converted layers" in res.output, res.output

@@ -19,7 +19,8 @@ import torch
 from m4v_convert.distill.calibration import (CalibSpec, CleanSample, check_uniform, folder_samples,
                                              synthetic_samples)
 from m4v_convert.distill.distributed import DistContext
-from m4v_convert.distill.params import (add_lora, check_train_mode, merge_lora_, set_trainable, trainable_params)
+from m4v_convert.distill.params import (add_lora, check_train_mode, merge_lora_, own_parameters_, set_trainable,
+                                        trainable_params)
 from m4v_convert.distill.stage1 import Stage1Result, Stage1Settings
 from m4v_convert.distill.state import RunDir, check_identity, fingerprint, log_until, samples_fingerprint
 from m4v_convert.distill.trainer import StageSchedule, Trainer
@@ -43,6 +44,7 @@ class DistillPlan:
     teacher_first_frame_steps: int | None = None  # PyramidFlow: the first latent frame's (None: teacher_steps)
     bf16: bool = False
     grad_checkpointing: bool = False
+    layer_groups: int = 1  # stage 1 trains the converted layers in this many groups, one after another
     run_dir: RunDir | None = None
     resume_state: dict | None = field(default=None, repr=False)
 
@@ -82,7 +84,7 @@ class DistillAdapter(Protocol):
     def shard(self, batch, rows: slice, device, dtype, with_target: bool = False):
         """Samples ``rows`` of ``batch`` (this process's share), on ``device``."""
 
-    def record(self, teacher, batch: dict) -> dict:
+    def record(self, teacher, batch: dict, layers: list[int] | None = None) -> dict:
         """Run the teacher once: per layer, the attention input, context and output (``LayerRecord``)."""
 
     def mmdim_blocks(self, student) -> dict:
@@ -181,7 +183,10 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
                                    else int(recipe.calib["teacher_first_frame_steps"])),
         bf16=(mp == "bf16") or (mp == "auto" and device.type == "cuda"),
         grad_checkpointing=bool(opts.grad_checkpointing),
+        layer_groups=int(getattr(opts, "layer_groups", None) or d.get("stage1", {}).get("layer_groups", 1)),
     )
+    if plan.layer_groups < 1:
+        raise M4VError(f"--layer-groups: expected >= 1, got {plan.layer_groups}")
     # run folder: --resume DIR, else --run-dir, else <out>.train when any stage checkpoints
     if opts.resume is not None:
         plan.run_dir = RunDir(opts.resume)
@@ -310,6 +315,8 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
     blocks = adapter.mmdim_blocks(student)
     stage_params = {1: trainable_params(student, "mmdim", blocks)}
     for k in (2, 3):
+        if k in plan.stages:  # --train all: the student's own copy of each weight it shares with the teacher
+            own_parameters_(student, trainable_params(student, plan.train, blocks), teacher)
         stage_params[k] = trainable_params(student, plan.train, blocks)
     persist = list(dict.fromkeys(n for k in plan.stages for n in stage_params[k]))
 
@@ -325,6 +332,7 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
         "model": adapter.identity(model_cfg), "dtype": str(dtype), "teacher": fingerprint(teacher.state_dict().items()),
         "lora": [plan.lora_rank, plan.lora_alpha] if plan.uses_lora else None,
         "loss": {"feature_weight": plan.feature_weight, "output_weight": plan.output_weight},
+        **({"layer_groups": plan.layer_groups} if plan.layer_groups > 1 else {}),
     }
     state = plan.resume_state
     if state is not None:
@@ -369,16 +377,43 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
             stage1 = Stage1Result({int(k): v for k, v in done["error_before"].items()},
                                   {int(k): v for k, v in done["error_after"].items()})
         else:
-            set_trainable(student, stage_params[1])
-            g1 = generator(1)
-            stage1 = stage1_mod.run_stage1(
-                blocks, lambda b: adapter.record(teacher, b),
-                lambda step: _draw(train_pool, adapter, g1, sched.batch_size, dist, device, dtype),
-                eval_batches, sched, trainer=trainer, generator=g1, resume=resume_for("stage1"),
-                grad_checkpointing=plan.grad_checkpointing, counter=adapter.count,
-                calibrate=adapter.calibrate_output_norms)
+            groups = layer_groups(list(blocks), plan.layer_groups)
+            stage1 = Stage1Result(error_before={}, error_after={})
+            for g, group in enumerate(groups):
+                # stage 1 is teacher-forced: each group needs only its own layers' records, gradients and
+                # optimizer state, freed before the next group starts
+                name = "stage1" if len(groups) == 1 else f"stage1.group{g + 1}"
+                if name in trainer.completed:
+                    done = trainer.completed[name]
+                    stage1.error_before.update({int(k): v for k, v in done["error_before"].items()})
+                    stage1.error_after.update({int(k): v for k, v in done["error_after"].items()})
+                    continue
+                ids = {id(p) for i in group for p in blocks[i].parameters()}
+                params = {n: p for n, p in stage_params[1].items() if id(p) in ids}
+                set_trainable(student, params)
+                g1 = generator(1) if len(groups) == 1 else torch.Generator().manual_seed(opts.seed + 1000 + g)
+                part = stage1_mod.run_stage1(
+                    {i: blocks[i] for i in group}, lambda b, group=group: adapter.record(teacher, b, layers=group),
+                    lambda step, g1=g1: _draw(train_pool, adapter, g1, sched.batch_size, dist, device, dtype),
+                    eval_batches, sched, trainer=trainer, generator=g1, resume=resume_for(name),
+                    grad_checkpointing=plan.grad_checkpointing, counter=adapter.count,
+                    calibrate=adapter.calibrate_output_norms, name=name,
+                    title=None if len(groups) == 1 else f"stage 1, layers {group[0]}-{group[-1]} "
+                                                        f"(group {g + 1}/{len(groups)})")
+                for p in params.values():
+                    p.grad = None
+                stage1.error_before.update(part.error_before)
+                stage1.error_after.update(part.error_after)
+                stage1.outcome = part.outcome
+                stage1.losses += part.losses
+                if len(groups) > 1:
+                    trainer.finish_stage(name, {
+                        "steps": sched.steps, "layers": group, **_throughput(part.outcome),
+                        "error_before": {str(k): v for k, v in part.error_before.items()},
+                        "error_after": {str(k): v for k, v in part.error_after.items()}})
             trainer.finish_stage("stage1", {
                 "steps": sched.steps, **_throughput(stage1.outcome),
+                **({"layer_groups": [list(g) for g in groups]} if len(groups) > 1 else {}),
                 "error_before": {str(k): v for k, v in stage1.error_before.items()},
                 "error_after": {str(k): v for k, v in stage1.error_after.items()}})
         results["stage1"] = trainer.completed["stage1"]
@@ -447,6 +482,19 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
         con.print(f"training state kept in {plan.run_dir.path} (delete it once the output is good)")
     return DistillReport(stage1=stage1, results=results, calibration=calib_label, end_to_end_before=e2e_before,
                          end_to_end_after=e2e_after, log=trainer.log, plan=plan)
+
+
+def layer_groups(layers: list[int], k: int) -> list[list[int]]:
+    """``layers`` in ``k`` contiguous groups of (nearly) equal size, the first ones one larger."""
+    if k > len(layers):
+        raise M4VError(f"--layer-groups {k}: more groups than the {len(layers)} converted layers")
+    size, extra = divmod(len(layers), k)
+    out, start = [], 0
+    for g in range(k):
+        n = size + (1 if g < extra else 0)
+        out.append(layers[start:start + n])
+        start += n
+    return out
 
 
 def _throughput(outcome) -> dict:

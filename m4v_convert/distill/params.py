@@ -54,6 +54,9 @@ def merge_lora_(model: nn.Module) -> int:
         return 0
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name, module in targets:
+        base = module.get_base_layer()
+        # into a new tensor: the base weight is the teacher's too (from_teacher shares it)
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
         module.merge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -74,6 +77,22 @@ def trainable_params(model: nn.Module, mode: str, mmdim_blocks: dict[int, nn.Mod
             keep = id(p) in ids
         if keep:
             out[name] = p
+    return out
+
+
+def own_parameters_(model: nn.Module, params: dict[str, nn.Parameter], others: nn.Module) -> dict[str, nn.Parameter]:
+    """``params`` with every one that ``others`` (the teacher) holds too replaced in ``model`` by a copy
+    of its own, so training ``model`` never changes ``others``; returns the name → parameter map
+    after the copies (the student shares its untouched weights with the teacher: ``from_teacher``)."""
+    held = {id(p) for p in others.parameters()}
+    out = {}
+    for name, p in params.items():
+        if id(p) in held:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            p = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            setattr(module, leaf, p)
+        out[name] = p
     return out
 
 

@@ -132,6 +132,8 @@ def run_stage1(
     grad_checkpointing: bool = False,
     counter: Callable[[dict], tuple[int, int]] | None = None,
     calibrate: Callable[[dict, dict], None] | None = None,
+    name: str = "stage1",
+    title: str | None = None,
 ) -> Stage1Result:
     """Train ``blocks`` (layer index → MMDiM) in place.
 
@@ -143,6 +145,7 @@ def run_stage1(
     resume: a checkpoint of this stage in progress (from ``RunDir.load``).
     calibrate: (blocks, records) → None, the per-head output-scale calibration run before training
         (``settings.calibrate_norm``); default :func:`calibrate_output_norms` (blocks are MMDiMs).
+    name, title: the stage's name in checkpoints and the log, and its progress line (layer groups).
     """
     eval_records = [record(b) for b in eval_batches]
     if resume is None:
@@ -158,6 +161,7 @@ def run_stage1(
               if p.requires_grad}
     task = Stage1Task(blocks, record, train_batches, generator=generator, grad_checkpointing=grad_checkpointing,
                       counter=counter)
+    task.name, task.title = name, title or task.title  # a layer group checkpoints and resumes as its own stage
 
     def on_step(step, parts):
         if progress is not None:

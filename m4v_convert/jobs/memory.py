@@ -123,6 +123,8 @@ class MemoryPlan:
             fits.append(f"--batch-size {b}")
         if not flags.grad_checkpointing and phase.name.startswith(("stage 2", "stage 3")):
             fits.append("--grad-checkpointing")
+        if phase.name.startswith("stage 1"):
+            fits.append("--layer-groups K (stage 1 one group of layers at a time)")
         if flags.dtype in ("auto", "float32", "fp32") and self.device.startswith("cuda"):
             fits.append("--dtype bfloat16")
         if self.processes > 1 and not self.device.startswith("cuda"):
@@ -237,7 +239,9 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
         raise M4VError(f"checkpoint and recipe {plan.recipe.name!r} disagree: {e}") from None
     student.requires_grad_(False)
     weights = {"teacher": tensor_bytes([*teacher.parameters(), *teacher.buffers()])}
-    weights["student (a separate copy)"] = tensor_bytes([*student.parameters(), *student.buffers()], _ids(teacher))
+    # the student shares every untouched tensor with the teacher (from_teacher): its own are the MM-DiM layers
+    weights["student (its converted layers)"] = tensor_bytes([*student.parameters(), *student.buffers()],
+                                                             _ids(teacher))
     processes = world if device.type != "cuda" else 1
     mp = MemoryPlan(device=str(device), processes=processes, weights=weights, phases=[],
                     available=available_bytes(device))
@@ -271,9 +275,20 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     eval_batches = [batch(bs_eval) for _ in range(n_eval)]
     eval_inputs = tensor_bytes(eval_batches)
     blocks = adapter.mmdim_blocks(student)
-    params = {1: trainable_params(student, "mmdim", blocks)}
+    group, stage1_blocks = None, blocks
+    if d.layer_groups > 1:  # stage 1 holds one group at a time: plan the largest
+        from m4v_convert.distill.job import layer_groups
+
+        group = max(layer_groups(list(blocks), d.layer_groups), key=len)
+        stage1_blocks = {i: blocks[i] for i in group}
+    params = {1: trainable_params(student, "mmdim", stage1_blocks)}
     for k in (2, 3):
         params[k] = trainable_params(student, d.train, blocks)
+    teacher_ids = _ids(teacher)
+    copied = {id(p): p for k in (2, 3) if k in d.stages and d.schedules[k].steps > 0
+              for p in params[k].values() if id(p) in teacher_ids}
+    if copied:  # --train all: the student trains its own copy of each weight it shared with the teacher
+        mp.weights["student's copies of the weights it trains"] = _param_bytes(copied.values())
     model_ids = _ids(teacher, student)
     optimizer_factor = 3 + (1 if device.type == "cuda" else 0)  # grad + AdamW's two moments (+ foreach temporaries)
 
@@ -297,20 +312,22 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     runs = {k: k in d.stages and d.schedules[k].steps > 0 for k in (1, 2, 3)}
     if runs[1]:
         with torch.no_grad():
-            eval_records = [adapter.record(teacher, b) for b in eval_batches]
+            eval_records = [adapter.record(teacher, b, layers=group) for b in eval_batches]
         held = tensor_bytes(eval_records)
 
         def stage1(b: int) -> dict[str, int]:
             train = batch(b)
             with torch.no_grad():
-                recs = adapter.record(teacher, train)
+                recs = adapter.record(teacher, train, layers=group)
             set_trainable(student, params[1])
-            task = Stage1Task(blocks, lambda _: recs, None, grad_checkpointing=d.grad_checkpointing)
+            task = Stage1Task(stage1_blocks, lambda _: recs, None, grad_checkpointing=d.grad_checkpointing)
             recorded = tensor_bytes(recs)
             acts = saved_bytes(lambda: task.loss(train), model_ids | _tensor_ids(recs))
             return {"teacher records (train batch)": recorded, "activations kept for backward": acts}
 
-        phase = per_sample_phase("stage 1 (attention transfer)", 1, stage1)
+        name = "stage 1 (attention transfer)" if group is None else \
+            f"stage 1 (attention transfer, largest of {d.layer_groups} layer groups: {len(group)} layers)"
+        phase = per_sample_phase(name, 1, stage1)
         phase.parts["teacher records (held-out batches)"] = held
         mp.phases.append(phase)
     if runs[2] or runs[3]:

@@ -3,8 +3,11 @@
 A converted class is ``class M4VFoo(ConvertedModelMixin, Foo)`` with ``__init__ =
 converted_init(Foo)``. The mixin owns the life of a conversion:
 
-- ``from_teacher(teacher, ...)``: an independent copy of a loaded teacher with the converted class
-  (deep copy, class swap, an empty ``config["m4v"]`` record); nothing is converted yet;
+- ``from_teacher(teacher, ...)``: the converted class over the teacher's own weights (a copy of
+  the module tree that shares every parameter and buffer with the teacher, class swap, an empty
+  ``config["m4v"]`` record); nothing is converted yet. A converted layer is a new module with its
+  own parameters, so the teacher keeps its attention and nothing untouched is held twice; whatever
+  training would change in a shared tensor is copied first (``distill.params.own_parameters_``);
 - ``convert_(layers, mmdim, meta)``: the in-place swap (:func:`m4v_convert.convert.mambafy_`, a
   layer already converted is left alone), binding the call context, recording the conversion in
   ``config["m4v"]``;
@@ -91,12 +94,15 @@ class ConvertedModelMixin:
         self._bind_context()
 
     @classmethod
-    def from_teacher(cls, teacher: nn.Module, *args):
-        """An independent copy of ``teacher`` with this class (no layer converted yet); ``args``
-        are the backbone's own (a generic recipe's spec)."""
+    def from_teacher(cls, teacher: nn.Module, *args, share: bool = True):
+        """``teacher`` as this class (no layer converted yet), sharing every parameter and buffer with
+        it (module docstring; ``share=False``: an independent copy); ``args`` are the backbone's own (a
+        generic recipe's spec)."""
         if cls.teacher_class is not None and not isinstance(teacher, cls.teacher_class):
             raise TypeError(f"expected a {cls.teacher_class.__name__}, got {type(teacher).__name__}")
-        student = copy.deepcopy(teacher)
+        # deepcopy with the teacher's tensors in its memo: new modules, the same Parameter objects
+        shared = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())} if share else {}
+        student = copy.deepcopy(teacher, shared)
         student.__class__ = cls
         m4v = student._new_record(teacher, *args)
         student.register_to_config(m4v=m4v)

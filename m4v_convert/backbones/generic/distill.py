@@ -88,8 +88,9 @@ class GenericDistillAdapter:
         return out
 
     # ---- model
-    def record(self, teacher: nn.Module, batch: dict) -> dict:
-        return G.record_teacher_layers(teacher, batch, self.infos)
+    def record(self, teacher: nn.Module, batch: dict, layers: list[int] | None = None) -> dict:
+        infos = self.infos if layers is None else [info for info in self.infos if info.index in layers]
+        return G.record_teacher_layers(teacher, batch, infos)
 
     def mmdim_blocks(self, student: nn.Module) -> dict[int, nn.Module]:
         return {info.index: student.get_submodule(info.fqn).mmdim for info in self.infos}

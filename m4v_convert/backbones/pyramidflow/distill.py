@@ -93,8 +93,8 @@ class PyramidDistillAdapter:
         return shard_pyramid_batch(batch, rows, self.spec.num_stages, device, dtype, with_target=with_target)
 
     # ---- model
-    def record(self, teacher: nn.Module, batch: dict) -> dict:
-        return record_teacher_layers(teacher, batch, self.layers)
+    def record(self, teacher: nn.Module, batch: dict, layers: list[int] | None = None) -> dict:
+        return record_teacher_layers(teacher, batch, self.layers if layers is None else layers)
 
     def mmdim_blocks(self, student: nn.Module) -> dict[int, nn.Module]:
         """Stage-1 targets: each converted attention run over every stage of a recorded call."""

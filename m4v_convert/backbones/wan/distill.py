@@ -72,8 +72,8 @@ class WanDistillAdapter:
         kwargs = {k: v[rows].to(device=device, dtype=dtype) for k, v in kwargs.items()}
         return (kwargs, target[rows].to(device)) if with_target else kwargs
 
-    def record(self, teacher: nn.Module, batch: dict) -> dict:
-        return record_teacher_layers(teacher, batch, self.layers)
+    def record(self, teacher: nn.Module, batch: dict, layers: list[int] | None = None) -> dict:
+        return record_teacher_layers(teacher, batch, self.layers if layers is None else layers)
 
     def mmdim_blocks(self, student: M4VWanTransformer3DModel) -> dict[int, nn.Module]:
         return {i: student.blocks[i].attn1.mmdim for i in self.layers}

@@ -1,0 +1,90 @@
+"""Peak resident memory of a full-size conversion, against the checkpoint's bytes (issue 38).
+
+Builds a full-size Wan2.1-1.3B in the diffusers layout (random float32 weights in 3 shards, as the
+release; ``recipes/configs/wan2.1-1.3b.json``) and runs the conversion issue 38 measured, each
+variant in a fresh process that reports its own peak RSS (``ru_maxrss``):
+
+    python benchmarks/bench_memory.py                      # default, then --layer-groups 4 where offered
+    python benchmarks/bench_memory.py --variants default   # one variant
+
+Needs about 22 GB of free memory and 12 GB of disk; run it alone (no test suite beside it). Prints
+peak RSS / checkpoint bytes per variant; the goals are <= 2.2x (default) and <= 1.6x (--layer-groups 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVERT = ["--layers", "all", "--distill-steps", "2", "--stage2-steps", "1", "--batch-size", "1", "--threads", "2"]
+VARIANTS = {"default": [], "layer-groups-4": ["--layer-groups", "4"]}
+
+MAKE = """
+import json, sys, torch
+from diffusers import WanTransformer3DModel
+cfg = json.load(open(sys.argv[1]))
+torch.manual_seed(0)
+model = WanTransformer3DModel(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+model.save_pretrained(sys.argv[2], max_shard_size=total // 3 + 1)  # 3 shards, as the release
+"""
+
+RUN = """
+import resource, runpy, sys
+sys.argv = ["m4v-convert", *sys.argv[1:]]
+try:
+    runpy.run_path(%r, run_name="__main__")
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print(f"PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} EXIT {code}", flush=True)
+""" % str(ROOT / "cli.py")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=ROOT / "recipes" / "configs" / "wan2.1-1.3b.json")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "wan2.1-1.3b-random"
+        t0 = time.time()
+        subprocess.run([sys.executable, "-c", MAKE, str(args.config), str(ckpt)], check=True)
+        size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        print(f"checkpoint: {ckpt.name}, {len(list(ckpt.glob('*.safetensors')))} shards, {size / 1e9:.2f} GB "
+              f"(made in {time.time() - t0:.0f} s)", flush=True)
+        rows = []
+        for name in args.variants:
+            out = Path(tmp) / f"out-{name}"
+            cmd = [sys.executable, "-c", RUN, "wan2.1", "--checkpoint", str(ckpt), "--out", str(out), *CONVERT,
+                   *VARIANTS[name]]
+            t0 = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            seconds = time.time() - t0
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            peak = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("PEAK_RSS_KB")), None)
+            code = next((line.split()[3] for line in lines if line.startswith("PEAK_RSS_KB")), str(proc.returncode))
+            plan = next((line for line in lines if line.startswith("memory plan:")), "memory plan: (none printed)")
+            print(f"\n== {name}: {' '.join(CONVERT + VARIANTS[name])}", flush=True)
+            print("\n".join(lines[-6:]))
+            if peak is None or code != "0":
+                rows.append((name, None, seconds, f"failed (exit {code})"))
+                continue
+            rows.append((name, peak, seconds, plan))
+        print("\n| variant | peak RSS (GB) | peak / checkpoint | seconds | the memory plan said |")
+        print("|---|---|---|---|---|")
+        for name, peak, seconds, note in rows:
+            if peak is None:
+                print(f"| {name} | - | - | {seconds:.0f} | {note} |")
+            else:
+                print(f"| {name} | {peak / 1e9:.2f} | {peak / size:.2f}x | {seconds:.0f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
