@@ -24,6 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ["--layers", "all", "--distill-steps", "2", "--stage2-steps", "1", "--batch-size", "1", "--threads", "2"]
 VARIANTS = {"default": [], "layer-groups-4": ["--layer-groups", "4"]}
 
+LOAD = """
+import resource, sys
+from m4v_convert.backbones.wan.load import load_wan_transformer
+model = load_wan_transformer(sys.argv[1])
+print(f"PEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} EXIT 0", flush=True)
+"""
+
 MAKE = """
 import json, sys, torch
 from diffusers import WanTransformer3DModel
@@ -60,10 +67,11 @@ def main() -> None:
         print(f"checkpoint: {ckpt.name}, {len(list(ckpt.glob('*.safetensors')))} shards, {size / 1e9:.2f} GB "
               f"(made in {time.time() - t0:.0f} s)", flush=True)
         rows = []
-        for name in args.variants:
+        for name in ["load the teacher alone", *args.variants]:
             out = Path(tmp) / f"out-{name}"
-            cmd = [sys.executable, "-c", RUN, "wan2.1", "--checkpoint", str(ckpt), "--out", str(out), *CONVERT,
-                   *VARIANTS[name]]
+            cmd = ([sys.executable, "-c", LOAD, str(ckpt)] if name not in VARIANTS else
+                   [sys.executable, "-c", RUN, "wan2.1", "--checkpoint", str(ckpt), "--out", str(out), *CONVERT,
+                    *VARIANTS[name]])
             t0 = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             seconds = time.time() - t0
@@ -71,7 +79,8 @@ def main() -> None:
             peak = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("PEAK_RSS_KB")), None)
             code = next((line.split()[3] for line in lines if line.startswith("PEAK_RSS_KB")), str(proc.returncode))
             plan = next((line for line in lines if line.startswith("memory plan:")), "memory plan: (none printed)")
-            print(f"\n== {name}: {' '.join(CONVERT + VARIANTS[name])}", flush=True)
+            print(f"\n== {name}: {' '.join(CONVERT + VARIANTS[name]) if name in VARIANTS else 'load_wan_transformer'}",
+                  flush=True)
             print("\n".join(lines[-6:]))
             if peak is None or code != "0":
                 rows.append((name, None, seconds, f"failed (exit {code})"))

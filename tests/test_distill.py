@@ -362,6 +362,22 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+def _kill_at(proc: subprocess.Popen, run: Path, stage: str, step: int) -> dict:
+    """SIGKILL ``proc`` once its run folder has checkpointed ``stage`` at ``step`` or later; the state it left."""
+    deadline = time.time() + 100
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = json.loads((run / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            state = {}
+        if state.get("stage") == stage and state.get("step", 0) >= step:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(30) == -signal.SIGKILL, f"the run ended before it could be killed in {stage}"
+    return json.loads((run / "state.json").read_text())
+
+
 def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(ckpt, recipe_file, tmp_path):
     common = ["--stages", "1,2", "--distill-steps", "4", "--stage2-steps", "40", "--checkpoint-every", "3",
               "--deterministic", "--mixed-precision", "no"]
@@ -376,18 +392,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(ckpt, recipe_f
     try:
         ref = _convert(ckpt, tmp_path / "ref", recipe_file, *common, "--run-dir", str(tmp_path / "ref_run"))
         assert ref.exit_code == 0, ref.output
-        deadline = time.time() + 100
-        while time.time() < deadline and killed.poll() is None:
-            try:
-                state = json.loads((run / "state.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                state = {}
-            if state.get("stage") == "stage2" and state.get("step", 0) >= 3:
-                os.kill(killed.pid, signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        assert killed.wait(30) == -signal.SIGKILL, "the run ended before it could be killed mid-stage"
-        state = json.loads((run / "state.json").read_text())
+        state = _kill_at(killed, run, "stage2", 3)
         assert state["stage"] == "stage2" and 3 <= state["step"] < 40 and not (tmp_path / "out").exists()
         resumed = _convert(ckpt, tmp_path / "out", recipe_file, *common, "--resume", str(run))
     finally:
@@ -464,18 +469,7 @@ def test_layer_groups_resume_per_group_after_sigkill(ckpt, recipe_file, tmp_path
     try:
         ref = _convert(ckpt, tmp_path / "ref", recipe_file, *common, "--run-dir", str(tmp_path / "ref_run"))
         assert ref.exit_code == 0, ref.output
-        deadline = time.time() + 100
-        while time.time() < deadline and killed.poll() is None:
-            try:
-                state = json.loads((run / "state.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                state = {}
-            if state.get("stage") == "stage1.group2" and state.get("step", 0) >= 3:
-                os.kill(killed.pid, signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        assert killed.wait(30) == -signal.SIGKILL, "the run ended before it could be killed in the second group"
-        state = json.loads((run / "state.json").read_text())
+        state = _kill_at(killed, run, "stage1.group2", 3)
         assert state["stage"] == "stage1.group2" and 3 <= state["step"] < 30
         resumed = _convert(ckpt, tmp_path / "out", recipe_file, *common, "--resume", str(run))
     finally:

@@ -96,6 +96,33 @@ def test_sharded_layouts_are_really_sharded(layout, saved):
     assert {f.name for f in ckpt.weight_files} == shards
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to list mapped files")
+@pytest.mark.parametrize("layout", ["diffusers", "diffusers-sharded"])
+def test_a_loaded_model_keeps_no_weight_file_mapped(layout, saved, monkeypatch):
+    """The loader copies a memory-mapped file's tensors into owned memory one file at a time: once
+    loaded, no weight file stays mapped (an output written over it cannot change the live model, and the
+    file's pages do not count twice), and every shard was released before the next was copied."""
+    import gc
+
+    from m4v_convert.backbones.wan import load
+
+    def mapped(files):
+        maps = Path("/proc/self/maps").read_text()
+        return {f.name for f in files if str(f.resolve()) in maps}
+
+    ckpt = find_wan_checkpoint(saved[layout])
+    seen = []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: (collect(*a), seen.append(mapped(ckpt.weight_files)))[0])
+    model = load_wan_transformer(saved[layout])
+    assert mapped(ckpt.weight_files) == set()
+    files = [f.name for f in ckpt.weight_files]
+    assert len(seen) >= len(files)  # one release point per file
+    for k, still in enumerate(seen[:len(files)]):  # after copying file k: files 0..k are released
+        assert not still & set(files[:k + 1]), (k, still)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
 def test_pipeline_loads_the_transformer_subfolder(saved):
     ckpt = find_wan_checkpoint(saved["pipeline"])
     assert ckpt.subfolder == "transformer"

@@ -245,8 +245,11 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     processes = world if device.type != "cuda" else 1
     mp = MemoryPlan(device=str(device), processes=processes, weights=weights, phases=[],
                     available=available_bytes(device))
-    # loading: the checkpoint read (mapped, or a state dict) beside the model's own copy
-    mp.phases.append(MemoryPhase("loading", {"the checkpoint while it is copied in": weights["teacher"]}
+    # loading: the checkpoint read (mapped, or a state dict) beside the model's own copy; a backbone that
+    # copies one weight file at a time says how much of it is read at once
+    read_at_once = getattr(steps, "load_read_bytes", None)
+    read = weights["teacher"] if read_at_once is None else min(read_at_once(), weights["teacher"])
+    mp.phases.append(MemoryPhase("loading", {"the checkpoint while it is copied in": read}
                                  ) if device.type == "cpu" else MemoryPhase("loading", {}))
     adapter = steps.distill_adapter(teacher, student, layers)
     if adapter is None:

@@ -91,6 +91,12 @@ class WanConversion:
 
         return load_wan_transformer(self.checkpoint, dtype=self.plan.dtype, device=self.plan.device)
 
+    def load_read_bytes(self) -> int:
+        """What loading holds of the checkpoint beside the model's copy: one weight file at a time for a
+        diffusers folder (``load._own_cpu_tensors``), the whole state dict for the original layouts."""
+        sizes = [f.stat().st_size for f in self.checkpoint.weight_files]
+        return max(sizes) if self.checkpoint.use_from_pretrained else sum(sizes)
+
     def meta_teacher(self):
         """The teacher built from the checkpoint's config on the meta device (for the memory plan)."""
         from m4v_convert.backbones.wan.load import _wan_cls

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -688,25 +688,39 @@ def load_wan_transformer(
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{ckpt.model_dir}: diffusers could not load the Wan transformer: {reason}") from None
         if torch.device(device).type == "cpu":
-            _own_cpu_tensors(model)
+            _own_cpu_tensors(model, ckpt.weight_files)
     else:
         model = _load_from_state_dict(ckpt, dtype)
     return model.to(device).eval()
 
 
 @torch.no_grad()
-def _own_cpu_tensors(model) -> None:
-    """Copy parameters and buffers into memory the process owns.
+def _own_cpu_tensors(model, weight_files: Sequence[Path] = ()) -> None:
+    """Copy parameters and buffers into memory the process owns, one weight file at a time.
 
     On CPU, ``from_pretrained`` leaves tensors as views of the memory-mapped safetensors file, at
     offsets that are not 64-byte aligned. That (a) keeps the checkpoint file mapped, so writing an
     output over it would corrupt the live model, and (b) changes the SIMD summation order of matmuls,
-    so outputs differ in the last bit from the same weights held in ordinary memory.
+    so outputs differ in the last bit from the same weights held in ordinary memory. A file's pages
+    stay resident while any view of it lives, so the copies go file by file (the shard index's order,
+    read from the headers): each shard's mapping is released before the next is touched, and loading
+    peaks at the model plus one shard instead of twice the model.
     """
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
+    import gc
+
+    from m4v_convert.io.safetensors_io import read_header
+
+    params = dict(model.named_parameters())
+    order = [[k for k in read_header(f) if k in params] for f in weight_files]
+    seen = {k for group in order for k in group}
+    order.append([k for k in params if k not in seen])  # renamed on load, or not in any file
+    for group in order:
+        for name in group:
+            p = params[name]
             if p.device.type == "cpu":
                 p.data = p.data.clone(memory_format=torch.contiguous_format)
+        gc.collect()  # the last view of this file gone: its mapping is released now
+    for module in model.modules():
         for name, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.device.type == "cpu":
                 module._buffers[name] = b.clone(memory_format=torch.contiguous_format)
