@@ -4,7 +4,7 @@ Builds a full-size Wan2.1-1.3B in the diffusers layout (random float32 weights i
 release; ``recipes/configs/wan2.1-1.3b.json``) and runs the conversion issue 38 measured, each
 variant in a fresh process that reports its own peak RSS (``ru_maxrss``):
 
-    python benchmarks/bench_memory.py                      # default, then --layer-groups 4 where offered
+    python benchmarks/bench_memory.py                      # every variant below (about 35 min)
     python benchmarks/bench_memory.py --variants default   # one variant
 
 Needs about 22 GB of free memory and 12 GB of disk; run it alone (no test suite beside it). Prints
@@ -22,7 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ["--layers", "all", "--distill-steps", "2", "--stage2-steps", "1", "--batch-size", "1", "--threads", "2"]
-VARIANTS = {"default": [], "layer-groups-4": ["--layer-groups", "4"]}
+VARIANTS = {"default": [], "layer-groups-4": ["--layer-groups", "4"],
+            "grad-checkpointing": ["--grad-checkpointing"],
+            "grad-checkpointing + layer-groups-4": ["--grad-checkpointing", "--layer-groups", "4"]}
 
 LOAD = """
 import resource, sys
@@ -68,7 +70,7 @@ def main() -> None:
               f"(made in {time.time() - t0:.0f} s)", flush=True)
         rows = []
         for name in ["load the teacher alone", *args.variants]:
-            out = Path(tmp) / f"out-{name}"
+            out = Path(tmp) / f"out-{name.replace(' ', '')}"
             cmd = ([sys.executable, "-c", LOAD, str(ckpt)] if name not in VARIANTS else
                    [sys.executable, "-c", RUN, "wan2.1", "--checkpoint", str(ckpt), "--out", str(out), *CONVERT,
                     *VARIANTS[name]])

@@ -41,6 +41,44 @@ def test_saved_bytes_counts_what_autograd_keeps_for_backward():
         assert saved_bytes(lambda: torch.tanh(x @ w), exclude={id(w)}) == 2 * 4 * 8 * 4
 
 
+def test_a_checkpointed_run_counts_the_largest_block_backward_recomputes():
+    """With --grad-checkpointing, backward reruns one block at a time and holds that block's activations:
+    the plan adds the largest block's, tagged per block (hand count: x @ w keeps x, tanh its output)."""
+    from m4v_convert.jobs.memory import largest_unit_saved_bytes
+
+    class Block(torch.nn.Module):
+        def __init__(self, d_in, d_out):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(d_in, d_out))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.w)
+
+    blocks = torch.nn.ModuleList([Block(8, 8), Block(8, 32), Block(32, 8)])
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def run():
+        h = x
+        for b in blocks:
+            h = b(h)
+        return h
+
+    weights = {id(b.w) for b in blocks}
+    # block 2 keeps its 4 x 8 input and 4 x 32 output; block 3 its 4 x 32 input and 4 x 8 output
+    assert largest_unit_saved_bytes(run, list(blocks), weights) == (4 * 8 + 4 * 32) * 4
+    # the whole run keeps each tensor once, a block's output being the next one's input: x, h1, h2, h3
+    assert saved_bytes(run, weights) == (4 * 8 + 4 * 8 + 4 * 32 + 4 * 8) * 4
+
+
+def test_dry_run_with_grad_checkpointing_counts_one_recomputed_block(wan, tmp_path, monkeypatch):
+    _no_weights_read(monkeypatch)
+    res = runner.invoke(app, ["wan2.1", "--checkpoint", str(wan), "--out", str(tmp_path / "out"), "--dry-run",
+                              "--stage2-steps", "1", "--grad-checkpointing"])
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.output.splitlines() if "one block recomputed in backward" in line]
+    assert len(rows) == 2 and all(float(r.split()[-1]) >= 0 for r in rows), res.output  # stage 1 and stage 2
+
+
 def test_the_plan_adds_up_and_scales_with_processes_and_batch():
     phase = MemoryPhase("stage 2 (end-to-end)", {"gradients": 100, "activations": 400}, batch=4, per_sample=100)
     mp = MemoryPlan(device="cpu", processes=2, weights={"teacher": 1000, "student": 1000}, phases=[phase],

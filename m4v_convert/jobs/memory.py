@@ -5,8 +5,10 @@ student is converted from it there, and the stages' own loss functions run on on
 run's size on meta with :func:`torch.autograd.graph.saved_tensors_hooks`: every tensor autograd
 keeps for backward is counted once (parameters apart: they are the weights). So the activations
 are those of the code that will run (gradient checkpointing, trainable set, layouts included), not
-a hand formula. Added to that: both models' weights, each stage's gradients and AdamW states, the
-teacher records of stage 1, the calibration samples, and the load (a mapped file beside its copy).
+a hand formula. Added to that: both models' weights (the student's own: it shares the rest with the
+teacher), each stage's gradients and AdamW states, the teacher records of stage 1, the calibration
+samples, the load (a mapped weight file beside its copy), with ``--grad-checkpointing`` the largest
+block backward recomputes, and the pipeline components ``--prompts`` / ``--videos`` sampling loads.
 
 On CPU the plan adds what glibc's allocator keeps of a step's freed activations (see
 ``CPU_HEAP_RESERVE``). Not counted: transient buffers inside one operation, the CUDA caching
@@ -34,6 +36,7 @@ GB = 1e9
 # 0.8-1.0x at batch 2-8 (benchmarks/RESULTS.md, "Memory plan vs a measured peak").
 CPU_HEAP_RESERVE = 1.0
 ALLOCATOR_RESERVE = "allocator reserve (freed activations malloc keeps)"
+RECOMPUTED = "one block recomputed in backward (--grad-checkpointing)"
 
 
 @dataclass
@@ -174,6 +177,45 @@ def saved_bytes(fn, exclude: set[int]) -> int:
     with torch.enable_grad(), saved_tensors_hooks(pack, lambda t: t):
         fn()
     return tensor_bytes(saved, set(exclude))
+
+
+def largest_unit_saved_bytes(fn, units: list[torch.nn.Module], exclude: set[int]) -> int:
+    """With gradient checkpointing, backward recomputes one checkpointed unit (block) at a time and
+    holds its activations while it runs: the largest of them, measured by running ``fn`` with
+    checkpointing off and tagging what autograd saves inside each unit."""
+    saved: dict[int, list[torch.Tensor]] = {}
+    inside: list[int] = []
+    handles = []
+
+    def enter(i):
+        def hook(module, args):
+            inside.append(i)
+        return hook
+
+    def leave(module, args, output):  # returns None: the output is kept
+        inside.pop()
+
+    for i, unit in enumerate(units):
+        handles.append(unit.register_forward_pre_hook(enter(i)))
+        handles.append(unit.register_forward_hook(leave))
+
+    def pack(t):
+        if inside:
+            saved.setdefault(inside[-1], []).append(t)
+        return t
+
+    try:
+        with torch.enable_grad(), saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return max((tensor_bytes(v, set(exclude)) for v in saved.values()), default=0)
+
+
+def checkpointed_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks diffusers' gradient checkpointing wraps: the entries of the model's top-level block lists."""
+    return [m for child in model.children() if isinstance(child, torch.nn.ModuleList) for m in child]
 
 
 def _ids(*modules) -> set[int]:
@@ -326,7 +368,12 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
             task = Stage1Task(stage1_blocks, lambda _: recs, None, grad_checkpointing=d.grad_checkpointing)
             recorded = tensor_bytes(recs)
             acts = saved_bytes(lambda: task.loss(train), model_ids | _tensor_ids(recs))
-            return {"teacher records (train batch)": recorded, "activations kept for backward": acts}
+            out = {"teacher records (train batch)": recorded, "activations kept for backward": acts}
+            if d.grad_checkpointing:
+                plain = Stage1Task(stage1_blocks, lambda _: recs, None)
+                out[RECOMPUTED] = largest_unit_saved_bytes(lambda: plain.loss(train), list(stage1_blocks.values()),
+                                                           model_ids | _tensor_ids(recs))
+            return out
 
         name = "stage 1 (attention transfer)" if group is None else \
             f"stage 1 (attention transfer, largest of {d.layer_groups} layer groups: {len(group)} layers)"
@@ -343,7 +390,15 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
             task = Stage2Task(s_teacher, s_student, adapter.feature_modules, None,
                               feature_weight=d.feature_weight, output_weight=d.output_weight)
             train = batch(b)
-            return {"activations kept for backward": saved_bytes(lambda: task.loss(train), model_ids)}
+            out = {"activations kept for backward": saved_bytes(lambda: task.loss(train), model_ids)}
+            if d.grad_checkpointing and hasattr(student, "disable_gradient_checkpointing"):
+                student.disable_gradient_checkpointing()
+                try:
+                    out[RECOMPUTED] = largest_unit_saved_bytes(lambda: task.loss(train), checkpointed_blocks(student),
+                                                               model_ids)
+                finally:
+                    adapter.enable_gradient_checkpointing(student)
+            return out
 
         mp.phases.append(per_sample_phase("stage 2 (end-to-end)", 2, stage2))
     if runs[3] and flags.data is not None and not getattr(adapter, "fine_tune_unsupported", None):
