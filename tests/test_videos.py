@@ -166,6 +166,8 @@ def test_a_killed_encoding_run_keeps_its_clips_and_continues(pipeline, video_dir
     ("with-prompts", "--videos: the calibration comes from --videos; drop --prompts"),
     ("guidance", "--videos encodes real videos and samples nothing"),
     ("few", "1 captioned video(s), the calibration needs at least 4"),
+    ("cache-in-videos", "--calib-cache"),
+    ("cache-in-checkpoint", "lies inside the --checkpoint"),
 ])
 def test_bad_video_input_is_refused_before_loading(pipeline, video_dir, tmp_path, monkeypatch, case, expect):
     from m4v_convert.backbones.wan import load
@@ -197,11 +199,18 @@ def test_bad_video_input_is_refused_before_loading(pipeline, video_dir, tmp_path
     elif case == "few":
         for i in (1, 2, 3):
             (video_dir / f"clip{i}.mp4").unlink()
+    elif case == "cache-in-videos":
+        args += ["--calib-cache", str(video_dir / "cache")]
+        expect = f"--calib-cache {(video_dir / 'cache').resolve()} lies inside the --videos {video_dir.resolve()}"
+    elif case == "cache-in-checkpoint":
+        args += ["--calib-cache", str(pipeline / "latents")]
+    before = sorted(p.name for p in video_dir.iterdir()), sorted(p.name for p in pipeline.iterdir())
     res = runner.invoke(app, ["wan2.1", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), *args])
     assert res.exit_code == 2, res.output
     out = " ".join(res.output.split())
     assert expect in out and res.output.count("error:") == 1 and "Traceback" not in out, out
     assert "ffmpeg version" not in out and "moov atom" not in out, out  # one line, not ffmpeg's whole stderr
+    assert (sorted(p.name for p in video_dir.iterdir()), sorted(p.name for p in pipeline.iterdir())) == before
 
 
 @pytest.mark.memory_plan

@@ -112,6 +112,12 @@ def check_pipeline_source(flags, pipeline: Path | None, flag: str, needs: tuple[
                        f"{'videos and their captions' if flag == '--videos' else 'prompts'})")
     check_video_shape(flags.calib_frames, flags.calib_size, "--calib-frames", "--calib-size",
                       temporal=spec.temporal_compression, side=spec.side_multiple)
+    if flags.calib_cache is not None:  # the samples are written there: never into an input
+        from m4v_convert.io.output import check_apart
+
+        check_apart(flags.calib_cache, "--calib-cache", {"--checkpoint": flags.checkpoint, "--prompts": flags.prompts,
+                                                         "--videos": getattr(flags, "videos", None)},
+                    "writing samples there would change that input: choose a cache folder apart from every input")
 
 
 def check_sample_count(n: int, recipe, what: str, unit: str) -> None:

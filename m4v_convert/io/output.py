@@ -16,19 +16,26 @@ from pathlib import Path
 from m4v_convert.errors import M4VError
 
 
+def check_apart(path: Path, flag: str, inputs: dict[str, Path | str | None], why: str) -> Path:
+    """``path`` resolved, refused when it is, contains or lies inside one of ``inputs`` (``{flag: path}``);
+    ``why`` ends the message (what writing there would do to the input, and what to do instead)."""
+    path = Path(path).expanduser().resolve()
+    for input_flag, source in inputs.items():
+        if source is None:
+            continue
+        src = Path(source).expanduser().resolve()
+        how = ("is" if path == src else "contains" if path in src.parents
+               else "lies inside" if src in path.parents else None)
+        if how is not None:
+            raise M4VError(f"{flag} {path} {how} the {input_flag} {src}; {why}")
+    return path
+
+
 def check_output_dir(out: Path, overwrite: bool, inputs: dict[str, Path | str | None] | None = None) -> Path:
     """``out`` resolved, refused when it exists (without ``overwrite``), cannot be written, or is,
     contains or lies inside one of ``inputs`` (``{flag: path}``): replacing it would delete that input."""
-    out = Path(out).expanduser().resolve()
-    for flag, path in (inputs or {}).items():
-        if path is None:
-            continue
-        src = Path(path).expanduser().resolve()
-        how = ("is" if out == src else "contains" if out in src.parents
-               else "lies inside" if src in out.parents else None)
-        if how is not None:
-            raise M4VError(f"--out {out} {how} the {flag} {src}; writing it would overwrite that input: choose an "
-                           "output folder apart from every input (nothing was written)")
+    out = check_apart(out, "--out", inputs or {}, "writing it would overwrite that input: choose an output folder "
+                      "apart from every input (nothing was written)")
     if out.exists() and not overwrite:
         raise M4VError(f"--out {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
