@@ -75,23 +75,21 @@ class StageBase(Strict):
     checkpoint_every: NonNegInt | None = None
 
 
-class Stage1(StageBase):
-    layer_groups: PosInt | None = None  # --layer-groups: train the converted layers in this many groups in turn
-
-
 class Stage2(StageBase):
     feature_weight: NonNegNumber | None = None
     output_weight: NonNegNumber | None = None
 
 
 class Distill(Strict):
-    stage1: Stage1 | None = None
+    stage1: StageBase | None = None
     stage2: Stage2 | None = None
     stage3: StageBase | None = None
     stages: StrictStr | StrictInt | list[StrictInt | StrictStr] | None = None
     train: StrictStr | None = None
     lora_rank: PosInt | None = None
     lora_alpha: NonNegNumber | None = None
+    layer_groups: PosInt | None = None  # --layer-groups: train the converted layers in this many groups in turn
+    grad_checkpointing: StrictBool | None = None  # --grad-checkpointing / --no-grad-checkpointing
 
     @model_validator(mode="after")
     def _values(self):

@@ -88,9 +88,13 @@ def test_the_plan_adds_up_and_scales_with_processes_and_batch():
     assert not mp.fits
     # 2 processes × (2000 + 100 + 100·b) <= 4999 -> b <= 3
     assert mp.largest_batch_that_fits() == 3
-    flags = type("F", (), {"grad_checkpointing": False, "dtype": "auto"})()
-    text = mp.refusal(flags)
+    flags = type("F", (), {"dtype": "auto"})()
+    distill = type("D", (), {"grad_checkpointing": False, "layer_groups": 1})()
+    text = mp.refusal(flags, distill)
     assert "--batch-size 3" in text and "--grad-checkpointing" in text and "fewer --num-processes" in text
+    assert "--layer-groups K > 1" in text
+    distill.grad_checkpointing = True  # already on (the Wan recipe's default): not suggested
+    assert "--grad-checkpointing" not in mp.refusal(flags, distill)
 
 
 @pytest.fixture
@@ -134,6 +138,27 @@ def test_dry_run_prints_the_plan_and_reads_no_weight(wan, tmp_path, monkeypatch)
                  "--dry-run: stopped before loading any weight"):
         assert part in res.output, res.output
     assert not out.exists()
+
+
+def test_layer_groups_plan_one_groups_training_state_in_every_stage(wan, tmp_path, monkeypatch):
+    """--layer-groups 2 on two equal layers: stages 1 and 2 each hold half the gradients and AdamW states
+    of training both layers together."""
+    _no_weights_read(monkeypatch)
+    plans = []
+    plan_memory = memory.plan_memory
+    monkeypatch.setattr(memory, "plan_memory", lambda *a, **k: plans.append(plan_memory(*a, **k)) or plans[-1])
+    for extra in ([], ["--layer-groups", "2"]):
+        res = runner.invoke(app, ["wan2.1", "--checkpoint", str(wan), "--out", str(tmp_path / "out"), "--dry-run",
+                                  "--layers", "all", "--stage2-steps", "1", *extra])
+        assert res.exit_code == 0, res.output
+    assert "stage 2 (end-to-end, largest of 2 layer groups)" in res.output, res.output
+
+    def state(mp, stage):
+        phase = next(p for p in mp.phases if p.name.startswith(stage))
+        return next(v for k, v in phase.parts.items() if k.startswith("gradients + AdamW states"))
+
+    for stage in ("stage 1", "stage 2"):
+        assert state(plans[1], stage) * 2 == state(plans[0], stage) > 0
 
 
 def test_dry_run_for_every_backbone(tmp_path):

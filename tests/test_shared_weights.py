@@ -77,3 +77,27 @@ def test_sharing_changes_no_output_and_never_the_teacher(tmp_path, monkeypatch, 
         assert changed, "stage 2 trained nothing outside MM-DiM"  # the test would not see a shared update
     for k in shared:
         assert torch.equal(shared[k], copied[k]), k
+
+
+def test_param_groups_cut_the_trained_weights_at_each_groups_first_layer():
+    """Stages 2/3 with --layer-groups: every trained weight in exactly one group; a group holds its
+    layers' MM-DiMs and, with --train all, what lies between them and the next group (embeddings in the
+    first, the output head in the last)."""
+    from m4v_convert.distill.job import layer_groups, param_groups
+    from m4v_convert.distill.params import trainable_params
+
+    teacher = make_tiny_wan(seed=0)
+    student = M4VWanTransformer3DModel.from_teacher(teacher)
+    student.convert_([0, 1], {**load_recipe("wan2.1").mmdim, "temporal_dim": 8, "temporal_heads": 2})
+    blocks = {i: student.blocks[i].attn1.mmdim for i in (0, 1)}
+    groups = layer_groups([0, 1], 2)
+    for mode in ("mmdim", "all"):
+        params = trainable_params(student, mode, blocks)
+        parts = param_groups(student, params, blocks, groups)
+        assert [n for part in parts for n in part] == list(params)  # each once, in the model's order
+        for g, part in enumerate(parts):
+            assert any(n.startswith(f"blocks.{g}.attn1.mmdim.") for n in part)
+            assert all(n.startswith(f"blocks.{g}.") or not n.startswith("blocks.") for n in part)
+    assert any(n.startswith("patch_embedding.") for n in parts[0]) and any(n.startswith("proj_out.") for n in parts[1])
+    assert all(n.startswith("blocks.0.attn1.mmdim.") for n in param_groups(
+        student, trainable_params(student, "mmdim", blocks), blocks, groups)[0])

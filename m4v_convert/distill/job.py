@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn as nn
 
 from m4v_convert.distill.calibration import (CalibSpec, CleanSample, check_uniform, folder_samples,
                                              synthetic_samples)
@@ -23,7 +24,7 @@ from m4v_convert.distill.params import (add_lora, check_train_mode, merge_lora_,
                                         trainable_params)
 from m4v_convert.distill.stage1 import Stage1Result, Stage1Settings
 from m4v_convert.distill.state import RunDir, check_identity, fingerprint, log_until, samples_fingerprint
-from m4v_convert.distill.trainer import StageSchedule, Trainer
+from m4v_convert.distill.trainer import StageOutcome, StageSchedule, Trainer
 from m4v_convert.errors import M4VError
 
 STAGES = (1, 2, 3)
@@ -44,7 +45,7 @@ class DistillPlan:
     teacher_first_frame_steps: int | None = None  # PyramidFlow: the first latent frame's (None: teacher_steps)
     bf16: bool = False
     grad_checkpointing: bool = False
-    layer_groups: int = 1  # stage 1 trains the converted layers in this many groups, one after another
+    layer_groups: int = 1  # every stage trains the converted layers in this many groups, one after another
     run_dir: RunDir | None = None
     resume_state: dict | None = field(default=None, repr=False)
 
@@ -182,8 +183,9 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
         teacher_first_frame_steps=(None if recipe.calib.get("teacher_first_frame_steps") is None
                                    else int(recipe.calib["teacher_first_frame_steps"])),
         bf16=(mp == "bf16") or (mp == "auto" and device.type == "cuda"),
-        grad_checkpointing=bool(opts.grad_checkpointing),
-        layer_groups=int(getattr(opts, "layer_groups", None) or d.get("stage1", {}).get("layer_groups", 1)),
+        grad_checkpointing=bool(opts.grad_checkpointing if opts.grad_checkpointing is not None
+                                else d.get("grad_checkpointing", False)),
+        layer_groups=int(getattr(opts, "layer_groups", None) or d.get("layer_groups", 1)),
     )
     if plan.layer_groups < 1:
         raise M4VError(f"--layer-groups: expected >= 1, got {plan.layer_groups}")
@@ -365,6 +367,7 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
     def generator(k: int) -> torch.Generator:
         return torch.Generator().manual_seed(opts.seed + 1000 * k)
 
+    groups = layer_groups(list(blocks), plan.layer_groups)
     results: dict[str, dict] = {}
     stage1 = Stage1Result(error_before={}, error_after={})
     e2e_before = e2e_after = None
@@ -377,8 +380,8 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
             stage1 = Stage1Result({int(k): v for k, v in done["error_before"].items()},
                                   {int(k): v for k, v in done["error_after"].items()})
         else:
-            groups = layer_groups(list(blocks), plan.layer_groups)
             stage1 = Stage1Result(error_before={}, error_after={})
+            outcomes = []
             for g, group in enumerate(groups):
                 # stage 1 is teacher-forced: each group needs only its own layers' records, gradients and
                 # optimizer state, freed before the next group starts
@@ -400,11 +403,10 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
                     calibrate=adapter.calibrate_output_norms, name=name,
                     title=None if len(groups) == 1 else f"stage 1, layers {group[0]}-{group[-1]} "
                                                         f"(group {g + 1}/{len(groups)})")
-                for p in params.values():
-                    p.grad = None
                 stage1.error_before.update(part.error_before)
                 stage1.error_after.update(part.error_after)
-                stage1.outcome = part.outcome
+                outcomes.append(part.outcome)
+                stage1.outcome = combined_outcome(outcomes)
                 stage1.losses += part.losses
                 if len(groups) > 1:
                     trainer.finish_stage(name, {
@@ -421,27 +423,51 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
     # ---- stages 2 and 3 run the whole student
     if any(k in plan.stages for k in (2, 3)) and plan.grad_checkpointing:
         adapter.enable_gradient_checkpointing(student)
-    if 2 in plan.stages:
-        sched = plan.schedules[2]
-        if "stage2" not in trainer.completed:
-            r = resume_for("stage2")
-            before = (float(r["extra"]["end_to_end_before"]) if r is not None
-                      else end_to_end_error(s_student, s_teacher, eval_batches))
-            params = stage_params[2]
+
+    def run_grouped(k: int, make_task) -> None:
+        """Stage ``k`` (2 or 3) on its trainable parameters, one layer group after another: the
+        stage's objective is unchanged, each group is trained for the stage's steps with the others
+        held fixed (block-coordinate descent), so only one group's gradients and AdamW states exist
+        at a time. One group: the plain stage."""
+        stage, sched = f"stage{k}", plan.schedules[k]
+        parts = param_groups(student, stage_params[k], blocks, groups)
+        before, outcomes = None, []
+        for g, params in enumerate(parts):
+            name = stage if len(parts) == 1 else f"{stage}.group{g + 1}"
+            if name in trainer.completed:
+                before = trainer.completed[name]["end_to_end_before"]
+                continue
+            r = resume_for(name)
+            if r is not None:
+                before = float(r["extra"]["end_to_end_before"])
+            elif before is None:
+                before = end_to_end_error(s_student, s_teacher, eval_batches)
             set_trainable(student, params)
-            g2 = generator(2)
-            task = Stage2Task(s_teacher, s_student, adapter.feature_modules,
-                              lambda step: _draw(train_pool, adapter, g2, sched.batch_size, dist, device, dtype),
-                              generator=g2, feature_weight=plan.feature_weight, output_weight=plan.output_weight,
-                              counter=adapter.count)
-            outcome = trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before})
-            after = end_to_end_error(s_student, s_teacher, eval_batches)
-            trainer.finish_stage("stage2", {"steps": sched.steps, **_throughput(outcome),
-                                            "end_to_end_before": before, "end_to_end_after": after})
+            task = make_task(torch.Generator().manual_seed(opts.seed + 1000 * k + g))
+            if len(parts) > 1:
+                task.name = name
+                task.title = f"{task.title}, layers {groups[g][0]}-{groups[g][-1]} (group {g + 1}/{len(parts)})"
+            outcomes.append(trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before}))
+            if len(parts) > 1:
+                trainer.finish_stage(name, {"steps": sched.steps, "layers": groups[g],
+                                            **_throughput(outcomes[-1]), "end_to_end_before": before})
+        trainer.finish_stage(stage, {"steps": sched.steps, **_throughput(combined_outcome(outcomes)),
+                                     **({"layer_groups": [list(g) for g in groups]} if len(parts) > 1 else {}),
+                                     "end_to_end_before": before,
+                                     "end_to_end_after": end_to_end_error(s_student, s_teacher, eval_batches)})
+
+    if 2 in plan.stages:
+        sched2 = plan.schedules[2]
+        if "stage2" not in trainer.completed:
+            run_grouped(2, lambda gen: Stage2Task(
+                s_teacher, s_student, adapter.feature_modules,
+                lambda step: _draw(train_pool, adapter, gen, sched2.batch_size, dist, device, dtype),
+                generator=gen, feature_weight=plan.feature_weight, output_weight=plan.output_weight,
+                counter=adapter.count))
         results["stage2"] = trainer.completed["stage2"]
         e2e_before = results["stage2"]["end_to_end_before"]
     if 3 in plan.stages:
-        sched = plan.schedules[3]
+        sched3 = plan.schedules[3]
         unsupported = getattr(adapter, "fine_tune_unsupported", None)
         if "stage3" not in trainer.completed:
             if unsupported:
@@ -453,20 +479,10 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
                 trainer.log_record({"event": "stage_skipped", "stage": "stage3", "reason": "no --data"})
                 trainer.finish_stage("stage3", {"steps": 0, "skipped": "no --data"})
             else:
-                r = resume_for("stage3")
-                params = stage_params[3]
-                set_trainable(student, params)
-                g3 = generator(3)
-                task = Stage3Task(s_student, lambda step: _draw(data, adapter, g3, sched.batch_size, dist, device,
-                                                                 dtype, with_target=True),
-                                  generator=g3, counter=adapter.count)
-                before = (float(r["extra"]["end_to_end_before"]) if r is not None
-                          else end_to_end_error(s_student, s_teacher, eval_batches))
-                outcome = trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before})
-                trainer.finish_stage("stage3", {"steps": sched.steps, **_throughput(outcome),
-                                                "end_to_end_before": before,
-                                                "end_to_end_after": end_to_end_error(s_student, s_teacher,
-                                                                                     eval_batches)})
+                run_grouped(3, lambda gen: Stage3Task(
+                    s_student, lambda step: _draw(data, adapter, gen, sched3.batch_size, dist, device, dtype,
+                                                  with_target=True),
+                    generator=gen, counter=adapter.count))
         results["stage3"] = trainer.completed["stage3"]
         if e2e_before is None and "end_to_end_before" in results["stage3"]:
             e2e_before = results["stage3"]["end_to_end_before"]
@@ -494,6 +510,45 @@ def layer_groups(layers: list[int], k: int) -> list[list[int]]:
         n = size + (1 if g < extra else 0)
         out.append(layers[start:start + n])
         start += n
+    return out
+
+
+def param_groups(model: nn.Module, params: dict[str, nn.Parameter], blocks: dict[int, nn.Module],
+                 groups: list[list[int]]) -> list[dict[str, nn.Parameter]]:
+    """``params`` cut into ``len(groups)`` parts in the model's order, each part starting with the
+    transformer block of its layer group's first converted layer: a part holds its layers' MM-DiMs
+    and (``--train all``, ``lora``) the other trainable weights of its blocks; the first part also
+    takes what precedes the blocks (embeddings), the last what follows them (output head)."""
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    starts = [min(position[id(p)] for p in _enclosing_block(model, blocks[group[0]]).parameters())
+              for group in groups[1:]]
+    parts: list[dict[str, nn.Parameter]] = [{} for _ in groups]
+    for name, p in params.items():
+        parts[sum(position[id(p)] >= s for s in starts)][name] = p
+    return parts
+
+
+def _enclosing_block(model: nn.Module, module: nn.Module) -> nn.Module:
+    """The outermost ``nn.ModuleList`` element (a transformer block) holding ``module``; itself if none."""
+    name = next(n for n, m in model.named_modules() if m is module)
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+            return model.get_submodule(".".join(parts[:i + 1]))
+    return module
+
+
+def combined_outcome(outcomes: list) -> StageOutcome:
+    """One stage's outcome from its layer groups' (steps, losses and throughput over all of them)."""
+    out = StageOutcome()
+    for o in outcomes:
+        out.losses += o.losses
+        out.parts += o.parts
+        out.steps_run += o.steps_run
+        out.seconds += o.seconds
+    if out.seconds > 0:
+        out.samples_per_s = sum(o.samples_per_s * o.seconds for o in outcomes) / out.seconds
+        out.tokens_per_s = sum(o.tokens_per_s * o.seconds for o in outcomes) / out.seconds
     return out
 
 

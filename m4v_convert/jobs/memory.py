@@ -118,16 +118,16 @@ class MemoryPlan:
         rows += [f"  note: {n}" for n in self.notes]
         return rows
 
-    def refusal(self, flags) -> str:
+    def refusal(self, flags, distill) -> str:
         fits = []
         b = self.largest_batch_that_fits()
         phase = self.peak_phase
         if b is not None and phase.batch and b < phase.batch:
             fits.append(f"--batch-size {b}")
-        if not flags.grad_checkpointing and phase.name.startswith(("stage 2", "stage 3")):
+        if not distill.grad_checkpointing:
             fits.append("--grad-checkpointing")
-        if phase.name.startswith("stage 1"):
-            fits.append("--layer-groups K (stage 1 one group of layers at a time)")
+        if phase.name.startswith(("stage 1", "stage 2", "stage 3")):
+            fits.append(f"--layer-groups K > {distill.layer_groups} (one group of layers trained at a time)")
         if flags.dtype in ("auto", "float32", "fp32") and self.device.startswith("cuda"):
             fits.append("--dtype bfloat16")
         if self.processes > 1 and not self.device.startswith("cuda"):
@@ -262,6 +262,7 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     its teacher on meta. ``world``: the processes of the run."""
     from rich.console import Console
 
+    from m4v_convert.distill.job import layer_groups, param_groups
     from m4v_convert.distill.params import set_trainable, trainable_params
     from m4v_convert.distill.stage1 import Stage1Task
     from m4v_convert.distill.stage2 import Stage2Task
@@ -320,18 +321,22 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     eval_batches = [batch(bs_eval) for _ in range(n_eval)]
     eval_inputs = tensor_bytes(eval_batches)
     blocks = adapter.mmdim_blocks(student)
+    groups = layer_groups(list(blocks), d.layer_groups)
     group, stage1_blocks = None, blocks
-    if d.layer_groups > 1:  # stage 1 holds one group at a time: plan the largest
-        from m4v_convert.distill.job import layer_groups
-
-        group = max(layer_groups(list(blocks), d.layer_groups), key=len)
+    if len(groups) > 1:  # every stage holds one group's training state at a time: plan the largest
+        group = max(groups, key=len)
         stage1_blocks = {i: blocks[i] for i in group}
     params = {1: trainable_params(student, "mmdim", stage1_blocks)}
-    for k in (2, 3):
-        params[k] = trainable_params(student, d.train, blocks)
+    measured = dict(params)  # what is trainable while activations are measured
     teacher_ids = _ids(teacher)
-    copied = {id(p): p for k in (2, 3) if k in d.stages and d.schedules[k].steps > 0
-              for p in params[k].values() if id(p) in teacher_ids}
+    copied = {}
+    for k in (2, 3):
+        every = trainable_params(student, d.train, blocks)
+        if k in d.stages and d.schedules[k].steps > 0:
+            copied.update({id(p): p for p in every.values() if id(p) in teacher_ids})
+        parts = param_groups(student, every, blocks, groups)
+        # the first group's backward reaches deepest (most activations); the largest holds the most state
+        params[k], measured[k] = max(parts, key=lambda ps: _param_bytes(ps.values())), parts[0]
     if copied:  # --train all: the student trains its own copy of each weight it shared with the teacher
         mp.weights["student's copies of the weights it trains"] = _param_bytes(copied.values())
     model_ids = _ids(teacher, student)
@@ -380,13 +385,14 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
         phase = per_sample_phase(name, 1, stage1)
         phase.parts["teacher records (held-out batches)"] = held
         mp.phases.append(phase)
+    of_groups = "" if group is None else f", largest of {len(groups)} layer groups"
     if runs[2] or runs[3]:
         if d.grad_checkpointing:
             adapter.enable_gradient_checkpointing(student)
         s_teacher, s_student = adapter.predictor(teacher), adapter.predictor(student)
     if runs[2]:
         def stage2(b: int) -> dict[str, int]:
-            set_trainable(student, params[2])
+            set_trainable(student, measured[2])
             task = Stage2Task(s_teacher, s_student, adapter.feature_modules, None,
                               feature_weight=d.feature_weight, output_weight=d.output_weight)
             train = batch(b)
@@ -400,15 +406,15 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
                     adapter.enable_gradient_checkpointing(student)
             return out
 
-        mp.phases.append(per_sample_phase("stage 2 (end-to-end)", 2, stage2))
+        mp.phases.append(per_sample_phase(f"stage 2 (end-to-end{of_groups})", 2, stage2))
     if runs[3] and flags.data is not None and not getattr(adapter, "fine_tune_unsupported", None):
         def stage3(b: int) -> dict[str, int]:
-            set_trainable(student, params[3])
+            set_trainable(student, measured[3])
             task = Stage3Task(s_student, None)
             train = batch(b, with_target=True)
             return {"activations kept for backward": saved_bytes(lambda: task.loss(train), model_ids)}
 
-        mp.phases.append(per_sample_phase("stage 3 (fine-tune)", 3, stage3))
+        mp.phases.append(per_sample_phase(f"stage 3 (fine-tune{of_groups})", 3, stage3))
         mp.notes.append("stage 3 counted at the calibration samples' size (--data is read when it starts)")
     if plan.distill.bf16:
         mp.notes.append("bf16 autocast keeps some activations in half precision: counted in float32 (an upper bound)")
@@ -480,7 +486,7 @@ def check_memory(plan, steps, world: int) -> MemoryPlan | None:
     elif plan.dist.is_main:
         con.print(mp.line(), highlight=False)
     if not mp.fits and not plan.flags.dry_run:
-        raise M4VError(mp.refusal(plan.flags))
+        raise M4VError(mp.refusal(plan.flags, plan.distill))
     return mp
 
 

@@ -56,7 +56,7 @@ class ConvertFlags:
     report_size: tuple[int, int] | None = None  # FLOPs report video size (None: the backbone's default)
     report_frames: int | None = None
     num_processes: int = 1
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # None: the recipe's distill.grad_checkpointing
     layer_groups: int | None = None  # stage 1 in this many groups of layers, one after another (less memory)
     mixed_precision: str = "auto"
     deterministic: bool = False
