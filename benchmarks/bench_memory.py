@@ -5,6 +5,7 @@ release; ``recipes/configs/wan2.1-1.3b.json``) and runs the conversion issue 38 
 variant in a fresh process that reports its own peak RSS (``ru_maxrss``):
 
     python benchmarks/bench_memory.py                      # every variant below (about 35 min)
+    python benchmarks/bench_memory.py --variants default layer-groups-4   # the two goals (about 17 min)
     python benchmarks/bench_memory.py --variants default   # one variant
 
 Needs about 22 GB of free memory and 12 GB of disk; run it alone (no test suite beside it). Prints
@@ -22,9 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ["--layers", "all", "--distill-steps", "2", "--stage2-steps", "1", "--batch-size", "1", "--threads", "2"]
-VARIANTS = {"default": [], "layer-groups-4": ["--layer-groups", "4"],
-            "grad-checkpointing": ["--grad-checkpointing"],
-            "grad-checkpointing + layer-groups-4": ["--grad-checkpointing", "--layer-groups", "4"]}
+VARIANTS = {"default": [], "layer-groups-4": ["--layer-groups", "4"],  # gradient checkpointing on (the recipe's)
+            "no-grad-checkpointing": ["--no-grad-checkpointing"],
+            "no-grad-checkpointing + layer-groups-4": ["--no-grad-checkpointing", "--layer-groups", "4"]}
 
 LOAD = """
 import resource, sys

@@ -332,6 +332,7 @@ def tiny_recipe(tmp_path_factory):
     data = yaml.safe_load((RECIPES_DIR / "wan2.1.yaml").read_text())
     data["published"] = {k: str(RECIPES_DIR / v) for k, v in data["published"].items()}
     data["mmdim"].update(temporal_dim=8, temporal_heads=2)
+    data["distill"]["grad_checkpointing"] = False  # a third faster; checkpointing: test_distill, test_memory_plan
     path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

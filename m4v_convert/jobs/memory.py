@@ -1,19 +1,20 @@
 """The memory plan of a conversion: the peak each process will need, estimated before any weight is read.
 
 The teacher is built from the checkpoint's config on the ``meta`` device (shapes, no memory), the
-student is converted from it there, and the stages' own loss functions run on one batch of the
-run's size on meta with :func:`torch.autograd.graph.saved_tensors_hooks`: every tensor autograd
-keeps for backward is counted once (parameters apart: they are the weights). So the activations
-are those of the code that will run (gradient checkpointing, trainable set, layouts included), not
-a hand formula. Added to that: both models' weights (the student's own: it shares the rest with the
-teacher), each stage's gradients and AdamW states, the teacher records of stage 1, the calibration
-samples, the load (a mapped weight file beside its copy), with ``--grad-checkpointing`` the largest
-block backward recomputes, and the pipeline components ``--prompts`` / ``--videos`` sampling loads.
+student is converted from it there, and one training step of each stage (its own loss function,
+forward and backward, on a batch of the run's size) runs on meta under :class:`_LiveBytes`, which
+follows every tensor storage the step creates until it is freed: the step's peak is that of the
+code that will run (the teacher pass recording stage 1's inputs, activations, temporaries, what
+gradient checkpointing recomputes, the activations' gradients), not a hand formula. Added to that:
+both models' weights (the student's own: it shares the rest with the teacher), each stage's
+gradients and AdamW states (of the largest layer group), the held-out batches and their records,
+the calibration samples, the load (a mapped weight file beside its copy), and the pipeline
+components ``--prompts`` / ``--videos`` sampling loads.
 
-On CPU the plan adds what glibc's allocator keeps of a step's freed activations (see
-``CPU_HEAP_RESERVE``). Not counted: transient buffers inside one operation, the CUDA caching
-allocator's fragmentation; bf16 autocast is counted in float32 (an upper bound). ``tests/test_memory_plan.py`` checks the estimate against a
-measured peak.
+On CPU the plan adds what glibc's allocator keeps of a step's freed memory (see
+``CPU_HEAP_RESERVE``). Not counted: buffers an operation allocates inside its kernel, the CUDA
+caching allocator's fragmentation; bf16 autocast is counted in float32 (an upper bound).
+``tests/test_memory_plan.py`` checks the estimate against measured peaks.
 """
 
 from __future__ import annotations
@@ -21,22 +22,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from m4v_convert.errors import M4VError
 
 GB = 1e9
 
-# glibc's malloc keeps most freed activation memory of a training step in its heap (returning it to
-# the system costs page faults: a run with a fixed mmap threshold measured 2.2x slower), so on CPU
-# the resident peak exceeds the live tensors by about the step's activations again: measured
-# 0.8-1.0x at batch 2-8 (benchmarks/RESULTS.md, "Memory plan vs a measured peak").
-CPU_HEAP_RESERVE = 1.0
+# glibc's malloc keeps freed memory of a training step in its heap (returning it to the system costs
+# page faults: a run with a fixed mmap threshold measured 2.2x slower), so on CPU the resident peak
+# exceeds the step's live tensors. With gradient checkpointing the live tensors shrink but the heap
+# does not as much: each block's freed temporaries land in fresh heap (the dynamic mmap threshold
+# moves them off mmap). Measured (2026-12-06, tests/test_memory_plan.py's model, stages 1 and 2, with
+# and without checkpointing): resident minus live peak = 0.36-0.72x the activations a step keeps for
+# backward with checkpointing off; the reserve is that many bytes times this factor.
+CPU_HEAP_RESERVE = 0.55
 ALLOCATOR_RESERVE = "allocator reserve (freed activations malloc keeps)"
-RECOMPUTED = "one block recomputed in backward (--grad-checkpointing)"
+STEP = "one training step at its peak (activations, temporaries, gradients)"
+SAVED = "activations kept for backward"
 
 
 @dataclass
@@ -179,43 +186,55 @@ def saved_bytes(fn, exclude: set[int]) -> int:
     return tensor_bytes(saved, set(exclude))
 
 
-def largest_unit_saved_bytes(fn, units: list[torch.nn.Module], exclude: set[int]) -> int:
-    """With gradient checkpointing, backward recomputes one checkpointed unit (block) at a time and
-    holds its activations while it runs: the largest of them, measured by running ``fn`` with
-    checkpointing off and tagging what autograd saves inside each unit."""
-    saved: dict[int, list[torch.Tensor]] = {}
-    inside: list[int] = []
-    handles = []
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors operations create while they are alive, and the peak.
 
-    def enter(i):
-        def hook(module, args):
-            inside.append(i)
-        return hook
+    An output that aliases an input (a view, an in-place or ``out=`` result) is no new memory; every
+    other is counted until its storage is freed, which on the meta device happens exactly when it
+    would on a real one (autograd keeping a tensor for backward keeps it alive here too)."""
 
-    def leave(module, args, output):  # returns None: the output is kept
-        inside.pop()
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
 
-    for i, unit in enumerate(units):
-        handles.append(unit.register_forward_pre_hook(enter(i)))
-        handles.append(unit.register_forward_hook(leave))
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if len(returns) == 1 and len(outs) != 1:  # one Tensor[] return
+            returns = returns * len(outs)
+        for ret, t in zip(returns, outs):
+            if isinstance(t, torch.Tensor) and ret.alias_info is None:
+                storage = t.untyped_storage()  # its life, not the tensor's: a saved output lives on in a copy
+                n = storage.nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, n)
+        return out
 
-    def pack(t):
-        if inside:
-            saved.setdefault(inside[-1], []).append(t)
-        return t
+    def _free(self, n: int) -> None:
+        self.live -= n
 
+
+def step_peak_bytes(loss_fn, params) -> int:
+    """Peak bytes of the tensors alive during one training step, forward and backward: activations,
+    transient results, what backward recomputes (gradient checkpointing) and the activations'
+    gradients. ``loss_fn() -> (loss, parts)``; the gradients of ``params`` are counted with the
+    optimizer state, so each is dropped as soon as it has accumulated."""
+    def drop(p):
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(drop) for p in params if p.requires_grad]
+    mode = _LiveBytes()
     try:
-        with torch.enable_grad(), saved_tensors_hooks(pack, lambda t: t):
-            fn()
+        with torch.enable_grad(), mode:
+            loss = loss_fn()[0]
+            loss.backward()
+            del loss
     finally:
         for h in handles:
             h.remove()
-    return max((tensor_bytes(v, set(exclude)) for v in saved.values()), default=0)
-
-
-def checkpointed_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks diffusers' gradient checkpointing wraps: the entries of the model's top-level block lists."""
-    return [m for child in model.children() if isinstance(child, torch.nn.ModuleList) for m in child]
+    return mode.peak
 
 
 def _ids(*modules) -> set[int]:
@@ -350,9 +369,10 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
         # built, not even its inputs
         b = d.schedules[k].batch_size
         one, two = measure(1), measure(2)
-        if device.type == "cpu":
-            for m in (one, two):
-                m[ALLOCATOR_RESERVE] = int(CPU_HEAP_RESERVE * m["activations kept for backward"])
+        for m in (one, two):  # the activations kept for backward size the CPU reserve; the step counts them
+            saved = m.pop(SAVED)
+            if device.type == "cpu":
+                m[ALLOCATOR_RESERVE] = int(CPU_HEAP_RESERVE * saved)
         parts = {n: one[n] + (b - 1) * (two[n] - one[n]) for n in one}
         per = sum(two.values()) - sum(one.values())
         parts = {f"gradients + AdamW states ({_count(params[k])} trainable)": training_state(k),
@@ -370,15 +390,13 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
             with torch.no_grad():
                 recs = adapter.record(teacher, train, layers=group)
             set_trainable(student, params[1])
-            task = Stage1Task(stage1_blocks, lambda _: recs, None, grad_checkpointing=d.grad_checkpointing)
-            recorded = tensor_bytes(recs)
-            acts = saved_bytes(lambda: task.loss(train), model_ids | _tensor_ids(recs))
-            out = {"teacher records (train batch)": recorded, "activations kept for backward": acts}
-            if d.grad_checkpointing:
-                plain = Stage1Task(stage1_blocks, lambda _: recs, None)
-                out[RECOMPUTED] = largest_unit_saved_bytes(lambda: plain.loss(train), list(stage1_blocks.values()),
-                                                           model_ids | _tensor_ids(recs))
-            return out
+            plain = Stage1Task(stage1_blocks, lambda _: recs, None)  # the CPU reserve: see CPU_HEAP_RESERVE
+            acts = saved_bytes(lambda: plain.loss(train), model_ids | _tensor_ids(recs))
+            del recs
+            # the step as it runs: the teacher pass that records the batch, then the blocks' loss and backward
+            task = Stage1Task(stage1_blocks, lambda bt: _no_grad(adapter.record, teacher, bt, layers=group), None,
+                              grad_checkpointing=d.grad_checkpointing)
+            return {STEP: step_peak_bytes(lambda: task.loss(train), params[1].values()), SAVED: acts}
 
         name = "stage 1 (attention transfer)" if group is None else \
             f"stage 1 (attention transfer, largest of {d.layer_groups} layer groups: {len(group)} layers)"
@@ -386,6 +404,16 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
         phase.parts["teacher records (held-out batches)"] = held
         mp.phases.append(phase)
     of_groups = "" if group is None else f", largest of {len(groups)} layer groups"
+
+    def unchecked_saved_bytes(loss) -> int:
+        """What autograd keeps for backward with gradient checkpointing off (the CPU reserve's size)."""
+        if not (d.grad_checkpointing and hasattr(student, "disable_gradient_checkpointing")):
+            return saved_bytes(loss, model_ids)
+        student.disable_gradient_checkpointing()
+        try:
+            return saved_bytes(loss, model_ids)
+        finally:
+            adapter.enable_gradient_checkpointing(student)
     if runs[2] or runs[3]:
         if d.grad_checkpointing:
             adapter.enable_gradient_checkpointing(student)
@@ -396,15 +424,8 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
             task = Stage2Task(s_teacher, s_student, adapter.feature_modules, None,
                               feature_weight=d.feature_weight, output_weight=d.output_weight)
             train = batch(b)
-            out = {"activations kept for backward": saved_bytes(lambda: task.loss(train), model_ids)}
-            if d.grad_checkpointing and hasattr(student, "disable_gradient_checkpointing"):
-                student.disable_gradient_checkpointing()
-                try:
-                    out[RECOMPUTED] = largest_unit_saved_bytes(lambda: task.loss(train), checkpointed_blocks(student),
-                                                               model_ids)
-                finally:
-                    adapter.enable_gradient_checkpointing(student)
-            return out
+            return {STEP: step_peak_bytes(lambda: task.loss(train), measured[2].values()),
+                    SAVED: unchecked_saved_bytes(lambda: task.loss(train))}
 
         mp.phases.append(per_sample_phase(f"stage 2 (end-to-end{of_groups})", 2, stage2))
     if runs[3] and flags.data is not None and not getattr(adapter, "fine_tune_unsupported", None):
@@ -412,7 +433,8 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
             set_trainable(student, measured[3])
             task = Stage3Task(s_student, None)
             train = batch(b, with_target=True)
-            return {"activations kept for backward": saved_bytes(lambda: task.loss(train), model_ids)}
+            return {STEP: step_peak_bytes(lambda: task.loss(train), measured[3].values()),
+                    SAVED: unchecked_saved_bytes(lambda: task.loss(train))}
 
         mp.phases.append(per_sample_phase(f"stage 3 (fine-tune{of_groups})", 3, stage3))
         mp.notes.append("stage 3 counted at the calibration samples' size (--data is read when it starts)")
@@ -446,6 +468,11 @@ def pipeline_sampling_phase(plan, adapter, count: int) -> MemoryPhase | None:
         n = sum(math.prod(info.shape) for info in header.values())
         parts[f"{component} ({str(dtype).removeprefix('torch.')})"] = n * size
     return MemoryPhase("calibration sampling (pipeline components)", parts)
+
+
+def _no_grad(fn, *args, **kwargs):
+    with torch.no_grad():
+        return fn(*args, **kwargs)
 
 
 def _count(params: dict) -> str:
