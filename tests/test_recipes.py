@@ -442,6 +442,7 @@ def test_generic_conversion_resumes_after_an_interrupt_with_the_uninterrupted_we
 
 @pytest.mark.parametrize("extra,expect", [
     (["--train", "lora"], "--train lora: not offered for generic recipes"),
+    (["--grad-checkpointing"], "--grad-checkpointing: not offered for generic recipes"),
     (["--stages", "1,3"], None),
 ])
 def test_generic_conversion_refuses_or_skips_what_it_does_not_offer(extra, expect, checkpoints, tmp_path):
@@ -574,3 +575,18 @@ def test_a_shipped_recipe_converts_every_variant_it_names(name, variant, tmp_pat
             b, _, f, h, w = batch["hidden_states"].shape
             per_token = batch["timestep"][:, None].expand(b, f * h * w // 4).contiguous()
             torch.testing.assert_close(model(**{**batch, "timestep": per_token}, return_dict=False)[0], y)
+
+
+def test_a_generic_recipe_asking_for_gradient_checkpointing_is_refused(checkpoints, tmp_path):
+    import yaml
+
+    from m4v_convert.recipes import RECIPES_DIR
+
+    data = yaml.safe_load((RECIPES_DIR / "cogvideox.yaml").read_text())
+    data.setdefault("distill", {})["grad_checkpointing"] = True
+    recipe = tmp_path / "cog.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    res = runner.invoke(app, ["convert", str(recipe), "--checkpoint", str(checkpoints["cogvideox"]),
+                              "--out", str(tmp_path / "out"), "--distill-steps", "1"])
+    assert res.exit_code == 2 and "distill.grad_checkpointing: not offered for generic recipes" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()

@@ -234,6 +234,8 @@ def check_flags(flags, recipe) -> None:
         raise M4VError(f"--data: stage 3 (fine-tune) is not offered here ({FINE_TUNE_UNSUPPORTED})")
     if flags.grad_checkpointing:
         raise M4VError("--grad-checkpointing: not offered for generic recipes")
+    if flags.grad_checkpointing is None and (recipe.distill or {}).get("grad_checkpointing"):
+        raise M4VError(f"{recipe.path}: distill.grad_checkpointing: not offered for generic recipes")
     if flags.teacher_calib or (flags.calib_cache is not None and flags.prompts is None):
         raise M4VError("--teacher-calib: not offered for generic recipes (the sampler depends on the backbone); "
                        "--prompts FILE samples the teacher through its pipeline where the recipe names one")
