@@ -115,9 +115,9 @@ def convert_cmd(
     resume: Optional[Path] = _RESUME,
     num_processes: int = _NUM_PROCESSES,
     grad_checkpointing: Optional[bool] = _GRAD_CHECKPOINTING,
-    layer_groups: Optional[int] = typer.Option(None, "--layer-groups", help="stage 1: train the converted layers in "
-                                               "K groups one after another (gradients and optimizer state of one "
-                                               "group at a time; default: the recipe's, else 1)"),
+    layer_groups: Optional[int] = typer.Option(None, "--layer-groups", help="train the converted layers in K groups "
+                                               "one after another, in every stage (gradients and optimizer state "
+                                               "of one group at a time; default: the recipe's, else 1)"),
     mixed_precision: str = _MIXED_PRECISION,
     deterministic: bool = _DETERMINISTIC,
     threads: Optional[int] = _THREADS,

@@ -364,8 +364,9 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
             return state
         return None
 
-    def generator(k: int) -> torch.Generator:
-        return torch.Generator().manual_seed(opts.seed + 1000 * k)
+    def generator(k: int, group: int = 0) -> torch.Generator:
+        """Stage ``k``'s batch stream (of its layer group ``group``)."""
+        return torch.Generator().manual_seed(opts.seed + 1000 * k + group)
 
     groups = layer_groups(list(blocks), plan.layer_groups)
     results: dict[str, dict] = {}
@@ -394,7 +395,7 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
                 ids = {id(p) for i in group for p in blocks[i].parameters()}
                 params = {n: p for n, p in stage_params[1].items() if id(p) in ids}
                 set_trainable(student, params)
-                g1 = generator(1) if len(groups) == 1 else torch.Generator().manual_seed(opts.seed + 1000 + g)
+                g1 = generator(1, g)
                 part = stage1_mod.run_stage1(
                     {i: blocks[i] for i in group}, lambda b, group=group: adapter.record(teacher, b, layers=group),
                     lambda step, g1=g1: _draw(train_pool, adapter, g1, sched.batch_size, dist, device, dtype),
@@ -443,7 +444,7 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
             elif before is None:
                 before = end_to_end_error(s_student, s_teacher, eval_batches)
             set_trainable(student, params)
-            task = make_task(torch.Generator().manual_seed(opts.seed + 1000 * k + g))
+            task = make_task(generator(k, g))
             if len(parts) > 1:
                 task.name = name
                 task.title = f"{task.title}, layers {groups[g][0]}-{groups[g][-1]} (group {g + 1}/{len(parts)})"

@@ -348,14 +348,13 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     params = {1: trainable_params(student, "mmdim", stage1_blocks)}
     measured = dict(params)  # what is trainable while activations are measured
     teacher_ids = _ids(teacher)
-    copied = {}
+    every = trainable_params(student, d.train, blocks)  # stages 2 and 3 train the same set
+    parts = param_groups(student, every, blocks, groups)
     for k in (2, 3):
-        every = trainable_params(student, d.train, blocks)
-        if k in d.stages and d.schedules[k].steps > 0:
-            copied.update({id(p): p for p in every.values() if id(p) in teacher_ids})
-        parts = param_groups(student, every, blocks, groups)
         # the first group's backward reaches deepest (most activations); the largest holds the most state
         params[k], measured[k] = max(parts, key=lambda ps: _param_bytes(ps.values())), parts[0]
+    copied = {} if not any(k in d.stages and d.schedules[k].steps > 0 for k in (2, 3)) else \
+        {id(p): p for p in every.values() if id(p) in teacher_ids}
     if copied:  # --train all: the student trains its own copy of each weight it shared with the teacher
         mp.weights["student's copies of the weights it trains"] = _param_bytes(copied.values())
     model_ids = _ids(teacher, student)

@@ -57,7 +57,7 @@ class ConvertFlags:
     report_frames: int | None = None
     num_processes: int = 1
     grad_checkpointing: bool | None = None  # None: the recipe's distill.grad_checkpointing
-    layer_groups: int | None = None  # stage 1 in this many groups of layers, one after another (less memory)
+    layer_groups: int | None = None  # every stage in this many groups of layers, one after another (less memory)
     mixed_precision: str = "auto"
     deterministic: bool = False
     dry_run: bool = False  # print the memory plan and stop before any weight is read
