@@ -395,7 +395,7 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
                 ids = {id(p) for i in group for p in blocks[i].parameters()}
                 params = {n: p for n, p in stage_params[1].items() if id(p) in ids}
                 set_trainable(student, params)
-                g1 = generator(1, g)
+                g1 = generator(1)  # every group sees the batches one group would: a layer trains as it would alone
                 part = stage1_mod.run_stage1(
                     {i: blocks[i] for i in group}, lambda b, group=group: adapter.record(teacher, b, layers=group),
                     lambda step, g1=g1: _draw(train_pool, adapter, g1, sched.batch_size, dist, device, dtype),

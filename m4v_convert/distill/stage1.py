@@ -3,7 +3,9 @@
 One teacher pass per step records, for every selected layer, the attention input, its output
 and the context an MM-DiM needs; every MM-DiM then learns to reproduce its layer's output from
 the teacher's input. Each layer's loss is normalized by its teacher output's mean square, so
-deep layers with large activations do not dominate, and all layers step together.
+deep layers with large activations do not dominate. The layers' problems are independent, and
+each is trained as it would be alone: its own AdamW and gradient-norm limit, its step taken as soon
+as the backward pass has its gradients (which are freed then: one layer's exist at a time).
 """
 
 from __future__ import annotations
@@ -157,8 +159,13 @@ def run_stage1(
     if trainer is None:
         trainer = Trainer(nn.ModuleDict({str(i): b for i, b in blocks.items()}), show_progress=False)
     names = {id(p): n for n, p in trainer.model.named_parameters()}
-    params = {names.get(id(p), f"{i}.{n}"): p for i, blk in blocks.items() for n, p in blk.named_parameters()
-              if p.requires_grad}
+    params: dict[str, nn.Parameter] = {}
+    units: list[list[str]] = []  # each layer's trainable parameters
+    for i, blk in blocks.items():
+        unit = {names.get(id(p), f"{i}.{n}"): p for n, p in blk.named_parameters() if p.requires_grad}
+        params.update(unit)
+        if unit:
+            units.append(list(unit))
     task = Stage1Task(blocks, record, train_batches, generator=generator, grad_checkpointing=grad_checkpointing,
                       counter=counter)
     task.name, task.title = name, title or task.title  # a layer group checkpoints and resumes as its own stage
@@ -167,7 +174,9 @@ def run_stage1(
         if progress is not None:
             progress(step, {int(k.removeprefix("layer")): v for k, v in parts.items()})
 
-    outcome = trainer.fit(task, settings, params, resume=resume, on_step=on_step,
+    # each layer is its own unit (own AdamW, own gradient-norm limit, stepped inside the backward): the
+    # layers' losses are independent, so a layer trains as it would alone, in any layer group
+    outcome = trainer.fit(task, settings, params, resume=resume, on_step=on_step, units=units,
                           extra={"error_before": {str(i): v for i, v in before.items()}})
     result = Stage1Result(error_before=before, error_after=before, outcome=outcome,
                           losses=[{int(k.removeprefix("layer")): v for k, v in p.items()} for p in outcome.parts])

@@ -7,18 +7,21 @@ follows every tensor storage the step creates until it is freed: the step's peak
 code that will run (the teacher pass recording stage 1's inputs, activations, temporaries, what
 gradient checkpointing recomputes, the activations' gradients), not a hand formula. Added to that:
 both models' weights (the student's own: it shares the rest with the teacher), each stage's
-gradients and AdamW states (of the largest layer group), the held-out batches and their records,
+gradients and AdamW states (of the largest layer group; stage 1 in one process holds one layer's
+gradients at a time), the held-out batches and their records,
 the calibration samples, the load (a mapped weight file beside its copy), and the pipeline
 components ``--prompts`` / ``--videos`` sampling loads.
 
 On CPU the plan adds what glibc's allocator keeps of a step's freed memory (see
 ``CPU_HEAP_RESERVE``). Not counted: buffers an operation allocates inside its kernel, the CUDA
 caching allocator's fragmentation; bf16 autocast is counted in float32 (an upper bound).
-``tests/test_memory_plan.py`` checks the estimate against measured peaks.
+``tests/test_memory_plan.py`` checks the estimate against measured peaks. Attention is counted as
+the fused kernel a GPU (or the CPU) runs, not the meta device's math path (see ``fused_attention_on_meta``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -26,6 +29,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -216,6 +220,28 @@ class _LiveBytes(TorchDispatchMode):
         self.live -= n
 
 
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    """On meta tensors, ``scaled_dot_product_attention`` as a fused kernel (flash / memory-efficient:
+    what runs on a GPU, and on CPU): the meta device has none and takes the math path, which holds
+    the L x L attention matrix (171 GB per layer at Wan2.1-1.3B 480p x 81 frames); the fused kernel
+    keeps its output and the row log-sum-exp. Replaces the function for the plan's duration (a
+    function mode would not reach the recomputation gradient checkpointing runs in backward)."""
+    sdpa = F.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.device.type != "meta" or kwargs.get("enable_gqa", False):
+            return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
 def step_peak_bytes(loss_fn, params) -> int:
     """Peak bytes of the tensors alive during one training step, forward and backward: activations,
     transient results, what backward recomputes (gradient checkpointing) and the activations'
@@ -271,7 +297,7 @@ def plan_memory(plan, steps, world: int) -> MemoryPlan | None:
     to select every row, an upper bound."""
     import torch.fx.experimental._config as fx_config
 
-    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True), fused_attention_on_meta():
         return estimate_memory(plan, steps, world)
 
 
@@ -358,10 +384,19 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     if copied:  # --train all: the student trains its own copy of each weight it shared with the teacher
         mp.weights["student's copies of the weights it trains"] = _param_bytes(copied.values())
     model_ids = _ids(teacher, student)
-    optimizer_factor = 3 + (1 if device.type == "cuda" else 0)  # grad + AdamW's two moments (+ foreach temporaries)
+    transient = 1 + (1 if device.type == "cuda" else 0)  # the gradients (+ AdamW's foreach temporaries)
+    # stage 1 in one process steps each layer inside the backward and frees its gradients (trainer.py)
+    layerwise = world == 1
+    stage1_ids = {id(p) for p in params[1].values()}
+    largest_layer = max((_param_bytes(p for p in b.parameters() if id(p) in stage1_ids)
+                         for b in stage1_blocks.values()), default=0)
 
-    def training_state(k: int) -> int:
-        return optimizer_factor * _param_bytes(params[k].values())
+    def training_state(k: int) -> tuple[str, int]:
+        moments = 2 * _param_bytes(params[k].values())
+        if k == 1 and layerwise:
+            return (f"AdamW states + one layer's gradients ({_count(params[k])} trainable)",
+                    moments + transient * largest_layer)
+        return f"gradients + AdamW states ({_count(params[k])} trainable)", moments + transient * (moments // 2)
 
     def per_sample_phase(name: str, k: int, measure) -> MemoryPhase:
         # measured at 1 and 2 samples on meta and extended linearly: a huge --batch-size is never
@@ -374,8 +409,8 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
                 m[ALLOCATOR_RESERVE] = int(CPU_HEAP_RESERVE * saved)
         parts = {n: one[n] + (b - 1) * (two[n] - one[n]) for n in one}
         per = sum(two.values()) - sum(one.values())
-        parts = {f"gradients + AdamW states ({_count(params[k])} trainable)": training_state(k),
-                 "held-out batches": eval_inputs, **parts}
+        label, state = training_state(k)
+        parts = {label: state, "held-out batches": eval_inputs, **parts}
         return MemoryPhase(name, parts, batch=b, per_sample=per)
 
     runs = {k: k in d.stages and d.schedules[k].steps > 0 for k in (1, 2, 3)}
