@@ -157,8 +157,8 @@ def test_dry_run_prints_the_plan_and_reads_no_weight(wan, tmp_path, monkeypatch)
 
 
 def test_layer_groups_plan_one_groups_training_state_in_every_stage(wan, tmp_path, monkeypatch):
-    """--layer-groups 2 on two equal layers: stage 2 holds half the gradients and AdamW states of training
-    both layers together, stage 1 half the AdamW states and one layer's gradients either way."""
+    """--layer-groups 2 on two equal layers: every stage holds half the AdamW states of training both
+    layers together, and one layer's gradients either way."""
     _no_weights_read(monkeypatch)
     plans = []
     plan_memory = memory.plan_memory
@@ -173,11 +173,11 @@ def test_layer_groups_plan_one_groups_training_state_in_every_stage(wan, tmp_pat
         phase = next(p for p in mp.phases if p.name.startswith(stage))
         return next(v for k, v in phase.parts.items() if "AdamW states" in k)
 
-    # stage 2: one layer's gradients and two AdamW moments per group, both layers' without groups; stage 1
-    # holds one layer's gradients at a time (each layer steps inside the backward) beside the moments
+    # two AdamW moments of each layer trained in the group (one layer, or both without groups) and one
+    # layer's gradients at a time (each layer steps inside the backward), in every stage
     layer = state(plans[1], "stage 2") / 3
-    assert state(plans[0], "stage 2") == 6 * layer > 0
-    assert state(plans[1], "stage 1") == 3 * layer and state(plans[0], "stage 1") == 5 * layer
+    for stage in ("stage 1", "stage 2"):
+        assert state(plans[1], stage) == 3 * layer > 0 and state(plans[0], stage) == 5 * layer
 
 
 def test_dry_run_for_every_backbone(tmp_path):

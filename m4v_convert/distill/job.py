@@ -448,7 +448,11 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
             if len(parts) > 1:
                 task.name = name
                 task.title = f"{task.title}, layers {groups[g][0]}-{groups[g][-1]} (group {g + 1}/{len(parts)})"
-            outcomes.append(trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before}))
+            # each converted layer's part is its own unit (own AdamW and gradient-norm limit, stepped inside
+            # the backward as soon as its gradients are complete): one layer's gradients exist at a time
+            units = [list(u) for u in param_groups(student, params, blocks, [[i] for i in groups[g]]) if u]
+            outcomes.append(trainer.fit(task, sched, params, resume=r, extra={"end_to_end_before": before},
+                                        units=units))
             if len(parts) > 1:
                 trainer.finish_stage(name, {"steps": sched.steps, "layers": groups[g],
                                             **_throughput(outcomes[-1]), "end_to_end_before": before})
@@ -530,8 +534,12 @@ def param_groups(model: nn.Module, params: dict[str, nn.Parameter], blocks: dict
 
 
 def _enclosing_block(model: nn.Module, module: nn.Module) -> nn.Module:
-    """The outermost ``nn.ModuleList`` element (a transformer block) holding ``module``; itself if none."""
-    name = next(n for n, m in model.named_modules() if m is module)
+    """The outermost ``nn.ModuleList`` element (a transformer block) holding ``module`` (or, for a
+    wrapper outside the model such as PyramidFlow's stage-1 target, its first parameter); itself if none."""
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if name is None:
+        first = next(module.parameters())
+        name = next(n for n, p in model.named_parameters() if p is first).rpartition(".")[0]
     parts = name.split(".")
     for i in range(1, len(parts)):
         if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):

@@ -6,11 +6,12 @@ on it. :class:`Trainer` owns the rest: AdamW + cosine schedule, bf16 autocast on
 averaging across processes, gradient clipping, the NaN/inf guard, checkpoints every N steps
 (atomic, see ``state.py``), resume, the JSONL log and the progress display.
 
-A stage whose parameters fall into independent units (stage 1: one MM-DiM layer each, trained
-against its own teacher-forced target) passes them as ``units``: each unit gets its own AdamW and
-its own gradient-norm limit, and in a single process steps as soon as its gradients are complete,
-inside the backward pass, which then frees them: one unit's gradients exist at a time instead of
-all of them (1.4 GB for Wan2.1-1.3B, 21 GB for 14B in float32).
+The distillation stages pass their parameters in ``units``, one per converted layer (its MM-DiM,
+and what else of its transformer block the stage trains): each unit gets its own AdamW and its own
+gradient-norm limit, and in a single process steps as soon as its gradients are complete, inside
+the backward pass, which then frees them: one layer's gradients exist at a time instead of all of
+them (1.4 GB for Wan2.1-1.3B, 21 GB for 14B in float32). In stage 1, whose layers' losses are
+independent, a layer then trains exactly as it would alone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class StageSchedule:
     steps: int = 100
     lr: float = 1e-3
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    grad_clip: float = 1.0  # max gradient norm (of each unit, where the stage gives units); 0 = none
     batch_size: int = 1  # per process
     checkpoint_every: int = 0  # steps between checkpoints; 0 = none inside the stage
     min_lr_ratio: float = 0.1  # cosine schedule ends at lr * min_lr_ratio

@@ -376,26 +376,28 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     teacher_ids = _ids(teacher)
     every = trainable_params(student, d.train, blocks)  # stages 2 and 3 train the same set
     parts = param_groups(student, every, blocks, groups)
+    largest = max(range(len(parts)), key=lambda g: _param_bytes(parts[g].values()))
     for k in (2, 3):
         # the first group's backward reaches deepest (most activations); the largest holds the most state
-        params[k], measured[k] = max(parts, key=lambda ps: _param_bytes(ps.values())), parts[0]
+        params[k], measured[k] = parts[largest], parts[0]
+    # every stage steps one converted layer's part at a time (trainer.py's units): its gradients at most
+    stage1_ids = {id(p) for p in params[1].values()}
+    unit_bytes = {1: max(_param_bytes(p for p in b.parameters() if id(p) in stage1_ids) for b in stage1_blocks.values())}
+    unit_bytes[2] = unit_bytes[3] = max(
+        _param_bytes(u.values()) for u in param_groups(student, parts[largest], blocks,
+                                                       [[i] for i in groups[largest]]))
     copied = {} if not any(k in d.stages and d.schedules[k].steps > 0 for k in (2, 3)) else \
         {id(p): p for p in every.values() if id(p) in teacher_ids}
     if copied:  # --train all: the student trains its own copy of each weight it shared with the teacher
         mp.weights["student's copies of the weights it trains"] = _param_bytes(copied.values())
     model_ids = _ids(teacher, student)
     transient = 1 + (1 if device.type == "cuda" else 0)  # the gradients (+ AdamW's foreach temporaries)
-    # stage 1 in one process steps each layer inside the backward and frees its gradients (trainer.py)
-    layerwise = world == 1
-    stage1_ids = {id(p) for p in params[1].values()}
-    largest_layer = max((_param_bytes(p for p in b.parameters() if id(p) in stage1_ids)
-                         for b in stage1_blocks.values()), default=0)
 
     def training_state(k: int) -> tuple[str, int]:
         moments = 2 * _param_bytes(params[k].values())
-        if k == 1 and layerwise:
+        if world == 1:  # one process: each layer steps inside the backward and frees its gradients
             return (f"AdamW states + one layer's gradients ({_count(params[k])} trainable)",
-                    moments + transient * largest_layer)
+                    moments + transient * unit_bytes[k])
         return f"gradients + AdamW states ({_count(params[k])} trainable)", moments + transient * (moments // 2)
 
     def per_sample_phase(name: str, k: int, measure) -> MemoryPhase:
