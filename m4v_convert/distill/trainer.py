@@ -71,39 +71,6 @@ class StageOutcome:
     tokens_per_s: float = 0.0
 
 
-class _GlobalStep:
-    """One AdamW over every parameter, one global gradient-norm limit, a step after the backward."""
-
-    steps_in_backward = False
-
-    def __init__(self, params: list[torch.nn.Parameter], optimizer, scheduler):
-        self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def zero_grad(self) -> None:
-        for p in self.params:  # zeroed in place, not freed: a fresh set every step fragments the CPU heap
-            if p.grad is not None:
-                p.grad.zero_()
-
-    def fill_grads(self) -> list[torch.Tensor]:
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return [p.grad for p in self.params]
-
-    def clip(self, limit: float) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(self.params, limit))
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def close(self) -> None:
-        pass
-
-
 class _UnitStates:
     """Saves and restores a list of optimizers or schedulers as one checkpoint entry."""
 
@@ -125,15 +92,15 @@ class _UnitStates:
             x.step()
 
 
-class _UnitSteps(_GlobalStep):
+class _UnitSteps:
     """One AdamW and one gradient-norm limit per unit of parameters. ``in_backward`` (one process):
     a unit steps as soon as the backward pass has accumulated all its gradients, and its gradients
     are freed then; otherwise (several processes: gradients are averaged after the backward) every
     unit steps after it."""
 
     def __init__(self, units: list[list[torch.nn.Parameter]], schedule: StageSchedule, in_backward: bool):
-        super().__init__([p for u in units for p in u], None, None)
         self.units = units
+        self.params = [p for u in units for p in u]
         opts = [torch.optim.AdamW(u, lr=schedule.lr, weight_decay=schedule.weight_decay) for u in units]
         self.optimizer = _UnitStates(opts)
         self.scheduler = _UnitStates([torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -153,8 +120,17 @@ class _UnitSteps(_GlobalStep):
         return self.optimizer.items[0].param_groups[0]["lr"]
 
     def zero_grad(self) -> None:
-        if not self.steps_in_backward:
-            super().zero_grad()
+        if self.steps_in_backward:  # the backward freed them
+            return
+        for p in self.params:  # zeroed in place, not freed: a fresh set every step fragments the CPU heap
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def fill_grads(self) -> list[torch.Tensor]:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
 
     def backward(self, loss: torch.Tensor, limit: float) -> float:
         """Backward with each unit's step inside it; the global gradient norm (before clipping)."""
@@ -175,7 +151,7 @@ class _UnitSteps(_GlobalStep):
 
     def _step_unit(self, u: int) -> None:
         params = self.units[u]
-        for p in params:
+        for p in params:  # a parameter the loss does not reach
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.norms[u] = float(torch.nn.utils.clip_grad_norm_(params, self._limit))
@@ -283,20 +259,15 @@ class Trainer:
 
         extra: stage data saved with each checkpoint (e.g. errors measured before training).
         on_step: callable(step, parts) after every step.
-        units: names of ``params`` in independent units (see the module docstring); None: one
-            optimizer and one global gradient-norm limit for all of them.
+        units: names of ``params`` in units with an AdamW and a gradient-norm limit each (see the
+            module docstring); None: one unit of them all.
         """
         outcome = StageOutcome()
         plist = list(params.values())
         if schedule.steps <= 0 or not plist:
             return outcome
-        if units is None:
-            opt = torch.optim.AdamW(plist, lr=schedule.lr, weight_decay=schedule.weight_decay)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.steps,
-                                                               eta_min=schedule.lr * schedule.min_lr_ratio)
-            stepper = _GlobalStep(plist, opt, sched)
-        else:
-            stepper = _UnitSteps([[params[n] for n in u] for u in units], schedule, in_backward=not self.dist.enabled)
+        stepper = _UnitSteps([[params[n] for n in u] for u in units or [list(params)]], schedule,
+                             in_backward=not self.dist.enabled)
         start = 0
         if resume is not None:
             stepper.optimizer.load_state_dict(resume["optimizer"])
