@@ -7,8 +7,8 @@ follows every tensor storage the step creates until it is freed: the step's peak
 code that will run (the teacher pass recording stage 1's inputs, activations, temporaries, what
 gradient checkpointing recomputes, the activations' gradients), not a hand formula. Added to that:
 both models' weights (the student's own: it shares the rest with the teacher), each stage's
-gradients and AdamW states (of the largest layer group; stage 1 in one process holds one layer's
-gradients at a time), the held-out batches and their records,
+AdamW states and gradients (of the largest layer group; in one process every stage holds one
+layer's gradients at a time), the held-out batches and their records,
 the calibration samples, the load (a mapped weight file beside its copy), and the pipeline
 components ``--prompts`` / ``--videos`` sampling loads.
 
