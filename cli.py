@@ -49,6 +49,8 @@ _RESUME = typer.Option(None, "--resume", help="continue the run whose state is i
 _MIXED_PRECISION = typer.Option("auto", "--mixed-precision", help="auto (bf16 autocast on GPU) | bf16 | no")
 _STAGE3_STEPS = typer.Option(None, "--stage3-steps", help="stage-3 (fine-tune) steps")
 _NUM_PROCESSES = typer.Option(1, "--num-processes", help="data-parallel processes (launched via accelerate)")
+_FSDP = typer.Option(False, "--fsdp", help="shard teacher and student across the processes with FSDP2 (one block "
+                     "per group; each process holds 1/N of the weights and training state) instead of replicating them")
 _OUT = typer.Option(..., "--out", help="output folder (written atomically)")
 _LAYERS = typer.Option(None, "--layers", help="'all', '0-9', '0,2,4' or mixes (default: recipe)")
 _DISTILL_STEPS = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)")
@@ -114,6 +116,7 @@ def convert_cmd(
     run_dir: Optional[Path] = _RUN_DIR,
     resume: Optional[Path] = _RESUME,
     num_processes: int = _NUM_PROCESSES,
+    fsdp: bool = _FSDP,
     grad_checkpointing: Optional[bool] = _GRAD_CHECKPOINTING,
     layer_groups: Optional[int] = typer.Option(None, "--layer-groups", help="train the converted layers in K groups "
                                                "one after another, in every stage (gradients and optimizer state "

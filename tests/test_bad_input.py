@@ -257,7 +257,7 @@ def test_resume_knows_its_run_by_content_not_by_path_spelling(world, tmp_path):
 @pytest.mark.parametrize("where", ["output", "checkpoint"])
 def test_a_full_disk_is_one_line_and_keeps_what_was_there(where, world, tmp_path, monkeypatch):
     """Disk full while writing ``--out`` (safetensors) or the run's ``state.pt`` (torch) used to end
-    in a raw SafetensorError / RuntimeError traceback; the earlier output is kept either way."""
+    in a raw traceback; the earlier output is kept either way."""
     import errno
 
     import m4v_convert.distill.state as state
@@ -269,14 +269,11 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_there(where, world, tmp_path
     assert runner.invoke(app, args).exit_code == 0
     earlier = digest(out)
     if where == "output":
-        from safetensors import SafetensorError
+        def full(*a, **k):  # the streamed writer's file write
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        def full(*a, **k):
-            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
-                                  "\"No space left on device\" })")
-
-        monkeypatch.setattr(converted, "save_file", full)
-        expect = "cannot write the converted model (Error while serializing"
+        monkeypatch.setattr(converted, "write_streamed", full)
+        expect = "cannot write the converted model (No space left on device)"
     else:
         def full(*a, **k):
             raise OSError(errno.ENOSPC, "No space left on device")

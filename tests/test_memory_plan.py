@@ -180,6 +180,43 @@ def test_layer_groups_plan_one_groups_training_state_in_every_stage(wan, tmp_pat
         assert state(plans[1], stage) == 3 * layer > 0 and state(plans[0], stage) == 5 * layer
 
 
+def test_fsdp_plans_each_process_s_shard(wan, tmp_path, monkeypatch):
+    """--fsdp --num-processes 2: each process holds half of every weight and of the training state,
+    plus one layer's whole gradients, two blocks' gathered weights, and the whole teacher while it
+    loads; hand counts from the tiny model."""
+    _no_weights_read(monkeypatch)
+    plans = []
+    plan_memory = memory.plan_memory
+    monkeypatch.setattr(memory, "plan_memory", lambda *a, **k: plans.append(plan_memory(*a, **k)) or plans[-1])
+    for extra in ([], ["--fsdp"]):
+        res = runner.invoke(app, ["wan2.1", "--checkpoint", str(wan), "--out", str(tmp_path / "out"), "--dry-run",
+                                  "--layers", "all", "--stage2-steps", "1", "--num-processes", "2", *extra])
+        assert res.exit_code == 0, res.output
+    replicated, sharded = plans
+    teacher = make_tiny_wan(seed=0)
+    whole = sum(t.numel() * 4 for t in (*teacher.parameters(), *teacher.buffers()))
+    assert replicated.weights["teacher"] == whole and sharded.weights["teacher, 1/2 shard"] == whole // 2
+    for key, value in replicated.weights.items():  # the calibration samples: every process holds them all
+        assert sharded.weights[key if key == "calibration samples" else f"{key}, 1/2 shard"] == \
+            (value if key == "calibration samples" else -(-value // 2))
+    loading = next(p for p in sharded.phases if p.name == "loading")
+    assert loading.parts["the whole teacher, before it is sharded"] == whole - whole // 2
+
+    def part(mp, stage, key):
+        phase = next(p for p in mp.phases if p.name.startswith(stage))
+        return next(v for k, v in phase.parts.items() if key in k)
+
+    # L: one layer's MM-DiM (both layers equal). Replicated: gradients 2L + moments 4L; sharded: half
+    # of that, plus one layer's whole gradients before they are reduce-scattered
+    layer = part(replicated, "stage 1", "AdamW states") / 6
+    block = sum(p.numel() * 4 for p in teacher.blocks[0].parameters()) + layer
+    for stage in ("stage 1", "stage 2"):
+        assert part(replicated, stage, "AdamW states") == 6 * layer > 0
+        assert part(sharded, stage, "AdamW states") == 3 * layer + layer
+        assert part(sharded, stage, "gathered weights") == 2 * block
+    assert "sharded across" not in res.output  # a plan, nothing launched or loaded
+
+
 def test_dry_run_for_every_backbone(tmp_path):
     from diffusers import CogVideoXTransformer3DModel
 

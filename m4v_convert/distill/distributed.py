@@ -38,6 +38,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    fsdp: bool = False  # weights sharded with FSDP2 (distill/sharding.py), not replicated
 
     @property
     def is_main(self) -> bool:
@@ -84,21 +85,30 @@ class DistContext:
         return out
 
 
-def init_distributed(device_type: str) -> DistContext:
-    """The process group of this run (a no-op context outside a multi-process launch)."""
+def env_flag(var: str) -> bool:
+    return os.environ.get(var, "false").lower() in ("1", "true")
+
+
+def init_distributed(device_type: str, fsdp: bool = False) -> DistContext:
+    """The process group of this run (a no-op context outside a multi-process launch). ``fsdp``
+    (``--fsdp``, or ``accelerate launch --use_fsdp --fsdp_version 2``): shard the weights."""
+    from m4v_convert.errors import M4VError
+
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise M4VError("accelerate launch with DeepSpeed: not supported by m4v-convert's trainer; launch without it "
+                       "(--fsdp shards the weights with FSDP2; see docs/distillation.md)")
+    if env_flag("ACCELERATE_USE_FSDP"):
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise M4VError("accelerate launch --use_fsdp: m4v-convert shards with FSDP2; add --fsdp_version 2 (its "
+                           "other FSDP settings are not read: the trainer shards per transformer block itself)")
+        fsdp = True
     if not in_distributed_env():
         return DistContext()
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "false").lower() in ("1", "true"):
-            from m4v_convert.errors import M4VError
-
-            raise M4VError(f"accelerate launch with {what}: not supported by m4v-convert's trainer, which runs "
-                           "replicated data parallel (every process holds teacher and student); launch without "
-                           f"{what} (see docs/distillation.md)")
     from accelerate import PartialState
 
     state = PartialState(cpu=device_type == "cpu")  # cpu=True: gloo even when the launcher said multi-GPU
-    return DistContext(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index)
+    return DistContext(rank=state.process_index, world=state.num_processes, local_rank=state.local_process_index,
+                       fsdp=fsdp)
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -189,6 +190,9 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
     )
     if plan.layer_groups < 1:
         raise M4VError(f"--layer-groups: expected >= 1, got {plan.layer_groups}")
+    if getattr(opts, "fsdp", False) and plan.uses_lora:
+        raise M4VError("--fsdp with --train lora: merging the adapters into sharded weights is not offered; use "
+                       "--train mmdim or all")
     # run folder: --resume DIR, else --run-dir, else <out>.train when any stage checkpoints
     if opts.resume is not None:
         plan.run_dir = RunDir(opts.resume)
@@ -197,6 +201,7 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
         if saved_recipe != recipe.name:
             raise M4VError(f"--resume {plan.run_dir.path}: that run used recipe {saved_recipe!r}, this one "
                            f"{recipe.name!r}; resume it with the same recipe, or start a new run")
+        check_resume_processes(plan.run_dir.path, plan.resume_state, opts)
     elif opts.run_dir is not None or any(schedules[k].checkpoint_every > 0 for k in stages):
         plan.run_dir = RunDir(opts.run_dir if opts.run_dir is not None
                               else Path(opts.out).expanduser().resolve().with_name(Path(opts.out).name + ".train"))
@@ -205,6 +210,22 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
                            f"{plan.run_dir.progress_text()}; continue it with --resume {plan.run_dir.path}, or delete "
                            "that folder to start over (--overwrite replaces --out only, never a run's checkpoint)")
     return plan
+
+
+def check_resume_processes(path: Path, state: dict, opts) -> None:
+    """A run resumes with the processes it had, sharded (``--fsdp``) if it was: checked before
+    anything is launched or loaded."""
+    from m4v_convert.distill.distributed import env_flag
+
+    sharded = bool(state.get("shards"))
+    fsdp = bool(getattr(opts, "fsdp", False)) or env_flag("ACCELERATE_USE_FSDP")
+    saved = state["identity"].get("world_size")
+    world = int(os.environ.get("WORLD_SIZE", 0)) or getattr(opts, "num_processes", 1)
+    if sharded != fsdp or (saved is not None and saved != world):
+        how = f"{'with' if sharded else 'without'} --fsdp and --num-processes {saved}"
+        raise M4VError(f"--resume {path}: that run was {'' if sharded else 'not '}sharded (--fsdp) and had {saved} "
+                       f"process(es), this one {'is' if fsdp else 'is not'} and has {world}; resume it {how} (a "
+                       "checkpoint holds each process's part of the training state)")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -335,10 +356,18 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
         "lora": [plan.lora_rank, plan.lora_alpha] if plan.uses_lora else None,
         "loss": {"feature_weight": plan.feature_weight, "output_weight": plan.output_weight},
         **({"layer_groups": plan.layer_groups} if plan.layer_groups > 1 else {}),
+        **({"sharded": True} if dist.fsdp else {}),
     }
     state = plan.resume_state
     if state is not None:
         check_identity(state["identity"], identity, plan.run_dir.path)
+    if dist.fsdp:  # after everything that reads whole weights (the identity's fingerprints, --train all's copies)
+        from m4v_convert.distill.sharding import shard
+
+        shard(teacher, student, blocks, dist, device, plan.bf16)
+        named = dict(student.named_parameters())  # sharding replaced the parameters
+        stage_params = {k: {n: named[n] for n in ps} for k, ps in stage_params.items()}
+        con.print(f"FSDP2: teacher and student sharded across {dist.world} processes, one group per block")
     trainer = Trainer(student, dist=dist, run_dir=plan.run_dir, console=con, device=device, bf16=plan.bf16,
                       identity=identity, persist=persist)
     if state is not None:

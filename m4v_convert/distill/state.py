@@ -8,6 +8,8 @@ A run folder (``<out>.train/`` or ``--run-dir``) holds:
   layers, schedule, ...), which a resume must match;
 * ``state.json``: the same minus tensors, for people;
 * ``train_log.jsonl``: one JSON record per step and event (trimmed back to the checkpoint on resume);
+* ``shards-*/``: a sharded run's (``--fsdp``) weights and optimizer state, each process's part, written
+  with ``torch.distributed.checkpoint``; ``state.pt`` names the folder and holds the rest;
 * ``teacher_calib/``: teacher-generated calibration samples, when used (see ``teacher_samples``).
 
 Files are written to a temporary sibling and renamed into place, so a kill at any moment leaves
@@ -28,6 +30,7 @@ from m4v_convert.errors import M4VError, error_reason
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "state.json"
 LOG_FILE = "train_log.jsonl"
+SHARDS_TMP = ".shards-tmp"
 FORMAT = "m4v-convert-train-state"
 VERSION = 1
 
@@ -104,6 +107,35 @@ class RunDir:
         """Forget the log and summary a run folder without a checkpoint may hold; other files stay."""
         for name in (STATE_FILE, SUMMARY_FILE, LOG_FILE):
             (self.path / name).unlink(missing_ok=True)
+        self.remove_shards()
+
+    # a sharded run (--fsdp): every process writes its part of the tensors into SHARDS_TMP, which
+    # becomes a ``shards-*`` folder that state.pt then names; the folder it named before is removed
+    # last, so a kill at any moment leaves state.pt and the folder it names
+
+    @property
+    def shards_tmp(self) -> Path:
+        return self.path / SHARDS_TMP
+
+    def new_shards_name(self, stage: str, step: int) -> str:
+        """A name for the next sharded checkpoint folder, unlike any in the run folder."""
+        base = f"shards-{stage}-step{step}"
+        n = 0
+        while (self.path / (base if n == 0 else f"{base}-{n}")).exists():
+            n += 1
+        return base if n == 0 else f"{base}-{n}"
+
+    def remove_shards(self, keep: str | None = None, unfinished_only: bool = False) -> None:
+        """Remove the sharded checkpoint folders other than ``keep``, and any unfinished one
+        (``unfinished_only``: that one alone)."""
+        import shutil
+
+        if not self.path.is_dir():
+            return
+        for p in self.path.iterdir():
+            if p.is_dir() and p.name != keep and (p.name == SHARDS_TMP or
+                                                   (p.name.startswith("shards-") and not unfinished_only)):
+                shutil.rmtree(p, ignore_errors=True)
 
     def save(self, state: dict) -> None:
         """Write the checkpoint (atomically: a failed write keeps the previous one)."""
@@ -176,7 +208,7 @@ _IDENTITY_WORDS = {
     "schedules": "stage schedule", "seed": "--seed", "world_size": "number of processes",
     "calibration": "calibration data (source and contents)", "data": "--data contents",
     "model": "checkpoint architecture", "dtype": "--dtype", "teacher": "teacher (its weights)",
-    "lora": "LoRA settings", "loss": "loss weights",
+    "lora": "LoRA settings", "loss": "loss weights", "sharded": "--fsdp (sharded weights)",
 }
 
 FINGERPRINT_VALUES = 4096  # values sampled per tensor

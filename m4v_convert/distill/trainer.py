@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from m4v_convert.distill.distributed import DistContext
+from m4v_convert.distill.sharding import load_optimizer_shards, load_shards, save_shards, scalar
 from m4v_convert.distill.state import FORMAT, VERSION, RunDir
 from m4v_convert.errors import M4VError
 
@@ -154,14 +155,14 @@ class _UnitSteps:
         for p in params:  # a parameter the loss does not reach
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.norms[u] = float(torch.nn.utils.clip_grad_norm_(params, self._limit))
+        self.norms[u] = scalar(torch.nn.utils.clip_grad_norm_(params, self._limit))
         if math.isfinite(self.norms[u]):  # a non-finite unit stops training after this backward
             self.optimizer.items[u].step()
         for p in params:
             p.grad = None
 
     def clip(self, limit: float) -> float:
-        self.norms = [float(torch.nn.utils.clip_grad_norm_(u, limit)) for u in self.units]
+        self.norms = [scalar(torch.nn.utils.clip_grad_norm_(u, limit)) for u in self.units]  # sharded: global norms
         return math.sqrt(sum(n * n for n in self.norms))
 
     def step(self) -> None:
@@ -212,13 +213,24 @@ class Trainer:
         """Write the full training state (rank 0; other ranks hold identical weights)."""
         if self.run_dir is None:
             return
+        shards = None
+        if self.dist.fsdp:  # every process writes its part of the tensors; state.pt then names the folder
+            if self.dist.is_main:
+                self.run_dir.create()
+                self.run_dir.remove_shards(unfinished_only=True)
+            self.dist.barrier()
+            save_shards(self.run_dir.shards_tmp, self.model, self.persist,
+                        None if optimizer is None or done else optimizer.items)
+            if self.dist.is_main:
+                shards = self.run_dir.new_shards_name(stage, step)
+                self.run_dir.shards_tmp.rename(self.run_dir.path / shards)
         if self.dist.is_main:
             named = dict(self.model.named_parameters())
             state = {
                 "format": FORMAT, "version": VERSION, "identity": self.identity,
-                "stage": stage, "step": step, "stage_done": done,
-                "weights": {n: named[n].detach().to("cpu", copy=True) for n in self.persist},
-                "optimizer": None if optimizer is None or done else optimizer.state_dict(),
+                "stage": stage, "step": step, "stage_done": done, "shards": shards,
+                "weights": {} if shards else {n: named[n].detach().to("cpu", copy=True) for n in self.persist},
+                "optimizer": None if optimizer is None or done or shards else optimizer.state_dict(),
                 "scheduler": None if scheduler is None or done else scheduler.state_dict(),
                 "rng": {
                     "torch": torch.get_rng_state(),
@@ -229,11 +241,16 @@ class Trainer:
                 "extra": extra or {},
             }
             self.run_dir.save(state)
+            if shards:
+                self.run_dir.remove_shards(keep=shards)
         self.last_checkpoint = (stage, step)
         self.log_record({"event": "checkpoint", "stage": stage, "step": step, "stage_done": done})
         self.dist.barrier()  # nobody runs ahead of a checkpoint that could fail
 
     def load_weights(self, state: dict) -> None:
+        if state.get("shards"):
+            load_shards(self.run_dir.path / state["shards"], self.model, self.persist)
+            return
         named = dict(self.model.named_parameters())
         missing = [n for n in state["weights"] if n not in named]
         if missing:
@@ -270,7 +287,10 @@ class Trainer:
                              in_backward=not self.dist.enabled)
         start = 0
         if resume is not None:
-            stepper.optimizer.load_state_dict(resume["optimizer"])
+            if resume.get("shards"):
+                load_optimizer_shards(self.run_dir.path / resume["shards"], self.model, stepper.optimizer.items)
+            else:
+                stepper.optimizer.load_state_dict(resume["optimizer"])
             stepper.scheduler.load_state_dict(resume["scheduler"])
             rng = resume["rng"]
             torch.set_rng_state(rng["torch"])
@@ -281,7 +301,8 @@ class Trainer:
             start = int(resume["step"])
             self.log_record({"event": "resume", "stage": task.name, "step": start})
         else:
-            self.dist.broadcast_(plist)  # every process starts from rank 0's weights
+            if not self.dist.fsdp:  # sharded: every process holds its own part of the same weights
+                self.dist.broadcast_(plist)  # every process starts from rank 0's weights
             self.log_record({"event": "stage_start", "stage": task.name, "step": 0, "steps": schedule.steps,
                              "lr": schedule.lr, "batch_size": schedule.batch_size, "processes": self.dist.world})
 
@@ -307,7 +328,8 @@ class Trainer:
                     loss.backward()
                     grads = stepper.fill_grads()
                     stats = stats.to(grads[0].device)
-                    self.dist.all_reduce_mean_([stats, *grads])  # same loss and gradients on every process
+                    # same loss and gradients on every process (sharded: FSDP2 averaged each shard's gradients)
+                    self.dist.all_reduce_mean_([stats] if self.dist.fsdp else [stats, *grads])
                     grad_norm = stepper.clip(clip)
                 loss_value = float(stats[0])
                 part_values = {k: float(v) for k, v in zip(parts, stats[1:])}
@@ -363,8 +385,9 @@ class Trainer:
                        f"{keep}")
 
     def _check_ranks_agree(self, stage: str, plist: list[torch.nn.Parameter]) -> None:
-        """Log a checksum of the trained weights from every process (they must be identical)."""
-        if not self.dist.enabled:
+        """Log a checksum of the trained weights from every process (they must be identical; sharded,
+        each process holds other parts of them)."""
+        if not self.dist.enabled or self.dist.fsdp:
             return
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1).double() for p in plist])

@@ -7,14 +7,16 @@ safetensors metadata carries ``format: pt`` plus the toolkit version, source, re
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from m4v_convert.errors import CheckpointError, error_reason
+from m4v_convert.io.safetensors_io import tensor_bytes, write_streamed
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -70,34 +72,41 @@ def m4v_convert_version() -> str:
     return m4v_convert.__version__
 
 
-def save_converted(model, folder: Path, metadata: dict[str, str],
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Write ``model`` (a converted diffusers ModelMixin) into ``folder``; returns the file names."""
+def save_converted(model, folder: Path, metadata: dict[str, str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   tensors: Iterator[tuple[str, torch.Tensor]] | None = None) -> list[str]:
+    """Write ``model`` (a converted diffusers ModelMixin) into ``folder``; returns the file names.
+
+    tensors: the state dict's full tensors in its order, when they come one at a time (a sharded
+    model gathers them: ``distill/sharding.full_tensors``); default the state dict itself. The files
+    are written one tensor at a time either way."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_config(folder)
     write_loader_module(folder, type(model).__name__, dict(model.config))
     meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    state = model.state_dict()  # sharded: the global shapes, no data gathered
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    if tensors is None:
+        tensors = iter(state.items())
+    shards, current, size = [], [], 0
+    for entry in layout:
+        nbytes = tensor_bytes(entry[1], entry[2])
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
+            current, size = [], 0
+        current.append(entry)
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHTS_NAME, metadata=meta)
+        write_streamed(folder / WEIGHTS_NAME, shards[0], tensors, metadata=meta)
         return ["config.json", WEIGHTS_NAME]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata=meta)
+        write_streamed(folder / name, shard, itertools.islice(tensors, len(shard)), metadata=meta)
         names.append(name)
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map.update({k: name for k, _, _ in shard})
+    total = sum(tensor_bytes(s, d) for _, s, d in layout)
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return ["config.json", INDEX_NAME, *names]
 

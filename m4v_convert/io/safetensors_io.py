@@ -220,3 +220,39 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     files = resolve_weight_files(path)
     with _open(files[0]) as f:
         return dict(f.metadata() or {})
+
+
+_DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def write_streamed(path: PathLike, layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                   tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``layout`` (name, shape, dtype per tensor, in file order), its data
+    written as ``tensors`` yields it: one tensor in memory at a time (the header needs only the
+    layout), where ``safetensors.torch.save_file`` needs them all at once."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, shape, dtype in layout:
+        nbytes = tensor_bytes(shape, dtype)
+        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        expected = iter(layout)
+        for name, t in tensors:
+            want, shape, dtype = next(expected)
+            if name != want or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"write_streamed: got {name} {tuple(t.shape)} {t.dtype}, the layout says {want} "
+                                 f"{tuple(shape)} {dtype}")
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        if next(expected, None) is not None:
+            raise ValueError("write_streamed: fewer tensors than the layout")

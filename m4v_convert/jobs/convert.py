@@ -176,17 +176,28 @@ def _convert(plan: ConversionPlan) -> dict:
     record = {k: v for k, v in summary.items() if k not in ("layers", "error_before", "error_after",
                                                            "end_to_end_error", "stages", "seconds")}
     student.register_to_config(m4v={**student.config["m4v"], **record, "converted_layers": layers})
-    if dist.is_main:
-        _write_output(plan, steps, student, layers, report, flops, summary, cfg)
-        con.print(f"[green]wrote[/] {Path(flags.out).resolve()}  ({summary['seconds']} s)")
-        con.print(steps.flops_line(flops))
+    # sharded (--fsdp): every process gathers the weights with rank 0, one tensor at a time, as it writes
+    tensors = None
+    if dist.fsdp:
+        from m4v_convert.distill.sharding import full_tensors
+
+        tensors = full_tensors(student)
+    try:
+        if dist.is_main:
+            _write_output(plan, steps, student, layers, report, flops, summary, cfg, tensors)
+            con.print(f"[green]wrote[/] {Path(flags.out).resolve()}  ({summary['seconds']} s)")
+            con.print(steps.flops_line(flops))
+    finally:
+        for _ in tensors or ():  # the other processes' part of the gathers (and rank 0's, after a failed write)
+            pass
     dist.barrier()
     return summary
 
 
-def _write_output(plan: ConversionPlan, steps: Conversion, student, layers, report, flops, summary, cfg) -> None:
+def _write_output(plan: ConversionPlan, steps: Conversion, student, layers, report, flops, summary, cfg,
+                  tensors=None) -> None:
     """``--out``, written atomically; a failed write (disk full) is one error line and keeps the
-    earlier ``--out``, if any."""
+    earlier ``--out``, if any. ``tensors``: the weights one at a time (see ``save_converted``)."""
     from safetensors import SafetensorError
 
     from m4v_convert.distill.job import plot_losses
@@ -202,7 +213,7 @@ def _write_output(plan: ConversionPlan, steps: Conversion, student, layers, repo
             save_converted(student, folder, metadata={
                 "m4v_version": m4v_convert.__version__, "source": summary["source"], "recipe": recipe.name,
                 "layers": ",".join(map(str, layers)), "calibration": summary["calibration"],
-            })
+            }, tensors=tensors)
             if steps.pipeline is not None:
                 write_pipeline(steps.pipeline, tmp, steps.transformer_folder, type(student).__name__,
                                copy_components=flags.copy_components)

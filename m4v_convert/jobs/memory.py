@@ -141,8 +141,10 @@ class MemoryPlan:
             fits.append(f"--layer-groups K > {distill.layer_groups} (one group of layers trained at a time)")
         if flags.dtype in ("auto", "float32", "fp32") and self.device.startswith("cuda"):
             fits.append("--dtype bfloat16")
-        if self.processes > 1 and not self.device.startswith("cuda"):
+        if self.processes > 1 and not self.device.startswith("cuda") and not getattr(flags, "fsdp", False):
             fits.append("fewer --num-processes (each holds both models)")
+        if not getattr(flags, "fsdp", False):
+            fits.append("--fsdp with --num-processes N (weights and training state sharded across N processes)")
         fits.append("fewer --layers")
         return (f"memory plan: this run needs about {self.needed / GB:.1f} GB ({self.peak / GB:.1f} GB per process at "
                 f"its peak, {phase.name}: weights {self.weights_total / GB:.1f} GB + {phase.total / GB:.1f} GB) but "
@@ -331,14 +333,21 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     weights["student (its converted layers)"] = tensor_bytes([*student.parameters(), *student.buffers()],
                                                              _ids(teacher))
     processes = world if device.type != "cuda" else 1
+    # --fsdp: every process holds 1/world of each weight and training state (distill/sharding.py)
+    shards = world if getattr(flags, "fsdp", False) and world > 1 else 1
+    whole_teacher = weights["teacher"]
+    if shards > 1:
+        weights = {f"{k}, 1/{shards} shard": -(-v // shards) for k, v in weights.items()}
     mp = MemoryPlan(device=str(device), processes=processes, weights=weights, phases=[],
                     available=available_bytes(device))
     # loading: the checkpoint read (mapped, or a state dict) beside the model's own copy; a backbone that
     # copies one weight file at a time says how much of it is read at once
     read_at_once = getattr(steps, "load_read_bytes", None)
-    read = weights["teacher"] if read_at_once is None else min(read_at_once(), weights["teacher"])
-    mp.phases.append(MemoryPhase("loading", {"the checkpoint while it is copied in": read}
-                                 ) if device.type == "cpu" else MemoryPhase("loading", {}))
+    read = whole_teacher if read_at_once is None else min(read_at_once(), whole_teacher)
+    loading = {"the checkpoint while it is copied in": read} if device.type == "cpu" else {}
+    if shards > 1:  # each process loads the whole teacher, then keeps its shard
+        loading["the whole teacher, before it is sharded"] = whole_teacher - next(iter(weights.values()))
+    mp.phases.append(MemoryPhase("loading", loading))
     adapter = steps.distill_adapter(teacher, student, layers)
     if adapter is None:
         return mp
@@ -389,12 +398,21 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     copied = {} if not any(k in d.stages and d.schedules[k].steps > 0 for k in (2, 3)) else \
         {id(p): p for p in every.values() if id(p) in teacher_ids}
     if copied:  # --train all: the student trains its own copy of each weight it shared with the teacher
-        mp.weights["student's copies of the weights it trains"] = _param_bytes(copied.values())
+        mp.weights["student's copies of the weights it trains" + (f", 1/{shards} shard" if shards > 1 else "")] = \
+            -(-_param_bytes(copied.values()) // shards)
     model_ids = _ids(teacher, student)
+    if shards > 1:
+        from m4v_convert.distill.sharding import block_lists
+
+        block_bytes = max(tensor_bytes([*t.parameters(), *s.parameters()]) for n in block_lists(teacher, student)
+                          for t, s in zip(getattr(teacher, n), getattr(student, n)))
     transient = 1 + (1 if device.type == "cuda" else 0)  # the gradients (+ AdamW's foreach temporaries)
 
     def training_state(k: int) -> tuple[str, int]:
         moments = 2 * _param_bytes(params[k].values())
+        if shards > 1:  # sharded gradients and AdamW states; a layer's whole gradients until reduce-scattered
+            return (f"gradients + AdamW states, 1/{shards} shard ({_count(params[k])} trainable) + one layer's "
+                    "whole gradients", -(-(moments + transient * (moments // 2)) // shards) + unit_bytes[k])
         if world == 1:  # one process: each layer steps inside the backward and frees its gradients
             return (f"AdamW states + one layer's gradients ({_count(params[k])} trainable)",
                     moments + transient * unit_bytes[k])
@@ -413,6 +431,8 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
         per = sum(two.values()) - sum(one.values())
         label, state = training_state(k)
         parts = {label: state, "held-out batches": eval_inputs, **parts}
+        if shards > 1:  # FSDP2 gathers a block's weights to run it (and the next one's, prefetched)
+            parts["two blocks' gathered weights"] = 2 * block_bytes
         return MemoryPhase(name, parts, batch=b, per_sample=per)
 
     runs = {k: k in d.stages and d.schedules[k].steps > 0 for k in (1, 2, 3)}

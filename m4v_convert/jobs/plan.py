@@ -56,6 +56,7 @@ class ConvertFlags:
     report_size: tuple[int, int] | None = None  # FLOPs report video size (None: the backbone's default)
     report_frames: int | None = None
     num_processes: int = 1
+    fsdp: bool = False  # shard teacher and student across the processes with FSDP2 (distill/sharding.py)
     grad_checkpointing: bool | None = None  # None: the recipe's distill.grad_checkpointing
     layer_groups: int | None = None  # every stage in this many groups of layers, one after another (less memory)
     mixed_precision: str = "auto"
@@ -146,6 +147,7 @@ def load_for(flags: ConvertFlags, command: str | None = None):
     """(recipe, registry entry) of ``flags``, with the flags and checks this backbone refuses applied
     (``command``: the backbone a backbone command converts, checked against the recipe's)."""
     from m4v_convert.backbones import registry
+    from m4v_convert.distill.distributed import in_distributed_env
     from m4v_convert.recipes import load_recipe
 
     recipe = load_recipe(flags.recipe)  # validated before any weight is read
@@ -159,6 +161,9 @@ def load_for(flags: ConvertFlags, command: str | None = None):
                        "recipes")
     if flags.num_processes < 1:
         raise M4VError(f"--num-processes: expected >= 1, got {flags.num_processes}")
+    if flags.fsdp and flags.num_processes < 2 and not in_distributed_env():
+        raise M4VError("--fsdp shards the weights across processes: add --num-processes N (N >= 2), or start the "
+                       "command with accelerate launch / torchrun")
     if flags.report_frames is not None and flags.report_frames < 1:
         raise M4VError(f"--frames: expected >= 1, got {flags.report_frames}")
     entry.check_conversion_flags(flags, recipe)
@@ -172,7 +177,7 @@ def plan_conversion(flags: ConvertFlags, recipe, entry, console=None) -> Convers
 
     con = console_or_default(console)
     device, dtype = resolve_device(flags.device), resolve_dtype(flags.dtype)
-    dist, device, con = join_process_group(device, con)
+    dist, device, con = join_process_group(device, con, flags.fsdp)
     check_output_dir(flags.out, flags.overwrite, conversion_inputs(flags, recipe))
     if dist.is_main:
         for leftover in remove_stale_temporaries(flags.out):
@@ -193,12 +198,12 @@ def conversion_inputs(flags: ConvertFlags, recipe) -> dict[str, Path | None]:
             "recipe": recipe.path}
 
 
-def join_process_group(device: torch.device, con):
+def join_process_group(device: torch.device, con, fsdp: bool = False):
     """(dist context, this process's device, its console) inside a launched run (no-op outside one):
     each process takes its local GPU, and only rank 0 prints."""
     from m4v_convert.distill.distributed import init_distributed
 
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, fsdp)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)

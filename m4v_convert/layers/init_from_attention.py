@@ -179,4 +179,10 @@ def calibrate_output_norm(block: MMDiM, student_pre_out: torch.Tensor, teacher_p
     s = student_pre_out.float().reshape(-1, c.nheads, c.headdim).pow(2).mean((0, 2)).sqrt()
     t = teacher_pre_out.float().reshape(-1, c.nheads, c.headdim).pow(2).mean((0, 2)).sqrt()
     scale = (t / s.clamp(min=1e-8)).repeat_interleave(c.headdim)
-    block.mixer.norm.weight.mul_(scale.to(block.mixer.norm.weight))
+    weight = block.mixer.norm.weight
+    scale = scale.to(device=weight.device, dtype=weight.dtype)
+    if hasattr(weight, "device_mesh"):  # sharded by FSDP2 (--fsdp): every process scales its own rows
+        from torch.distributed.tensor import distribute_tensor
+
+        scale = distribute_tensor(scale, weight.device_mesh, weight.placements, src_data_rank=None)
+    weight.mul_(scale)

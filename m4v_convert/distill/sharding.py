@@ -1,0 +1,148 @@
+"""Sharded distillation with FSDP2 (``--fsdp``): each process holds 1/N of the teacher and student.
+
+The student shares every unconverted weight with the teacher (``models/converted.py``), so the two
+are sharded together, one FSDP2 group per transformer block: ``fully_shard([teacher.blocks[i],
+student.blocks[i]])`` gathers the block's weights before whichever of the two runs it and frees them
+after, and the teacher's pass runs through the same sharded blocks as the student's. Each
+stage-1 module (a converted layer's MM-DiM) is a group of its own inside its block, because stage 1
+calls it alone on the teacher's records. What precedes and follows the blocks (embeddings, output
+head) belongs to one root group over both models (:class:`_Pair`); FSDP2 needs a single root, so
+calls of the teacher and of the student are routed through it.
+
+Gradients are averaged by FSDP2's reduce-scatter (each process keeps its shard's), AdamW and the
+gradient-norm limits act on the sharded parameters, and the output is gathered one tensor at a
+time (:func:`full_tensors`) for rank 0 to write.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from m4v_convert.distill.distributed import DistContext
+from m4v_convert.errors import M4VError
+
+
+class _Pair(nn.Module):
+    """The root of the sharded teacher and student: ``pair("teacher", ...)`` runs the teacher."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module):
+        super().__init__()
+        self.teacher, self.student = teacher, student
+
+    def forward(self, which: str, *args, **kwargs):
+        model = getattr(self, which)
+        return type(model).forward(model, *args, **kwargs)  # the class's forward: the instance's routes here
+
+
+def block_lists(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Names of the student's top-level ``nn.ModuleList``s of transformer blocks (the teacher has the same)."""
+    names = [n for n, m in student.named_children() if isinstance(m, nn.ModuleList) and len(m)
+             and isinstance(getattr(teacher, n, None), nn.ModuleList) and len(getattr(teacher, n)) == len(m)]
+    if not names:
+        raise M4VError(f"--fsdp: {type(teacher).__name__} has no list of transformer blocks to shard")
+    return names
+
+
+def stage1_groups(student: nn.Module, blocks: dict[int, nn.Module]) -> list[nn.Module]:
+    """The student modules that get their own FSDP2 group so stage 1 can call them alone: each stage-1
+    module, or where it wraps converted layers from outside the model, the student modules it holds."""
+    inside = {id(m) for m in student.modules()}
+    out = []
+    for i, m in blocks.items():
+        held = [m] if id(m) in inside else [c for c in m.children() if id(c) in inside]
+        if not held:
+            raise M4VError(f"--fsdp: the stage-1 module of layer {i} holds no module of the model; this backbone "
+                           "cannot be sharded")
+        out += held
+    return out
+
+
+def shard(teacher: nn.Module, student: nn.Module, blocks: dict[int, nn.Module], dist: DistContext,
+          device: torch.device, bf16: bool) -> _Pair:
+    """Shard ``teacher`` and ``student`` in place across ``dist``'s processes (module docstring); returns
+    the root. ``bf16`` (CUDA): blocks compute in bfloat16 from float32 masters, gradients reduced in
+    float32. Every process must hold the same weights before: the student's own are broadcast from rank 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # FSDP2 warns of every module returning a view, which an in-place op would detach from its
+    # backward hook; no caller here modifies these outputs in place (tests/test_fsdp.py compares the
+    # sharded run's weights with one process's)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
+    shared = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
+    dist.broadcast_([t for t in (*student.parameters(), *student.buffers()) if id(t) not in shared])
+    mesh = init_device_mesh(device.type, (dist.world,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
+    for m in stage1_groups(student, blocks):
+        fully_shard(m, mesh=mesh, mp_policy=policy)
+    for name in block_lists(teacher, student):
+        for t, s in zip(getattr(teacher, name), getattr(student, name)):
+            fully_shard([t, s], mesh=mesh, mp_policy=policy)
+    pair = _Pair(teacher, student)
+    # the root too frees its gathered weights after each call: the stages look up, freeze and unfreeze
+    # parameters between calls, which must then be the sharded ones
+    fully_shard(pair, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    # the root's weights are gathered only when the root runs: the models' own calls go through it
+    teacher.forward = lambda *a, **k: pair("teacher", *a, **k)
+    student.forward = lambda *a, **k: pair("student", *a, **k)
+    # the root must be set up first, or the first stage-1 module called would take its place
+    pair._get_fsdp_state()._lazy_init()
+    return pair
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def scalar(t: torch.Tensor) -> float:
+    """A (possibly sharded) 0-d tensor as a float."""
+    return float(t.full_tensor() if is_sharded(t) else t)
+
+
+def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model``'s state dict, one full tensor at a time. Sharded tensors are gathered: every process
+    must run this to the end, in step."""
+    for name, t in model.state_dict().items():
+        yield name, (t.full_tensor() if is_sharded(t) else t).detach()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_shards(folder, model: nn.Module, names: list[str], optimizers: list | None) -> None:
+    """Every process writes its shards of ``model``'s parameters ``names`` (and of ``optimizers``'
+    states) into ``folder`` with ``torch.distributed.checkpoint``; a collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    named = dict(model.named_parameters())
+    state = {"weights": {n: named[n] for n in names}}
+    if optimizers:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizers)
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_shards(folder, model: nn.Module, names: list[str]) -> None:
+    """Read this process's shards of the parameters ``names`` from ``folder`` into ``model``, in place."""
+    import torch.distributed.checkpoint as dcp
+
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        dcp.load({"weights": {n: named[n] for n in names}}, checkpoint_id=str(folder))
+
+
+def load_optimizer_shards(folder, model: nn.Module, optimizers: list) -> None:
+    """Read this process's shards of ``optimizers``' states from ``folder`` (written by :func:`save_shards`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizers)}  # the layout, filled in by the load
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizers, state["optimizer"])
