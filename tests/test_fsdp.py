@@ -14,10 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cli import app
 from m4v_convert import load_converted
-from m4v_convert.io.safetensors_io import write_streamed
-from test_distill import ROOT, _args, _cheap_flops_report, _convert, _env, _log, _losses, _recipe  # noqa: F401
 from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan
+from m4v_convert.io.safetensors_io import write_streamed
+from test_distill import (ROOT, _args, _cheap_flops_report, _convert, _env, _log, _losses, _recipe,  # noqa: F401
+                          runner)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,9 @@ def test_sharded_run_refusals_are_one_line(ckpt, recipe_file, tmp_path, monkeypa
              "--num-processes N")
     _refused(_convert(ckpt, out, recipe_file, "--fsdp", "--num-processes", "2", "--train", "lora"),
              "--fsdp with --train lora")
+    # PyramidFlow's teacher records read weights outside its forward; generic recipes run one process
+    _refused(runner.invoke(app, ["pyramidflow", "--checkpoint", str(tmp_path / "none"), "--out", str(out), "--fsdp",
+                                 "--num-processes", "2"]), "--fsdp: not offered for pyramidflow recipes")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     _refused(_convert(ckpt, out, recipe_file), "accelerate launch --use_fsdp", "--fsdp_version 2")

@@ -28,7 +28,8 @@ register(Backbone(
     name="pyramidflow",
     converts="PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)",
     conversion="m4v_convert.backbones.pyramidflow.conversion:PyramidFlowConversion",
-    flags_not_offered=("model", "report_size", "report_frames", "deterministic", "videos", *PROMPT_FLAGS),
+    # fsdp: the teacher's records read weights outside its forward (a sharded weight there is not whole)
+    flags_not_offered=("model", "report_size", "report_frames", "deterministic", "videos", "fsdp", *PROMPT_FLAGS),
     check_flags="m4v_convert.backbones.pyramidflow.conversion:check_flags",
     published_flops="m4v_convert.backbones.pyramidflow.conversion:published_flops",
     converted_class="m4v_convert.backbones.pyramidflow.converted:converted_class_for_config",
@@ -46,7 +47,7 @@ register(Backbone(
 register(Backbone(
     name="generic",
     converts="any model a backbone: generic recipe describes",
-    flags_not_offered=("num_processes", "deterministic", "videos"),
+    flags_not_offered=("num_processes", "fsdp", "deterministic", "videos"),
     conversion="m4v_convert.backbones.generic.conversion:GenericConversion",
     check_flags="m4v_convert.backbones.generic.conversion:check_flags",
     default_stages="1,2",  # no stage 3 for generic recipes

@@ -362,11 +362,14 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
     if state is not None:
         check_identity(state["identity"], identity, plan.run_dir.path)
     if dist.fsdp:  # after everything that reads whole weights (the identity's fingerprints, --train all's copies)
-        from m4v_convert.distill.sharding import shard
+        from m4v_convert.distill.sharding import release_freed_memory, shard
 
+        names = {k: list(ps) for k, ps in stage_params.items()}
+        stage_params = None  # sharding replaces the parameters: nothing may keep the whole ones
         shard(teacher, student, blocks, dist, device, plan.bf16)
-        named = dict(student.named_parameters())  # sharding replaced the parameters
-        stage_params = {k: {n: named[n] for n in ps} for k, ps in stage_params.items()}
+        release_freed_memory()
+        named = dict(student.named_parameters())
+        stage_params = {k: {n: named[n] for n in ns} for k, ns in names.items()}
         con.print(f"FSDP2: teacher and student sharded across {dist.world} processes, one group per block")
     trainer = Trainer(student, dist=dist, run_dir=plan.run_dir, console=con, device=device, bf16=plan.bf16,
                       identity=identity, persist=persist)

@@ -95,6 +95,20 @@ def shard(teacher: nn.Module, student: nn.Module, blocks: dict[int, nn.Module], 
     return pair
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc). What sharding frees (the whole weights)
+    and what each sharded step frees (gathered blocks, their gradients) are many block-sized
+    allocations that glibc keeps in its heap, resident: measured 1.3 GB after sharding Wan2.1-1.3B in 2
+    processes, and 0.8 GB of 2 GB per process after each step of a 4-block Wan."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 

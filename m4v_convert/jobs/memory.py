@@ -8,7 +8,7 @@ code that will run (the teacher pass recording stage 1's inputs, activations, te
 gradient checkpointing recomputes, the activations' gradients), not a hand formula. Added to that:
 both models' weights (the student's own: it shares the rest with the teacher), each stage's
 AdamW states and gradients (of the largest layer group; in one process every stage holds one
-layer's gradients at a time), the held-out batches and their records,
+layer's gradients at a time), the held-out batches (and, before and after stage 1's training, their records),
 the calibration samples, the load (a mapped weight file beside its copy), and the pipeline
 components ``--prompts`` / ``--videos`` sampling loads.
 
@@ -456,9 +456,10 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
 
         name = "stage 1 (attention transfer)" if group is None else \
             f"stage 1 (attention transfer, largest of {d.layer_groups} layer groups: {len(group)} layers)"
-        phase = per_sample_phase(name, 1, stage1)
-        phase.parts["teacher records (held-out batches)"] = held
-        mp.phases.append(phase)
+        mp.phases.append(per_sample_phase(name, 1, stage1))
+        # the held-out records exist before and after training, not during it (stage1.run_stage1)
+        mp.phases.append(MemoryPhase("stage 1 held-out errors (before and after training)",
+                                     {"held-out batches": eval_inputs, "teacher records (held-out batches)": held}))
     of_groups = "" if group is None else f", largest of {len(groups)} layer groups"
 
     def unchecked_saved_bytes(loss) -> int:
