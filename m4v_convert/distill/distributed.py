@@ -9,7 +9,8 @@ identical. With equal per-process batches this is the single-process step on the
 Start it with ``accelerate launch --multi_gpu --num_processes N -m cli wan2.1 ...`` (``--multi_gpu``
 selects accelerate's torchrun launcher, which also runs CPU-only processes), ``torchrun
 --nproc_per_node N -m cli wan2.1 ...``, or ``m4v-convert wan2.1 --num-processes N ...``, which
-re-launches itself through accelerate's launcher (:func:`launch`).
+re-launches itself through accelerate's launcher (:func:`launch`). With ``--fsdp`` the processes
+shard the weights instead of replicating them (``sharding.py``); this module still sets them up.
 """
 
 from __future__ import annotations

@@ -335,9 +335,13 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     processes = world if device.type != "cuda" else 1
     # --fsdp: every process holds 1/world of each weight and training state (distill/sharding.py)
     shards = world if getattr(flags, "fsdp", False) and world > 1 else 1
+
+    def per_shard(n: int) -> int:  # one process's part, rounded up
+        return -(-n // shards)
+
     whole_teacher = weights["teacher"]
     if shards > 1:
-        weights = {f"{k}, 1/{shards} shard": -(-v // shards) for k, v in weights.items()}
+        weights = {f"{k}, 1/{shards} shard": per_shard(v) for k, v in weights.items()}
     mp = MemoryPlan(device=str(device), processes=processes, weights=weights, phases=[],
                     available=available_bytes(device))
     # loading: the checkpoint read (mapped, or a state dict) beside the model's own copy; a backbone that
@@ -346,7 +350,7 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     read = whole_teacher if read_at_once is None else min(read_at_once(), whole_teacher)
     loading = {"the checkpoint while it is copied in": read} if device.type == "cpu" else {}
     if shards > 1:  # each process loads the whole teacher, then keeps its shard
-        loading["the whole teacher, before it is sharded"] = whole_teacher - next(iter(weights.values()))
+        loading["the whole teacher, before it is sharded"] = whole_teacher - per_shard(whole_teacher)
     mp.phases.append(MemoryPhase("loading", loading))
     adapter = steps.distill_adapter(teacher, student, layers)
     if adapter is None:
@@ -399,7 +403,7 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
         {id(p): p for p in every.values() if id(p) in teacher_ids}
     if copied:  # --train all: the student trains its own copy of each weight it shared with the teacher
         mp.weights["student's copies of the weights it trains" + (f", 1/{shards} shard" if shards > 1 else "")] = \
-            -(-_param_bytes(copied.values()) // shards)
+            per_shard(_param_bytes(copied.values()))
     model_ids = _ids(teacher, student)
     if shards > 1:
         from m4v_convert.distill.sharding import block_lists
@@ -412,7 +416,7 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
         moments = 2 * _param_bytes(params[k].values())
         if shards > 1:  # sharded gradients and AdamW states; a layer's whole gradients until reduce-scattered
             return (f"gradients + AdamW states, 1/{shards} shard ({_count(params[k])} trainable) + one layer's "
-                    "whole gradients", -(-(moments + transient * (moments // 2)) // shards) + unit_bytes[k])
+                    "whole gradients", per_shard(moments + transient * (moments // 2)) + unit_bytes[k])
         if world == 1:  # one process: each layer steps inside the backward and frees its gradients
             return (f"AdamW states + one layer's gradients ({_count(params[k])} trainable)",
                     moments + transient * unit_bytes[k])
