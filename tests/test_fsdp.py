@@ -129,6 +129,62 @@ def test_sharded_run_equals_one_process_and_data_parallel_and_resumes_after_sigk
     assert [p.name for p in run.iterdir() if p.is_dir()] == [json.loads((run / "state.json").read_text())["shards"]]
 
 
+def test_a_sharded_pass_gathers_one_block_at_a_time(tmp_path):
+    """Sharded together, a teacher block and its student block form one FSDP2 group; a pass of the
+    teacher alone, and of the student alone (forward and backward), has at most the block it runs
+    and the one fetched ahead gathered, never every block at once, and computes what the unsharded
+    models compute (oracle: the models before sharding)."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from m4v_convert.backbones.wan.distill import WanDistillAdapter
+    from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
+    from m4v_convert.backbones.wan.testing import tiny_wan_inputs
+    from m4v_convert.distill.distributed import DistContext
+    from m4v_convert.distill.sharding import shard
+
+    layers = [0, 1, 2, 3, 4]
+    teacher = make_tiny_wan(seed=2, num_layers=len(layers)).requires_grad_(False)
+    student = M4VWanTransformer3DModel.from_teacher(teacher)
+    student.convert_(layers, {"temporal_dim": 8, "temporal_heads": 2, "bc_norm": "across_groups"})
+    batch = tiny_wan_inputs(teacher, batch=1, frames=2, height=8, width=8, text_len=6)
+    whole_t, whole_s = copy.deepcopy(teacher), copy.deepcopy(student)
+    expect_t = whole_t(**batch, return_dict=False)[0]
+    expect_s = whole_s(**batch, return_dict=False)[0]
+    expect_s.square().mean().backward()
+    expect_grads = {n: p.grad for n, p in whole_s.named_parameters() if p.grad is not None}
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        blocks = WanDistillAdapter(layers=layers, patch_size=(1, 2, 2)).mmdim_blocks(student)
+        shard(teacher, student, blocks, DistContext(world=1, fsdp=True), torch.device("cpu"), bf16=False)
+        gathered: list[int] = []
+
+        def count(module, args):  # blocks whose weights are gathered (not the sharded DTensors) when one runs
+            gathered.append(sum(not isinstance(b.scale_shift_table, DTensor) for b in teacher.blocks))
+        for model in (teacher, student):
+            for b in model.blocks:
+                b.register_forward_pre_hook(count)
+        with torch.no_grad():
+            got_t = teacher(**batch, return_dict=False)[0]
+        teacher_pass, gathered[:] = list(gathered), []
+        got_s = student(**batch, return_dict=False)[0]
+        got_s.square().mean().backward()
+        student_pass = list(gathered)
+        grads = {n: p.grad.full_tensor() for n, p in student.named_parameters() if p.grad is not None}
+    finally:
+        dist.destroy_process_group()
+    assert len(teacher_pass) == len(student_pass) == len(layers)
+    assert max(teacher_pass) <= 2 and max(student_pass) <= 2, (teacher_pass, student_pass)
+    torch.testing.assert_close(got_t, expect_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_s, expect_s, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expect_grads.keys() and len(grads) > 20
+    for n in grads:
+        torch.testing.assert_close(grads[n], expect_grads[n], rtol=1e-4, atol=1e-6)
+
+
 def test_sharded_run_refusals_are_one_line(ckpt, recipe_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     _refused(_convert(ckpt, out, recipe_file, "--fsdp"), "--fsdp shards the weights across processes",

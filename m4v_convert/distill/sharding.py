@@ -83,6 +83,7 @@ def shard(teacher: nn.Module, student: nn.Module, blocks: dict[int, nn.Module], 
     for name in block_lists(teacher, student):
         for t, s in zip(getattr(teacher, name), getattr(student, name)):
             fully_shard([t, s], mesh=mesh, mp_policy=policy)
+            _one_model_per_pass(t, s)
     pair = _Pair(teacher, student)
     # the root too frees its gathered weights after each call: the stages look up, freeze and unfreeze
     # parameters between calls, which must then be the sharded ones
@@ -93,6 +94,30 @@ def shard(teacher: nn.Module, student: nn.Module, blocks: dict[int, nn.Module], 
     # the root must be set up first, or the first stage-1 module called would take its place
     pair._get_fsdp_state()._lazy_init()
     return pair
+
+
+def _one_model_per_pass(teacher_block: nn.Module, student_block: nn.Module) -> None:
+    """Let a call of either block complete their group's forward. FSDP2 ends a group's forward
+    (frees its gathered weights, sets up their gathering for backward) once every module of the
+    group has run, else only at the end of the root's forward; a teacher or student pass runs only
+    its own block of each pair, so every block stayed gathered through the whole pass: the whole
+    model at once (measured: all 8 blocks of an 8-block Wan gathered at the end of a teacher pass).
+    Each block's call now counts for both: after FSDP2's own pre-forward hook has listed the group's
+    modules to run, the other block is struck off. Relies on FSDP2's ``_modules_to_run_forward``
+    (torch 2.13); tests/test_fsdp.py checks that at most two blocks are gathered during a pass."""
+    state = teacher_block._get_fsdp_state()
+    if not isinstance(getattr(state, "_modules_to_run_forward", None), set):
+        raise M4VError("--fsdp: this torch's FSDP2 has no per-group forward record (_modules_to_run_forward); "
+                       "the sharded teacher and student would gather every block at once. Use torch 2.13")
+
+    def runs_alone(other: nn.Module):
+        def hook(module, args, kwargs):
+            state._modules_to_run_forward.discard(other)
+        return hook
+
+    # appended: FSDP2's pre-forward hook is prepended, so it has filled the record when these run
+    teacher_block.register_forward_pre_hook(runs_alone(student_block), with_kwargs=True)
+    student_block.register_forward_pre_hook(runs_alone(teacher_block), with_kwargs=True)
 
 
 def release_freed_memory() -> None:
