@@ -29,7 +29,8 @@ VARIANTS = {"default": [], "layer-groups-4": ["--layer-groups", "4"],  # gradien
             "no-grad-checkpointing + layer-groups-4": ["--no-grad-checkpointing", "--layer-groups", "4"],
             # 2 processes, weights sharded (issue 39): the peak is the larger of the two processes' (each
             # on one thread, the 2 cores between them)
-            "fsdp-2": ["--num-processes", "2", "--fsdp", "--threads", "1"]}
+            "fsdp-2": ["--num-processes", "2", "--fsdp", "--threads", "1"],
+            "fsdp-2 + layer-groups-4": ["--num-processes", "2", "--fsdp", "--threads", "1", "--layer-groups", "4"]}
 
 LOAD = """
 import resource, sys

@@ -90,19 +90,28 @@ def env_flag(var: str) -> bool:
     return os.environ.get(var, "false").lower() in ("1", "true")
 
 
+def sharding_requested(fsdp_flag: bool) -> bool:
+    """Whether this run shards its weights: ``--fsdp``, or ``accelerate launch --use_fsdp
+    --fsdp_version 2`` (any other FSDP version is refused)."""
+    from m4v_convert.errors import M4VError
+
+    if not env_flag("ACCELERATE_USE_FSDP"):
+        return bool(fsdp_flag)
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise M4VError("accelerate launch --use_fsdp: m4v-convert shards with FSDP2; add --fsdp_version 2 (its "
+                       "other FSDP settings are not read: the trainer shards per transformer block itself)")
+    return True
+
+
 def init_distributed(device_type: str, fsdp: bool = False) -> DistContext:
-    """The process group of this run (a no-op context outside a multi-process launch). ``fsdp``
-    (``--fsdp``, or ``accelerate launch --use_fsdp --fsdp_version 2``): shard the weights."""
+    """The process group of this run (a no-op context outside a multi-process launch). ``fsdp``:
+    ``--fsdp`` (see :func:`sharding_requested`)."""
     from m4v_convert.errors import M4VError
 
     if env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise M4VError("accelerate launch with DeepSpeed: not supported by m4v-convert's trainer; launch without it "
                        "(--fsdp shards the weights with FSDP2; see docs/distillation.md)")
-    if env_flag("ACCELERATE_USE_FSDP"):
-        if os.environ.get("FSDP_VERSION", "1") != "2":
-            raise M4VError("accelerate launch --use_fsdp: m4v-convert shards with FSDP2; add --fsdp_version 2 (its "
-                           "other FSDP settings are not read: the trainer shards per transformer block itself)")
-        fsdp = True
+    fsdp = sharding_requested(fsdp)
     if not in_distributed_env():
         return DistContext()
     from accelerate import PartialState

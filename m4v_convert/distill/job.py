@@ -215,10 +215,10 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
 def check_resume_processes(path: Path, state: dict, opts) -> None:
     """A run resumes with the processes it had, sharded (``--fsdp``) if it was: checked before
     anything is launched or loaded."""
-    from m4v_convert.distill.distributed import env_flag
+    from m4v_convert.distill.distributed import sharding_requested
 
     sharded = bool(state.get("shards"))
-    fsdp = bool(getattr(opts, "fsdp", False)) or env_flag("ACCELERATE_USE_FSDP")
+    fsdp = sharding_requested(getattr(opts, "fsdp", False))
     saved = state["identity"].get("world_size")
     world = int(os.environ.get("WORLD_SIZE", 0)) or getattr(opts, "num_processes", 1)
     if sharded != fsdp or (saved is not None and saved != world):
