@@ -354,7 +354,7 @@ def ablate(
     teacher: Path = typer.Argument(..., help="the Wan2.1 checkpoint to convert"),
     out: Path = typer.Option(..., "--out", help="output folder: ablation.md/json, variants/<name>/"),
     variants: str = typer.Option("full,no-text-sandwich,no-registers,raster,no-temporal,forward-only", "--variants",
-                                 help="comma-separated MM-DiM variants"),
+                                 help="comma-separated MM-DiM variants (also: time-scan, alternate-scan)"),
     layers: Optional[str] = typer.Option(None, "--layers", help="layers to convert (default: recipe)"),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps per variant "
                                                 "(default: recipe)"),

@@ -281,8 +281,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise RecipeError("\n".join(msgs)) from None
     mmdim = data.get("mmdim") or {}
     _check_mmdim(mmdim, where)
+    defaults = {f.name: f.default for f in dataclasses.fields(MMDiMConfig)}
     for key, why in registry.get(spec.backbone).refused_mmdim:
-        if mmdim.get(key):
+        if key in mmdim and mmdim[key] != defaults[key]:
             raise RecipeError(f"{where(('mmdim', key))}: field 'mmdim.{key}' {why}")
     published = {}
     for key, rel in (data.get("published") or {}).items():

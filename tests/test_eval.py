@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -477,6 +478,18 @@ def test_cli_ablate_distils_each_variant_at_every_seed_and_pairs_within_a_seed(f
 def test_cli_ablate_bad_variant(folders, tmp_path):
     res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(tmp_path / "o"), "--variants", "nope"])
     assert res.exit_code != 0 and "unknown 'nope'" in res.output and not (tmp_path / "o").exists()
+
+
+def test_ablate_runs_the_recipe_components_unless_asked_for_the_scan_variants():
+    import inspect
+
+    import cli
+    from m4v_convert.jobs.ablate import DEFAULT_VARIANTS, VARIANTS, AblateOptions
+
+    default = inspect.signature(cli.ablate).parameters["variants"].default.default
+    assert default.split(",") == list(DEFAULT_VARIANTS) == AblateOptions(teacher=Path("t"), out=Path("o")).variants
+    assert set(VARIANTS) - set(DEFAULT_VARIANTS) == {"time-scan", "alternate-scan"}
+    assert VARIANTS["time-scan"][0] == {"scan": "time"} and VARIANTS["alternate-scan"][0] == {"scan": "alternate"}
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,8 @@ MMDIM_VARIANTS = [
     dict(temporal_causal=False, conv_activation="silu", out_norm=False, chunk_size=5),
     dict(bidirectional=True, temporal_causal=False),
     dict(bidirectional=True, out_norm=False, chunk_size=5, temporal=False),
+    dict(scan="time"),  # time-major: a permutation, the same counts
+    dict(scan="alternate", layer_index=1, bidirectional=True, temporal_causal=False),
 ]
 
 
@@ -143,8 +145,11 @@ def test_mmdim_sequence_length_matches_recomposer():
     for sandwich in (True, False):
         for registers in (True, False):
             cfg = MMDiMConfig(d_model=8, nheads=2, headdim=4, text_sandwich=sandwich, registers=registers)
-            rc = Recomposer(layout, 0, registers=registers, text_sandwich=sandwich)
-            assert mmdim_sequence_length(cfg, layout, 7) == rc.sequence_length(7)
+            for time_major in (False, True):
+                rc = Recomposer(layout, 0, registers=registers, text_sandwich=sandwich, time_major=time_major)
+                assert mmdim_sequence_length(cfg, layout, 7) == rc.sequence_length(7)
+                assert rc.forward(torch.zeros(1, layout.num_tokens, 2), torch.zeros(1, 2),
+                                  torch.zeros(1, 7, 2) if sandwich else None).shape[1] == rc.sequence_length(7)
     cfg = MMDiMConfig(d_model=8, nheads=2, headdim=4)
     assert mmdim_sequence_length(cfg, layout, 7) == 60 + 2 * 7 + 3 + 1
 

@@ -106,6 +106,81 @@ def test_registers_sit_before_every_frame_and_once_at_the_end():
         assert seq[p].item() == val
 
 
+def _time_major_by_hand(layout, path):
+    """The time-major video order written out with loops: per frame block, its cells in the zigzag
+    path's order, at each cell every frame (forwards at even cells, backwards at odd ones)."""
+    order, start = [], 0
+    for b in layout.blocks:
+        cells = list(range(b.frame_tokens)) if path is None else zigzag_order(b.height, b.width, path).tolist()
+        for k, cell in enumerate(cells):
+            frames = range(b.num_frames) if k % 2 == 0 else reversed(range(b.num_frames))
+            order += [start + t * b.frame_tokens + cell for t in frames]
+        start += b.num_tokens
+    return order
+
+
+@pytest.mark.parametrize("path", [0, 5, None])
+@pytest.mark.parametrize("layout", [VideoLayout.single(4, 3, 5), MULTI_STAGE])
+def test_time_major_scan_is_the_order_by_hand_its_inverse_and_its_rotary_rows(path, layout):
+    b, d, lz = 2, 3, 4
+    video = torch.randn(b, layout.num_tokens, d)
+    regs = torch.tensor([[100.0] * d, [200.0] * d])
+    text, mask = torch.randn(b, lz, d), torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    rc = Recomposer(layout, path, registers=True, text_sandwich=True, time_major=True)
+    seq = rc.forward(video, regs, text, mask)
+    assert seq.shape[1] == rc.sequence_length(lz) == Recomposer(
+        layout, path, registers=True, text_sandwich=True).sequence_length(lz)  # the same length: the same FLOPs
+    body = seq[:, lz:seq.shape[1] - lz]
+    is_reg = body[0, :, 0] >= 100
+    assert torch.equal(body[:, ~is_reg], video[:, _time_major_by_hand(layout, path)])
+    # each block's registers (one per frame) before it, the last block's once more at the end
+    expected_regs, pos = [], 0
+    for blk in layout.blocks:
+        expected_regs += list(range(pos, pos + blk.num_frames))
+        pos += blk.num_frames + blk.num_tokens
+    assert torch.nonzero(is_reg).squeeze(1).tolist() == expected_regs + [pos]
+    v, t = rc.inverse(seq, text, mask)
+    assert torch.equal(v, video) and torch.allclose(t, 2 * text * mask.unsqueeze(-1))
+    # a per-token table (RoPE) lands on the rows of its own tokens
+    table = torch.arange(layout.num_tokens, dtype=torch.float32)[:, None]
+    rows = rc.permute_rows(table, torch.tensor([-1.0]), lz)[lz:seq.shape[1] - lz, 0]
+    assert rows[~is_reg].long().tolist() == _time_major_by_hand(layout, path) and torch.all(rows[is_reg] == -1)
+
+
+def test_time_major_neighbours_are_one_step_apart():
+    layout = VideoLayout.single(5, 4, 6)
+    order = _time_major_by_hand(layout, 2)
+    for a, b in zip(order, order[1:]):
+        (ta, ca), (tb, cb) = divmod(a, 24), divmod(b, 24)
+        same_cell_next_frame = ca == cb and abs(ta - tb) == 1
+        same_frame_next_cell = ta == tb and abs(ca // 6 - cb // 6) + abs(ca % 6 - cb % 6) == 1
+        assert same_cell_next_frame or same_frame_next_cell
+
+
+def test_block_scan_option_feeds_the_mixer_its_order_and_is_off_by_default():
+    layout = VideoLayout.single(3, 2, 4)
+    video = torch.randn(1, layout.num_tokens, 8, dtype=torch.float64)
+    seen = {}
+
+    def run(**kw):
+        torch.manual_seed(0)
+        blk = _block(layer_index=1, **kw)
+        blk.mixer.register_forward_hook(lambda m, args, out: seen.__setitem__(kw.get("scan"), args[0]))
+        return blk(video, layout)[0]
+
+    space, default = run(scan="space"), run()
+    assert torch.equal(space, default)  # off: today's block exactly
+    time_major, alternate = run(scan="time"), run(scan="alternate")  # layer 1 is odd: alternate = time
+    assert torch.equal(time_major, alternate) and not torch.allclose(time_major, space)
+    is_reg = torch.zeros(seen["time"].shape[1], dtype=torch.bool)
+    is_reg[:layout.num_frames] = True
+    is_reg[-1] = True
+    assert torch.equal(seen["time"][0, ~is_reg], video[0, _time_major_by_hand(layout, 1)])
+    assert MMDiMConfig(d_model=8, nheads=2, headdim=4, layer_index=2, scan="alternate").time_major is False
+    with pytest.raises(ValueError, match="scan: expected one of space, time, alternate"):
+        MMDiMConfig(d_model=8, nheads=2, headdim=4, scan="diagonal")
+
+
 def test_index_tables_are_cached():
     from m4v_convert.layers.recompose import video_indices
 

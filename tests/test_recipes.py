@@ -471,6 +471,11 @@ def test_generic_conversion_refuses_or_skips_what_it_does_not_offer(extra, expec
     ("pyramidflow-miniflux-384p", lambda d: d["mmdim"].update(bidirectional=True),
      "field 'mmdim.bidirectional' must be false for PyramidFlow: its attention is causal over frames "
      "(autoregressive generation), and a reversed scan would let every frame read the frames after it"),
+    ("pyramidflow-miniflux-768p", lambda d: d["mmdim"].update(scan="alternate"),
+     "field 'mmdim.scan' must be 'space' for PyramidFlow: its attention is causal over frames, and a time-major "
+     "scan runs back through the frames at every other position (earlier frames would read later ones)"),
+    ("wan2.1", lambda d: d["mmdim"].update(scan="diagonal"),
+     "invalid mmdim settings: scan: expected one of space, time, alternate, got 'diagonal'"),
 ])
 def test_backbone_specific_recipe_fields_come_from_the_registry_with_their_messages(tmp_path, base, edit, expect):
     """The fields a registry entry claims, requires or refuses, with the loader's messages word for word."""

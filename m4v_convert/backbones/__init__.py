@@ -42,7 +42,9 @@ register(Backbone(
                    "calib.teacher_first_frame_steps"),
     recipe_required=("variant", "resolution"),
     refused_mmdim=(("bidirectional", "must be false for PyramidFlow: its attention is causal over frames "
-                    "(autoregressive generation), and a reversed scan would let every frame read the frames after it"),),
+                    "(autoregressive generation), and a reversed scan would let every frame read the frames after it"),
+                   ("scan", "must be 'space' for PyramidFlow: its attention is causal over frames, and a time-major "
+                    "scan runs back through the frames at every other position (earlier frames would read later ones)")),
 ))
 register(Backbone(
     name="generic",

@@ -53,7 +53,7 @@ class Backbone:
     - ``recipe_fields``: the recipe fields only this family reads (``calib.x`` for a field of the
       ``calib`` section); another family's recipe that sets one is refused.
     - ``recipe_required``: the fields (or sections) this family's recipes must set.
-    - ``refused_mmdim``: ``(mmdim key, why)``: MM-DiM settings this family cannot take when true.
+    - ``refused_mmdim``: ``(mmdim key, why)``: MM-DiM settings this family takes only at their default.
     """
 
     name: str

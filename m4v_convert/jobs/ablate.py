@@ -29,14 +29,19 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "raster": ({"zigzag": False}, "raster scan instead of zigzag"),
     "no-temporal": ({"temporal": False}, "w/o temporal branch"),
     "forward-only": ({"bidirectional": False}, "forward scan only (no reversed scan)"),
+    # additions to measure (issue 28), not components of the recipe: asked for by name only
+    "time-scan": ({"scan": "time"}, "time-major scan (position by position)"),
+    "alternate-scan": ({"scan": "alternate"}, "time-major scan at odd layers"),
 }
+#: what ``ablate`` runs without --variants: the recipe's components (cli.py's --variants default too)
+DEFAULT_VARIANTS = ("full", "no-text-sandwich", "no-registers", "raster", "no-temporal", "forward-only")
 
 
 @dataclass(kw_only=True)
 class AblateOptions(SamplingOptions):
     teacher: Path
     out: Path
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     layers: str | None = None
     distill_steps: int | None = None
     stage2_steps: int | None = None

@@ -18,6 +18,7 @@ from m4v_convert.layers.recompose import NUM_PATHS, Recomposer, VideoLayout
 from m4v_convert.layers.temporal import TemporalBranch
 
 CONFIG_VERSION = 1
+SCANS = ("space", "time", "alternate")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class MMDiMConfig:
     registers: bool = True
     num_registers: int = 1  # one per resolution stage
     zigzag: bool = True  # False: raster order inside each frame
+    # the video's scan across time: "space" frame by frame; "time" position by position, every frame
+    # of a position in turn (recompose.time_major_order); "alternate": time at odd layers, space at even
+    scan: str = "space"
     # also scan the re-composed sequence backwards (shared weights, outputs summed): for backbones
     # whose attention is bidirectional over frames; off for autoregressive ones (PyramidFlow)
     bidirectional: bool = False
@@ -66,10 +70,16 @@ class MMDiMConfig:
         for name in ("d_model", "nheads", "headdim", "d_state", "ngroups", "num_registers", "chunk_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if self.scan not in SCANS:
+            raise ValueError(f"scan: expected one of {', '.join(SCANS)}, got {self.scan!r}")
 
     @property
     def path(self) -> int | None:
         return self.layer_index % NUM_PATHS if self.zigzag else None
+
+    @property
+    def time_major(self) -> bool:
+        return self.scan == "time" or (self.scan == "alternate" and self.layer_index % 2 == 1)
 
     def mixer_config(self) -> MixerConfig:
         return MixerConfig(
@@ -115,7 +125,7 @@ class MMDiM(nn.Module):
 
     def recomposer(self, layout: VideoLayout) -> Recomposer:
         return Recomposer(layout, self.config.path, registers=self.config.registers,
-                          text_sandwich=self.config.text_sandwich)
+                          text_sandwich=self.config.text_sandwich, time_major=self.config.time_major)
 
     def forward(
         self,
@@ -190,5 +200,5 @@ class MMDiM(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"layer_index={c.layer_index}, path={c.path}, text_sandwich={c.text_sandwich}, "
+        return (f"layer_index={c.layer_index}, path={c.path}, time_major={c.time_major}, text_sandwich={c.text_sandwich}, "
                 f"registers={c.num_registers if c.registers else 0}, bidirectional={c.bidirectional}, temporal={c.temporal}")

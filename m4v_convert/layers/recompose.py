@@ -12,9 +12,12 @@ The re-composed (mixer) sequence of one batch item is::
 where ``Z_l`` holds the valid text tokens pushed to its right end, ``Z_r`` the same tokens
 pushed to its left end (pads are zero vectors), and ``r_k`` is the learnable register of the
 frame's block (one register per resolution stage). The inverse drops the registers, undoes the
-zigzag and sums both text copies at the valid positions.
+zigzag and sums both text copies at the valid positions. Time-major (``MMDiMConfig.scan``) reads
+each frame block position by position instead, every frame of a position in turn, after the
+block's registers (:func:`time_major_order`): a token's previous-frame neighbour is one step back
+instead of a frame's length; the sequence has the same length.
 
-All index tensors depend only on (layout, path) and are cached per device.
+All index tensors depend only on (layout, path, time-major) and are cached per device.
 """
 
 from __future__ import annotations
@@ -106,11 +109,25 @@ def zigzag_order(height: int, width: int, path: int) -> torch.Tensor:
     return grid.reshape(-1)
 
 
+def time_major_order(num_frames: int, order: torch.Tensor) -> torch.Tensor:
+    """Indices into a block of ``num_frames`` raster-ordered frames that visit the spatial positions
+    in ``order`` (one frame's cell indices) and, at each, every frame: forwards in time at even
+    positions, backwards at odd ones, so consecutive tokens are always neighbours (the same cell in
+    adjacent frames, or adjacent cells of one frame)."""
+    cells = order.numel()
+    grid = (torch.arange(num_frames)[:, None] * cells + order[None, :]).t().clone()  # (cells, frames)
+    grid[1::2] = grid[1::2].flip(1)
+    return grid.reshape(-1)
+
+
 @lru_cache(maxsize=256)
-def _video_indices_cpu(layout: VideoLayout, path: int | None, registers: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _video_indices_cpu(layout: VideoLayout, path: int | None, registers: bool,
+                       time_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(gather, inverse) for the video part.
 
-    ``path=None`` keeps raster order inside frames (the zigzag ablation).
+    ``path=None`` keeps raster order inside frames (the zigzag ablation). ``time_major``: each frame
+    block is scanned position by position (:func:`time_major_order`) instead of frame by frame, its
+    registers (one per frame, as frame by frame) placed before it.
     ``gather[j]`` indexes into ``cat([video tokens (N), registers (R)])``: values < N are video
     tokens, ``N + k`` is register k. ``inverse[i]`` is the position of video token i in the
     re-composed video part.
@@ -119,7 +136,16 @@ def _video_indices_cpu(layout: VideoLayout, path: int | None, registers: bool) -
     pieces = []
     orders: dict[tuple[int, int], torch.Tensor] = {}
     last_register = 0
-    for start, h, w, reg, _ in layout.frame_slices():
+    if time_major:
+        start = 0
+        for b in layout.blocks:
+            if registers:
+                pieces.append(torch.full((b.num_frames,), n + b.register))
+            order = torch.arange(b.frame_tokens) if path is None else zigzag_order(b.height, b.width, path)
+            pieces.append(start + time_major_order(b.num_frames, order))
+            start += b.num_tokens
+            last_register = b.register
+    for start, h, w, reg, _ in ([] if time_major else layout.frame_slices()):
         if registers:
             pieces.append(torch.tensor([n + reg]))
         if (h, w) not in orders:
@@ -138,18 +164,19 @@ def _video_indices_cpu(layout: VideoLayout, path: int | None, registers: bool) -
 _DEVICE_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def _device_indices(layout: VideoLayout, path: int, registers: bool, device) -> tuple[torch.Tensor, ...]:
+def _device_indices(layout: VideoLayout, path: int, registers: bool, device,
+                    time_major: bool = False) -> tuple[torch.Tensor, ...]:
     """(gather, inverse, register_slots, register_ids) on ``device``, cached.
 
     ``register_slots`` are the positions of the registers in the re-composed video part and
     ``register_ids`` which register sits there (both empty without registers).
     """
-    key = (layout, path, registers, str(device))
+    key = (layout, path, registers, str(device), time_major)
     hit = _DEVICE_CACHE.get(key)
     if hit is None:
         if len(_DEVICE_CACHE) > 256:
             _DEVICE_CACHE.clear()
-        gather, inverse = _video_indices_cpu(layout, path, registers)
+        gather, inverse = _video_indices_cpu(layout, path, registers, time_major)
         is_register = gather >= layout.num_tokens
         slots = torch.nonzero(is_register).squeeze(1)
         ids = gather[is_register] - layout.num_tokens
@@ -158,8 +185,9 @@ def _device_indices(layout: VideoLayout, path: int, registers: bool, device) -> 
     return hit
 
 
-def video_indices(layout: VideoLayout, path: int, registers: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return _device_indices(layout, path, registers, device)[:2]
+def video_indices(layout: VideoLayout, path: int, registers: bool, device,
+                  time_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return _device_indices(layout, path, registers, device, time_major)[:2]
 
 
 def text_sandwich_indices(text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,12 +217,17 @@ class Recomposer:
     Stateless apart from the cached indices; the learnable registers are passed in.
     """
 
-    def __init__(self, layout: VideoLayout, path: int, *, registers: bool, text_sandwich: bool):
+    def __init__(self, layout: VideoLayout, path: int, *, registers: bool, text_sandwich: bool,
+                 time_major: bool = False):
         layout.validate()
         self.layout = layout
         self.path = path
         self.use_registers = registers
         self.use_text = text_sandwich
+        self.time_major = time_major
+
+    def _indices(self, device) -> tuple[torch.Tensor, ...]:
+        return _device_indices(self.layout, self.path, self.use_registers, device, self.time_major)
 
     def num_text_tokens(self, text: torch.Tensor | None) -> int:
         return text.shape[1] if (self.use_text and text is not None) else 0
@@ -213,8 +246,7 @@ class Recomposer:
         and the two text copies into their slots.
         """
         b, n, d = video.shape
-        gather, inverse, reg_slots, reg_ids = _device_indices(self.layout, self.path, self.use_registers,
-                                                              video.device)
+        gather, inverse, reg_slots, reg_ids = self._indices(video.device)
         lz = self.num_text_tokens(text)
         n_video = gather.numel()
         seq = video.new_empty(b, n_video + 2 * lz, d)
@@ -240,7 +272,7 @@ class Recomposer:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """seq: (b, L', d) mixer output → (video (b, N, d), text (b, Lz, d) or None)."""
         b, _, d = seq.shape
-        _, inverse = video_indices(self.layout, self.path, self.use_registers, seq.device)
+        inverse = self._indices(seq.device)[1]
         lz = self.num_text_tokens(text)
         video = seq.index_select(1, lz + inverse if lz else inverse)  # index_select: one gather pass
         if lz == 0:
@@ -272,7 +304,7 @@ class Recomposer:
         Returns (..., L', k) aligned with the mixer sequence.
         """
         n = self.layout.num_tokens
-        gather, _ = video_indices(self.layout, self.path, self.use_registers, rows.device)
+        gather = self._indices(rows.device)[0]
         lead = rows.shape[:-2]
         ext = torch.cat([rows, fill.to(rows).expand(*lead, 1, -1)], dim=-2)
         idx = gather.clamp(max=n)  # registers → fill row
