@@ -200,5 +200,6 @@ class MMDiM(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"layer_index={c.layer_index}, path={c.path}, time_major={c.time_major}, text_sandwich={c.text_sandwich}, "
-                f"registers={c.num_registers if c.registers else 0}, bidirectional={c.bidirectional}, temporal={c.temporal}")
+        return (f"layer_index={c.layer_index}, path={c.path}, time_major={c.time_major}, "
+                f"text_sandwich={c.text_sandwich}, registers={c.num_registers if c.registers else 0}, "
+                f"bidirectional={c.bidirectional}, temporal={c.temporal}")

@@ -134,26 +134,27 @@ def _video_indices_cpu(layout: VideoLayout, path: int | None, registers: bool,
     """
     n = layout.num_tokens
     pieces = []
-    orders: dict[tuple[int, int], torch.Tensor] = {}
-    last_register = 0
+
+    def cells(h: int, w: int) -> torch.Tensor:  # one frame's cells in scan order
+        return torch.arange(h * w) if path is None else zigzag_order(h, w, path)
+
     if time_major:
         start = 0
         for b in layout.blocks:
             if registers:
                 pieces.append(torch.full((b.num_frames,), n + b.register))
-            order = torch.arange(b.frame_tokens) if path is None else zigzag_order(b.height, b.width, path)
-            pieces.append(start + time_major_order(b.num_frames, order))
+            pieces.append(start + time_major_order(b.num_frames, cells(b.height, b.width)))
             start += b.num_tokens
-            last_register = b.register
-    for start, h, w, reg, _ in ([] if time_major else layout.frame_slices()):
-        if registers:
-            pieces.append(torch.tensor([n + reg]))
-        if (h, w) not in orders:
-            orders[(h, w)] = torch.arange(h * w) if path is None else zigzag_order(h, w, path)
-        pieces.append(start + orders[(h, w)])
-        last_register = reg
+    else:
+        orders: dict[tuple[int, int], torch.Tensor] = {}
+        for start, h, w, reg, _ in layout.frame_slices():
+            if registers:
+                pieces.append(torch.tensor([n + reg]))
+            if (h, w) not in orders:
+                orders[(h, w)] = cells(h, w)
+            pieces.append(start + orders[(h, w)])
     if registers:
-        pieces.append(torch.tensor([n + last_register]))
+        pieces.append(torch.tensor([n + layout.blocks[-1].register]))
     gather = torch.cat(pieces)
     is_video = gather < n
     inverse = torch.empty(n, dtype=torch.long)
