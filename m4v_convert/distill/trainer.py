@@ -8,8 +8,8 @@ averaging across processes, gradient clipping, the NaN/inf guard, checkpoints ev
 
 The distillation stages pass their parameters in ``units``, one per converted layer (its MM-DiM,
 and what else of its transformer block the stage trains): each unit gets its own AdamW and its own
-gradient-norm limit, and in a single process steps as soon as its gradients are complete, inside
-the backward pass, which then frees them: one layer's gradients exist at a time instead of all of
+gradient-norm limit, and in a single process (or sharded, ``--fsdp``) steps as soon as its gradients
+are complete, inside the backward pass, which then frees them: one layer's gradients exist at a time instead of all of
 them (1.4 GB for Wan2.1-1.3B, 21 GB for 14B in float32). In stage 1, whose layers' losses are
 independent, a layer then trains exactly as it would alone.
 """
@@ -95,10 +95,11 @@ class _UnitStates:
 
 
 class _UnitSteps:
-    """One AdamW and one gradient-norm limit per unit of parameters. ``in_backward`` (one process):
-    a unit steps as soon as the backward pass has accumulated all its gradients, and its gradients
-    are freed then; otherwise (several processes: gradients are averaged after the backward) every
-    unit steps after it."""
+    """One AdamW and one gradient-norm limit per unit of parameters. ``in_backward`` (one process, or
+    sharded: FSDP2 hands each parameter its averaged shard of the gradient inside the backward): a
+    unit steps as soon as the backward pass has accumulated all its gradients, and its gradients are
+    freed then; otherwise (data parallel: gradients are averaged after the backward) every unit
+    steps after it."""
 
     def __init__(self, units: list[list[torch.nn.Parameter]], schedule: StageSchedule, in_backward: bool):
         self.units = units
@@ -285,7 +286,7 @@ class Trainer:
         if schedule.steps <= 0 or not plist:
             return outcome
         stepper = _UnitSteps([[params[n] for n in u] for u in units or [list(params)]], schedule,
-                             in_backward=not self.dist.enabled)
+                             in_backward=not self.dist.enabled or self.dist.fsdp)
         start = 0
         if resume is not None:
             if resume.get("shards"):
@@ -321,7 +322,9 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, parts = task.loss(batch)
                 stats = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())])
-                if stepper.steps_in_backward:  # one process: its loss is the step's loss
+                if stepper.steps_in_backward:  # one process, or sharded: the step's loss is known before backward
+                    if self.dist.fsdp:
+                        self.dist.all_reduce_mean_([stats])
                     if not math.isfinite(float(stats[0])):
                         self._non_finite(task, step + 1, float(stats[0]), math.nan)
                     grad_norm = stepper.backward(loss, clip)
@@ -329,8 +332,7 @@ class Trainer:
                     loss.backward()
                     grads = stepper.fill_grads()
                     stats = stats.to(grads[0].device)
-                    # same loss and gradients on every process (sharded: FSDP2 averaged each shard's gradients)
-                    self.dist.all_reduce_mean_([stats] if self.dist.fsdp else [stats, *grads])
+                    self.dist.all_reduce_mean_([stats, *grads])  # same loss and gradients on every process
                     grad_norm = stepper.clip(clip)
                 loss_value = float(stats[0])
                 part_values = {k: float(v) for k, v in zip(parts, stats[1:])}

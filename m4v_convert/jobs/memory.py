@@ -414,9 +414,10 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
 
     def training_state(k: int) -> tuple[str, int]:
         moments = 2 * _param_bytes(params[k].values())
-        if shards > 1:  # sharded gradients and AdamW states; a layer's whole gradients until reduce-scattered
-            return (f"gradients + AdamW states, 1/{shards} shard ({_count(params[k])} trainable) + one layer's "
-                    "whole gradients", per_shard(moments + transient * (moments // 2)) + unit_bytes[k])
+        if shards > 1:  # sharded AdamW states; each layer steps inside the backward once its gradient shards
+            # are reduce-scattered (trainer.py), so one layer's whole gradients and then its shard exist at a time
+            return (f"AdamW states, 1/{shards} shard ({_count(params[k])} trainable) + one layer's gradients (whole, "
+                    "then its shard)", per_shard(moments) + unit_bytes[k] + transient * per_shard(unit_bytes[k]))
         if world == 1:  # one process: each layer steps inside the backward and frees its gradients
             return (f"AdamW states + one layer's gradients ({_count(params[k])} trainable)",
                     moments + transient * unit_bytes[k])
