@@ -8,9 +8,9 @@ averaging across processes, gradient clipping, the NaN/inf guard, checkpoints ev
 
 The distillation stages pass their parameters in ``units``, one per converted layer (its MM-DiM,
 and what else of its transformer block the stage trains): each unit gets its own AdamW and its own
-gradient-norm limit, and in a single process (or sharded, ``--fsdp``) steps as soon as its gradients
-are complete, inside the backward pass, which then frees them: one layer's gradients exist at a time instead of all of
-them (1.4 GB for Wan2.1-1.3B, 21 GB for 14B in float32). In stage 1, whose layers' losses are
+gradient-norm limit, and in a single process (or sharded, ``--fsdp``) steps as soon as its
+gradients are complete, inside the backward pass, which then frees them: one layer's gradients exist
+at a time instead of all of them (1.4 GB for Wan2.1-1.3B, 21 GB for 14B in float32). In stage 1, whose layers' losses are
 independent, a layer then trains exactly as it would alone.
 """
 
@@ -164,7 +164,7 @@ class _UnitSteps:
             p.grad = None
 
     def clip(self, limit: float) -> float:
-        self.norms = [scalar(torch.nn.utils.clip_grad_norm_(u, limit)) for u in self.units]  # sharded: global norms
+        self.norms = [float(torch.nn.utils.clip_grad_norm_(u, limit)) for u in self.units]  # data parallel only
         return math.sqrt(sum(n * n for n in self.norms))
 
     def step(self) -> None:
