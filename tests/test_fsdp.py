@@ -185,6 +185,72 @@ def test_a_sharded_pass_gathers_one_block_at_a_time(tmp_path):
         torch.testing.assert_close(grads[n], expect_grads[n], rtol=1e-4, atol=1e-6)
 
 
+def test_sharded_stage1_steps_each_layer_as_soon_as_its_backward_is_done(tmp_path):
+    """Stage 1 feeds each MM-DiM the teacher's recorded input, which needs no gradient; FSDP2 reduces a
+    block's gradients when the backward reaches the block's input, so without an input gradient every
+    layer's whole gradients waited for the end of the backward (measured: 1.4 GB on Wan2.1-1.3B). Each
+    layer's sharded gradient now arrives (and its unit steps) before the backward of the layer below it
+    starts; the trained weights equal one unsharded process's (oracle: the same stage on copies)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from m4v_convert.backbones.wan.distill import WanDistillAdapter
+    from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
+    from m4v_convert.backbones.wan.testing import tiny_wan_inputs
+    from m4v_convert.distill.distributed import DistContext
+    from m4v_convert.distill.sharding import shard
+    from m4v_convert.distill.stage1 import run_stage1
+    from m4v_convert.distill.trainer import StageSchedule, Trainer
+
+    layers = [0, 1, 2]
+    teacher = make_tiny_wan(seed=3, num_layers=len(layers)).requires_grad_(False)
+    student = M4VWanTransformer3DModel.from_teacher(teacher)
+    student.convert_(layers, {"temporal_dim": 8, "temporal_heads": 2, "bc_norm": "across_groups"})
+    student.requires_grad_(False)
+    adapter = WanDistillAdapter(layers=layers, patch_size=(1, 2, 2))
+    batches = [tiny_wan_inputs(teacher, batch=1, frames=2, height=8, width=8, text_len=6, seed=s) for s in range(3)]
+    sched = StageSchedule(steps=2, lr=1e-3)
+
+    def train(t, s, dist_ctx, events=None):
+        blocks = adapter.mmdim_blocks(s)
+        for b in blocks.values():
+            b.requires_grad_(True)
+        if events is not None:
+            def tap(i):
+                def hook(module, args, out):
+                    if out[0].requires_grad:
+                        out[0].register_hook(lambda g: events.append(("backward reaches output", i)))
+                return hook
+            for i, b in blocks.items():
+                b.register_forward_hook(tap(i))
+                for p in b.parameters():
+                    p.register_post_accumulate_grad_hook(lambda _, i=i: events.append(("gradient arrives", i)))
+        trainer = Trainer(s, dist=dist_ctx, show_progress=False)
+        run_stage1(blocks, lambda batch: adapter.record(t, batch), lambda step: batches[1 + step % 2], batches[:1],
+                   sched, trainer=trainer)
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in s.named_parameters() if ".mmdim." in n}
+
+    whole = train(copy.deepcopy(teacher), copy.deepcopy(student), DistContext())
+    events: list = []
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        shard(teacher, student, adapter.mmdim_blocks(student), DistContext(world=1, fsdp=True), torch.device("cpu"),
+              bf16=False)
+        sharded = train(teacher, student, DistContext(world=1, fsdp=True), events)
+    finally:
+        dist.destroy_process_group()
+    assert sharded.keys() == whole.keys() and len(whole) > 10
+    for n in whole:
+        torch.testing.assert_close(sharded[n], whole[n], rtol=1e-5, atol=1e-6)
+    # the last training step's backward: layers from the last down, each one's gradients in before the next
+    last = max(k for k, e in enumerate(events) if e == ("backward reaches output", layers[-1]))
+    order = list(dict.fromkeys(events[last:]))
+    for upper, lower in zip(layers[::-1], layers[::-1][1:]):
+        assert order.index(("gradient arrives", upper)) < order.index(("backward reaches output", lower)), order
+
+
 def test_sharded_run_refusals_are_one_line(ckpt, recipe_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     _refused(_convert(ckpt, out, recipe_file, "--fsdp"), "--fsdp shards the weights across processes",

@@ -90,8 +90,9 @@ class Stage1Task:
 
     def __init__(self, blocks: dict[int, nn.Module], record: RecordFn, batches: Callable[[int], dict],
                  generator: torch.Generator | None = None, grad_checkpointing: bool = False,
-                 counter: Callable[[dict], tuple[int, int]] | None = None):
+                 counter: Callable[[dict], tuple[int, int]] | None = None, sharded: bool = False):
         self.blocks, self.record, self.batches = blocks, record, batches
+        self.sharded = sharded
         self.generator = generator
         self.grad_checkpointing = grad_checkpointing
         self.counter = counter
@@ -100,9 +101,16 @@ class Stage1Task:
         return self.batches(step)
 
     def _call(self, block: nn.Module, rec) -> torch.Tensor:
+        x = rec.hidden_states
+        if self.sharded and torch.is_grad_enabled():
+            # FSDP2 reduce-scatters a block's gradients when the backward reaches the block's inputs; a
+            # teacher record needs no gradient, so every layer's whole gradients would wait for the end of
+            # the backward (measured: all of them at once). Asking for the input's gradient lets each
+            # layer's be reduced, stepped and freed as soon as its part of the backward is done.
+            x = x.detach().requires_grad_()
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, rec.hidden_states, use_reentrant=False, **rec.context)[0]
-        return block(rec.hidden_states, **rec.context)[0]
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **rec.context)[0]
+        return block(x, **rec.context)[0]
 
     def loss(self, batch: dict):
         recs = self.record(batch)
@@ -171,7 +179,7 @@ def run_stage1(
         if unit:
             units.append(list(unit))
     task = Stage1Task(blocks, record, train_batches, generator=generator, grad_checkpointing=grad_checkpointing,
-                      counter=counter)
+                      counter=counter, sharded=trainer.dist.fsdp)
     task.name, task.title = name, title or task.title  # a layer group checkpoints and resumes as its own stage
 
     def on_step(step, parts):
