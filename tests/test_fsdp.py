@@ -185,6 +185,66 @@ def test_a_sharded_pass_gathers_one_block_at_a_time(tmp_path):
         torch.testing.assert_close(grads[n], expect_grads[n], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout,train", [("diffusers-sharded", "mmdim"), ("original", "all")])
+def test_fsdp_reads_the_teacher_block_by_block_into_its_shards(tmp_path, recipe_file, monkeypatch, layout, train):
+    """Under --fsdp the teacher is read one block at a time, each block sharded (with its student block,
+    converted from it) before the next is read: when block i is read, the blocks before it are shards
+    and those after it not read yet. The weights equal an unsharded run's whole load + conversion
+    (oracle: load_teacher, the seed, make_student; --train all: the student's own copies)."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    import m4v_convert.backbones.wan.load as wan_load
+    from m4v_convert.backbones import registry
+    from m4v_convert.distill.distributed import DistContext
+    from m4v_convert.distill.params import own_parameters_, trainable_params
+    from m4v_convert.distill.sharding import full_tensors
+    from m4v_convert.jobs.convert import _load_sharded
+    from m4v_convert.jobs.plan import ConvertFlags, load_for, plan_conversion
+
+    path = save_tiny_wan(make_tiny_wan(seed=4, num_layers=3), tmp_path / "ckpt", layout=layout)
+    flags = ConvertFlags(recipe=str(recipe_file), checkpoint=path, out=tmp_path / "out", layers="0,2", train=train,
+                         stages="1,2")
+    recipe, entry = load_for(flags)
+    plan = plan_conversion(flags, recipe, entry)
+    steps = registry.resolve(entry.conversion)(plan)
+    steps.check_before_loading()
+    teacher = steps.load_teacher()
+    torch.manual_seed(flags.seed)
+    student = steps.make_student(teacher, [0, 2])
+    if train == "all":
+        own_parameters_(student, trainable_params(student, "all", {}), teacher)
+    expect_t, expect_s = dict(teacher.state_dict()), dict(student.state_dict())
+
+    seen = []
+    read = wan_load.load_wan_part_
+
+    def load_part(model, ckpt, block, **kw):  # the state of every teacher block as one more is read
+        seen.append((block, ["shard" if isinstance(b.scale_shift_table, DTensor) else
+                             "unread" if b.scale_shift_table.is_meta else "whole" for b in model.blocks]))
+        return read(model, ckpt, block, **kw)
+    monkeypatch.setattr(wan_load, "load_wan_part_", load_part)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        plan = dataclasses.replace(plan, dist=DistContext(world=1, fsdp=True))
+        teacher, student, layers = _load_sharded(plan, steps)
+        got_t, got_s = dict(full_tensors(teacher)), dict(full_tensors(student))
+        shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+    finally:
+        dist.destroy_process_group()
+    assert layers == [0, 2]
+    assert seen == [(None, ["unread"] * 3), (0, ["unread"] * 3), (1, ["shard", "unread", "unread"]),
+                    (2, ["shard", "shard", "unread"])]
+    assert got_t.keys() == expect_t.keys() and got_s.keys() == expect_s.keys()
+    for got, expect in ((got_t, expect_t), (got_s, expect_s)):
+        for k in expect:
+            assert got[k].dtype == expect[k].dtype and torch.equal(got[k], expect[k]), k
+    # the student shares what it does not train with the teacher (--train all: nothing)
+    assert (len(shared) > 20) == (train == "mmdim")
+
+
 def test_sharded_stage1_steps_each_layer_as_soon_as_its_backward_is_done(tmp_path):
     """Stage 1 feeds each MM-DiM the teacher's recorded input, which needs no gradient; FSDP2 reduces a
     block's gradients when the backward reaches the block's input, so without an input gradient every

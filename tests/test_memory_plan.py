@@ -182,24 +182,25 @@ def test_layer_groups_plan_one_groups_training_state_in_every_stage(wan, tmp_pat
 
 def test_fsdp_plans_each_process_s_shard(wan, tmp_path, monkeypatch):
     """--fsdp --num-processes 2: each process holds half of every weight and of the training state,
-    plus one layer's whole gradients, two blocks' gathered weights, and the whole teacher while it
-    loads; hand counts from the tiny model."""
+    plus one layer's whole gradients, two blocks' gathered weights, and while it loads block by block
+    one whole block (the whole teacher where --teacher-calib samples with it first); hand counts from
+    the tiny model."""
     _no_weights_read(monkeypatch)
     plans = []
     plan_memory = memory.plan_memory
     monkeypatch.setattr(memory, "plan_memory", lambda *a, **k: plans.append(plan_memory(*a, **k)) or plans[-1])
-    for extra in ([], ["--fsdp"]):
+    for extra in (["--teacher-calib", "--fsdp"], [], ["--fsdp"]):
         res = runner.invoke(app, ["wan2.1", "--checkpoint", str(wan), "--out", str(tmp_path / "out"), "--dry-run",
                                   "--layers", "all", "--stage2-steps", "1", "--num-processes", "2", *extra])
         assert res.exit_code == 0, res.output
-    replicated, sharded = plans
+    loaded_whole, replicated, sharded = plans
     teacher = make_tiny_wan(seed=0)
     whole = sum(t.numel() * 4 for t in (*teacher.parameters(), *teacher.buffers()))
     assert replicated.weights["teacher"] == whole and sharded.weights["teacher, 1/2 shard"] == whole // 2
     for key, value in replicated.weights.items():  # the calibration samples: every process holds them all
         assert sharded.weights[key if key == "calibration samples" else f"{key}, 1/2 shard"] == \
             (value if key == "calibration samples" else -(-value // 2))
-    loading = next(p for p in sharded.phases if p.name == "loading")
+    loading = next(p for p in loaded_whole.phases if p.name == "loading")
     assert loading.parts["the whole teacher, before it is sharded"] == whole - whole // 2
 
     def part(mp, stage, key):
@@ -209,7 +210,13 @@ def test_fsdp_plans_each_process_s_shard(wan, tmp_path, monkeypatch):
     # L: one layer's MM-DiM (both layers equal). Replicated: gradients 2L + moments 4L; sharded: half
     # the moments, one layer's whole gradients before they are reduce-scattered and then its shard
     layer = part(replicated, "stage 1", "AdamW states") / 6
-    block = sum(p.numel() * 4 for p in teacher.blocks[0].parameters()) + layer
+    teacher_block = sum(p.numel() * 4 for p in teacher.blocks[0].parameters())
+    block = teacher_block + layer
+    outside = sum(p.numel() * 4 for n, p in teacher.named_parameters() if not n.startswith("blocks."))
+    assert next(p for p in sharded.phases if p.name == "loading").parts == {
+        "one block whole (read and converted), before it is sharded": block,
+        "what precedes and follows the blocks, whole until sharded": outside,
+        "its part of the checkpoint while it is copied in": teacher_block}
     for stage in ("stage 1", "stage 2"):
         assert part(replicated, stage, "AdamW states") == 6 * layer > 0
         assert part(sharded, stage, "AdamW states") == 2 * layer + layer + layer / 2

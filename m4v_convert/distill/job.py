@@ -335,10 +335,17 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
             raise M4VError("--train lora: this backbone names no layers for LoRA adapters; use mmdim or all")
         adapted = add_lora(student, adapter.lora_targets, plan.lora_rank, plan.lora_alpha)
         con.print(f"LoRA rank {plan.lora_rank} on {len(adapted)} linear layers (the backbone's lora_targets)")
+    from m4v_convert.distill.sharding import full_tensors, is_sharded
+
     blocks = adapter.mmdim_blocks(student)
+    # read block by block into its shards (jobs/convert.py), the student already holds its copies
+    presharded = any(is_sharded(p) for p in teacher.parameters())
     stage_params = {1: trainable_params(student, "mmdim", blocks)}
     for k in (2, 3):
         if k in plan.stages:  # --train all: the student's own copy of each weight it shares with the teacher
+            if presharded and {id(p) for p in teacher.parameters()} & {
+                    id(p) for p in trainable_params(student, plan.train, blocks).values()}:
+                raise M4VError("--fsdp: the sharded student shares a weight it trains with the teacher")  # a bug here
             own_parameters_(student, trainable_params(student, plan.train, blocks), teacher)
         stage_params[k] = trainable_params(student, plan.train, blocks)
     persist = list(dict.fromkeys(n for k in plan.stages for n in stage_params[k]))
@@ -352,7 +359,7 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
         # another teacher or changed files at the same path are not
         "calibration": {"source": calib_label.split(":", 1)[0], "digest": samples_fingerprint(samples)},
         "data": None if data is None else samples_fingerprint(data),
-        "model": adapter.identity(model_cfg), "dtype": str(dtype), "teacher": fingerprint(teacher.state_dict().items()),
+        "model": adapter.identity(model_cfg), "dtype": str(dtype), "teacher": fingerprint(full_tensors(teacher)),
         "lora": [plan.lora_rank, plan.lora_alpha] if plan.uses_lora else None,
         "loss": {"feature_weight": plan.feature_weight, "output_weight": plan.output_weight},
         **({"layer_groups": plan.layer_groups} if plan.layer_groups > 1 else {}),
@@ -361,7 +368,7 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
     state = plan.resume_state
     if state is not None:
         check_identity(state["identity"], identity, plan.run_dir.path)
-    if dist.fsdp:  # after everything that reads whole weights (the identity's fingerprints, --train all's copies)
+    if dist.fsdp and not presharded:  # after all that reads whole weights (the identity, --train all's copies)
         from m4v_convert.distill.sharding import release_freed_memory, shard
 
         names = {k: list(ps) for k, ps in stage_params.items()}

@@ -65,35 +65,82 @@ def shard(teacher: nn.Module, student: nn.Module, blocks: dict[int, nn.Module], 
           device: torch.device, bf16: bool) -> _Pair:
     """Shard ``teacher`` and ``student`` in place across ``dist``'s processes (module docstring); returns
     the root. ``bf16`` (CUDA): blocks compute in bfloat16 from float32 masters, gradients reduced in
-    float32. Every process must hold the same weights before: the student's own are broadcast from rank 0."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    # FSDP2 warns of every module returning a view, which an in-place op would detach from its
-    # backward hook; no caller here modifies these outputs in place (tests/test_fsdp.py compares the
-    # sharded run's weights with one process's)
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
-    shared = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
-    dist.broadcast_([t for t in (*student.parameters(), *student.buffers()) if id(t) not in shared])
-    mesh = init_device_mesh(device.type, (dist.world,))
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
-    for m in stage1_groups(student, blocks):
-        fully_shard(m, mesh=mesh, mp_policy=policy)
+    float32. Every process must hold the same weights before: the student's own are broadcast from rank 0.
+    (A model loaded block by block is sharded as it loads: :class:`BlockSharder`.)"""
+    sharder = BlockSharder(dist, device, bf16)
+    held, placed = stage1_groups(student, blocks), set()
     for name in block_lists(teacher, student):
         for t, s in zip(getattr(teacher, name), getattr(student, name)):
-            fully_shard([t, s], mesh=mesh, mp_policy=policy)
-            _one_model_per_pass(t, s)
-    pair = _Pair(teacher, student)
-    # the root too frees its gathered weights after each call: the stages look up, freeze and unfreeze
-    # parameters between calls, which must then be the sharded ones
-    fully_shard(pair, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    # the root's weights are gathered only when the root runs: the models' own calls go through it
-    teacher.forward = lambda *a, **k: pair("teacher", *a, **k)
-    student.forward = lambda *a, **k: pair("student", *a, **k)
-    # the root must be set up first, or the first stage-1 module called would take its place
-    pair._get_fsdp_state()._lazy_init()
-    return pair
+            inside = [m for m in held if any(m is x for x in s.modules())]
+            sharder.block(t, s, inside)
+            placed |= {id(m) for m in inside}
+    if len(placed) < len(held):
+        raise M4VError("--fsdp: a stage-1 module of this backbone lies outside its transformer blocks; it cannot be "
+                       "sharded with them")
+    return sharder.root(teacher, student)
+
+
+class BlockSharder:
+    """Makes the FSDP2 groups of the module docstring one transformer block at a time, then the root,
+    so that a model loaded block by block (``Conversion.load_sharded``) is never whole in a process.
+    ``copies`` (``--train all``): the student first gets its own copy of each weight it shares with
+    the teacher, as ``params.own_parameters_`` gives it in an unsharded run."""
+
+    def __init__(self, dist: DistContext, device: torch.device, bf16: bool, copies: bool = False):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # FSDP2 warns of every module returning a view, which an in-place op would detach from its
+        # backward hook; no caller here modifies these outputs in place (tests/test_fsdp.py compares the
+        # sharded run's weights with one process's)
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                                category=UserWarning)
+        self.dist, self.copies = dist, copies
+        self._done: set[int] = set()  # the tensors of the blocks already sharded
+        self.mesh = init_device_mesh(device.type, (dist.world,))
+        self.policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                       if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
+
+    def _own(self, student_part: nn.Module, teacher_part: nn.Module) -> None:
+        """The student part's own tensors (those of no block already sharded) made equal on every
+        process, broadcast from rank 0, after its copies of the weights it shares (``copies``)."""
+        shared = {id(t) for t in (*teacher_part.parameters(), *teacher_part.buffers())}
+        if self.copies:
+            for module in student_part.modules():
+                for k, p in module._parameters.items():
+                    if p is not None and id(p) in shared and id(p) not in self._done:
+                        module._parameters[k] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        mine = [t for t in (*student_part.parameters(), *student_part.buffers()) if id(t) not in self._done]
+        self.dist.broadcast_([t for t in mine if id(t) not in shared])
+
+    def block(self, teacher_block: nn.Module, student_block: nn.Module, stage1_modules: list[nn.Module]) -> None:
+        """One pair of blocks: each stage-1 module inside the student's its own group, then the pair one."""
+        from torch.distributed.fsdp import fully_shard
+
+        self._own(student_block, teacher_block)
+        for m in stage1_modules:
+            fully_shard(m, mesh=self.mesh, mp_policy=self.policy)
+        fully_shard([teacher_block, student_block], mesh=self.mesh, mp_policy=self.policy)
+        _one_model_per_pass(teacher_block, student_block)
+        self._done |= {id(t) for m in (teacher_block, student_block) for t in (*m.parameters(), *m.buffers())}
+        release_freed_memory()  # the whole block just freed, before the next one is read
+
+    def root(self, teacher: nn.Module, student: nn.Module) -> _Pair:
+        """What precedes and follows the blocks, in one root group over both models, through which
+        their calls are routed (module docstring); after every block's :meth:`block`."""
+        from torch.distributed.fsdp import fully_shard
+
+        self._own(student, teacher)
+        pair = _Pair(teacher, student)
+        # the root too frees its gathered weights after each call: the stages look up, freeze and unfreeze
+        # parameters between calls, which must then be the sharded ones
+        fully_shard(pair, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
+        # the root's weights are gathered only when the root runs: the models' own calls go through it
+        teacher.forward = lambda *a, **k: pair("teacher", *a, **k)
+        student.forward = lambda *a, **k: pair("student", *a, **k)
+        # the root must be set up first, or the first stage-1 module called would take its place
+        pair._get_fsdp_state()._lazy_init()
+        return pair
 
 
 def _one_model_per_pass(teacher_block: nn.Module, student_block: nn.Module) -> None:

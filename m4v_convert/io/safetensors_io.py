@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,15 +192,18 @@ def read_header(source: Source, prefix_filter: str | None = None) -> dict[str, T
     return infos
 
 
-def read_state_dict(folder_or_file: Source, prefix_filter: str | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(folder_or_file: Source, prefix_filter: str | None = None,
+                    keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Load every tensor (on CPU, in its stored dtype) of a safetensors file, folder or sharded folder.
 
-    ``prefix_filter``: keep only tensors whose name starts with it (names are returned unchanged).
+    ``prefix_filter``: keep only tensors whose name starts with it (names are returned unchanged);
+    ``keep``: only the names it accepts (a file none of them is in is not opened).
     """
     header = read_header(folder_or_file, prefix_filter=prefix_filter)
     by_file: dict[Path, list[str]] = {}
     for key, info in header.items():
-        by_file.setdefault(info.file, []).append(key)
+        if keep is None or keep(key):
+            by_file.setdefault(info.file, []).append(key)
     state: dict[str, torch.Tensor] = {}
     for file, keys in by_file.items():
         with _open(file) as f:

@@ -82,6 +82,11 @@ class Conversion(Protocol):
     # optional: ``meta_teacher() -> nn.Module``, the teacher built from the checkpoint's config on the
     # meta device, no weight read (the memory plan, jobs/memory.py, uses it; without it, no plan)
 
+    # optional, for --fsdp: ``load_sharded(layers, sharder) -> (teacher, student)``, both read and converted
+    # one block at a time, each pair handed to ``sharder.block`` before the next is read (without it, every
+    # process loads the whole teacher first), and ``sharded_loading_refused() -> str | None``: why this run
+    # needs the whole teacher in one process after all (None: it does not)
+
     def select_layers(self, teacher: nn.Module) -> list[int]: ...
 
     def loaded_line(self, teacher: nn.Module, layers: list[int]) -> str:
@@ -145,18 +150,23 @@ def _convert(plan: ConversionPlan) -> dict:
     if flags.dry_run:
         con.print("--dry-run: stopped before loading any weight; nothing was written")
         return {"dry_run": True, "memory": None if memory is None else memory.to_dict()}
-    teacher = steps.load_teacher()
-    teacher.requires_grad_(False)
+    if loads_block_by_block(steps, dist.fsdp):
+        teacher, student, layers = _load_sharded(plan, steps)
+    else:
+        if dist.fsdp and hasattr(steps, "load_sharded"):
+            con.print(f"--fsdp: every process loads the whole teacher, then keeps its shard: "
+                      f"{steps.sharded_loading_refused()}")
+        teacher = steps.load_teacher()
+        teacher.requires_grad_(False)
+        layers = steps.select_layers(teacher)
+        con.print(steps.loaded_line(teacher, layers))
+        torch.manual_seed(flags.seed)
+        try:
+            student = steps.make_student(teacher, layers)
+        except ValueError as e:
+            raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
+        student.requires_grad_(False)
     cfg = dict(teacher.config)
-    layers = steps.select_layers(teacher)
-    con.print(steps.loaded_line(teacher, layers))
-
-    torch.manual_seed(flags.seed)
-    try:
-        student = steps.make_student(teacher, layers)
-    except ValueError as e:
-        raise M4VError(f"checkpoint and recipe {recipe.name!r} disagree: {e}") from None
-    student.requires_grad_(False)
 
     adapter = steps.distill_adapter(teacher, student, layers)
     if adapter is None:  # nothing to distill (a generic recipe without an inputs section, no steps)
@@ -192,6 +202,31 @@ def _convert(plan: ConversionPlan) -> dict:
             pass
     dist.barrier()
     return summary
+
+
+def loads_block_by_block(steps: Conversion, fsdp: bool) -> bool:
+    """Whether the teacher is read block by block into its shards (``--fsdp`` and a backbone that
+    offers ``load_sharded``, where nothing needs the whole teacher in one process first)."""
+    return fsdp and hasattr(steps, "load_sharded") and steps.sharded_loading_refused() is None
+
+
+def _load_sharded(plan: ConversionPlan, steps: Conversion):
+    """(teacher, student, layers), sharded as they are read (``steps.load_sharded``)."""
+    from m4v_convert.distill.sharding import BlockSharder, release_freed_memory
+
+    flags, d = plan.flags, plan.distill
+    layers = steps.select_layers(steps.meta_teacher())
+    copies = d.train == "all" and any(k in d.stages for k in (2, 3))  # as run_distillation's own_parameters_
+    sharder = BlockSharder(plan.dist, plan.device, d.bf16, copies=copies)
+    torch.manual_seed(flags.seed)
+    try:
+        teacher, student = steps.load_sharded(layers, sharder)
+    except ValueError as e:
+        raise M4VError(f"checkpoint and recipe {plan.recipe.name!r} disagree: {e}") from None
+    sharder.root(teacher, student)
+    release_freed_memory()
+    plan.console.print(steps.loaded_line(teacher, layers) + f" (read block by block into {plan.dist.world} shards)")
+    return teacher, student, layers
 
 
 def _write_output(plan: ConversionPlan, steps: Conversion, student, layers, report, flops, summary, cfg,

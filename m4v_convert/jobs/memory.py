@@ -349,7 +349,21 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
     read_at_once = getattr(steps, "load_read_bytes", None)
     read = whole_teacher if read_at_once is None else min(read_at_once(), whole_teacher)
     loading = {"the checkpoint while it is copied in": read} if device.type == "cpu" else {}
-    if shards > 1:  # each process loads the whole teacher, then keeps its shard
+    from m4v_convert.jobs.convert import loads_block_by_block
+
+    if shards > 1 and loads_block_by_block(steps, True):  # read block by block, each sharded before the next
+        from m4v_convert.distill.sharding import block_lists
+
+        pairs = [(t, s) for n in block_lists(teacher, student) for t, s in zip(getattr(teacher, n), getattr(student, n))]
+        in_blocks = _ids(*(t for t, _ in pairs))
+        block = max(tensor_bytes([*t.parameters()]) + tensor_bytes([*s.parameters()], _ids(t)) for t, s in pairs)
+        loading = {"one block whole (read and converted), before it is sharded": block,
+                   "what precedes and follows the blocks, whole until sharded": tensor_bytes(
+                       [p for p in teacher.parameters() if id(p) not in in_blocks])}
+        if device.type == "cpu":
+            loading["its part of the checkpoint while it is copied in"] = max(tensor_bytes([*t.parameters()])
+                                                                            for t, _ in pairs)
+    elif shards > 1:  # each process loads the whole teacher, then keeps its shard
         loading["the whole teacher, before it is sharded"] = whole_teacher - per_shard(whole_teacher)
     mp.phases.append(MemoryPhase("loading", loading))
     adapter = steps.distill_adapter(teacher, student, layers)

@@ -109,6 +109,16 @@ class ConvertedModelMixin:
         student._init_m4v(m4v, *args)
         return student
 
+    @staticmethod
+    def share_weights_(part: nn.Module, teacher_part: nn.Module) -> None:
+        """Point ``part`` (a module of the student, not converted yet) at ``teacher_part``'s parameters
+        and buffers again, as ``from_teacher`` made it: after the teacher's part was loaded in place of
+        the tensors they shared (a model loaded part by part, ``Conversion.load_sharded``)."""
+        for name, module in teacher_part.named_modules():
+            mine = part.get_submodule(name)
+            mine._parameters.update(module._parameters)
+            mine._buffers.update(module._buffers)
+
     def convert_(self, layers: Sequence, mmdim: dict, meta: dict | None = None) -> list[str]:
         """Replace ``layers`` by MM-DiM initialized from them; returns the replaced module names."""
         replaced = []

@@ -105,6 +105,44 @@ class WanConversion:
             model = _wan_cls()(**self.checkpoint.config)
         return model.eval()
 
+    def sharded_loading_refused(self) -> str | None:
+        """Why ``--fsdp`` loads the whole teacher before sharding it (None: :meth:`load_sharded` applies)."""
+        f = self.plan.flags
+        if f.teacher_calib or f.calib_cache is not None or f.prompts is not None or f.videos is not None:
+            return ("the teacher makes the calibration samples (--teacher-calib, --calib-cache, --prompts, --videos) "
+                    "in one process, before it is sharded")
+        return None
+
+    def load_sharded(self, layers: list[int], sharder):
+        """(teacher, student) read block by block and sharded as they are read (``--fsdp``): each
+        teacher block is read, the student's block set to share it and its layer converted, then the
+        pair goes to ``sharder`` (:class:`~m4v_convert.distill.sharding.BlockSharder`) before the next
+        block is read, so one process never holds more than its shards and one whole block. The same
+        weights as :meth:`load_teacher` + :meth:`make_student` (tests/test_fsdp.py): the layers are
+        converted in the same order, drawing the same random numbers."""
+        from m4v_convert.backbones.wan.load import empty_wan_transformer, load_wan_part_
+        from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel
+
+        ckpt, dtype, device = self.checkpoint, self.plan.dtype, self.plan.device
+        with torch.random.fork_rng(devices=[]):  # the layers' init draws what it would draw after a whole load
+            teacher = empty_wan_transformer(ckpt)
+        for module in teacher.modules():  # the rope tables, which no checkpoint holds
+            module._buffers.update({k: b.to(device) for k, b in module._buffers.items() if b is not None})
+        load_wan_part_(teacher, ckpt, None, dtype=dtype, device=device)  # what precedes and follows the blocks
+        teacher.eval().requires_grad_(False)
+        student = M4VWanTransformer3DModel.from_teacher(teacher)
+        student.requires_grad_(False)
+        mmdim = self.plan.recipe.mmdim
+        for i, (t, s) in enumerate(zip(teacher.blocks, student.blocks)):
+            load_wan_part_(teacher, ckpt, i, dtype=dtype, device=device)
+            t.requires_grad_(False)
+            student.share_weights_(s, t)
+            if i in layers:
+                student.convert_([i], mmdim)
+                s.requires_grad_(False)
+            sharder.block(t, s, [s.attn1.mmdim] if i in layers else [])
+        return teacher, student
+
     def select_layers(self, teacher) -> list[int]:
         return parse_layers(self.plan.layer_spec, teacher.config["num_layers"])
 

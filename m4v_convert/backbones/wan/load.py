@@ -630,30 +630,66 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise CheckpointError(f"unknown dtype {dtype!r} (expected one of {', '.join(_DTYPES)})") from None
 
 
-def _load_from_state_dict(ckpt: WanCheckpoint, dtype: torch.dtype):
-    from accelerate import init_empty_weights
-
-    cls = _wan_cls()
-    state = read_state_dict(list(ckpt.weight_files), prefix_filter=ckpt.key_prefix or None)
+def _model_tensors(ckpt: WanCheckpoint, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors as stored (names with the file's prefix) → the model's: diffusers names, ignored keys
+    dropped, ``dtype`` as ``from_pretrained(torch_dtype=...)`` applies it (``_keep_in_fp32_modules``
+    stay in float32), each copied into memory the process owns (see :func:`_own_cpu_tensors`)."""
     if ckpt.key_prefix:
         state = {k[len(ckpt.key_prefix) :]: v for k, v in state.items()}
     if ckpt.kind == "original":
         state = _convert_original(state)
     state = {k: v for k, v in state.items() if not _ignored_unexpected(k)}
-    # Same dtype rule as from_pretrained(torch_dtype=...): _keep_in_fp32_modules stay in float32.
-    keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    keep = tuple(getattr(_wan_cls(), "_keep_in_fp32_modules", None) or ())
     for k, v in state.items():
         if v.is_floating_point():
             target = torch.float32 if any(m in k.split(".") for m in keep) else dtype
-            state[k] = v.to(target, copy=True)  # owned, allocator-aligned memory (see _own_cpu_tensors)
-    with init_empty_weights():  # parameters on meta; rope buffers (not in the state dict) are real
-        model = cls(**ckpt.config)
+            state[k] = v.to(device=device, dtype=target, copy=True)
+    return state
+
+
+def empty_wan_transformer(ckpt: WanCheckpoint):
+    """``ckpt``'s model with its parameters on the meta device, no weight read (its rope buffers,
+    which no checkpoint holds, are real): for :func:`load_wan_part_` or a whole state dict."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return _wan_cls()(**ckpt.config)
+
+
+def _load_from_state_dict(ckpt: WanCheckpoint, dtype: torch.dtype):
+    state = read_state_dict(list(ckpt.weight_files), prefix_filter=ckpt.key_prefix or None)
+    state = _model_tensors(ckpt, state, dtype)
+    model = empty_wan_transformer(ckpt)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{ckpt.weight_files[0]}: cannot load into {WAN_CLASS_NAME}: {' '.join(first[:3])}") from None
     return model
+
+
+@torch.no_grad()
+def load_wan_part_(model, ckpt: WanCheckpoint, block: int | None, *, dtype: torch.dtype | str = torch.float32,
+                   device: str | torch.device = "cpu") -> None:
+    """Read one part of ``ckpt`` into ``model`` (from :func:`empty_wan_transformer`), in place:
+    transformer block ``block``, or (None) everything outside the blocks. Only that part's tensors
+    are read, its files opened for it alone, so no more of the checkpoint is mapped at once: a model
+    loaded part by part and sharded as it goes (``--fsdp``) is never whole in one process."""
+
+    def in_part(name: str) -> bool:  # stored names: the original layout numbers its blocks as diffusers does
+        return name.startswith(f"blocks.{block}.") if block is not None else not name.startswith("blocks.")
+
+    prefix = ckpt.key_prefix
+    state = read_state_dict(list(ckpt.weight_files), prefix_filter=prefix or None,
+                            keep=lambda key: in_part(key[len(prefix):]))
+    state = _model_tensors(ckpt, state, _as_dtype(dtype), device)
+    expected = {n for n in model.state_dict() if in_part(n)}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(f"{ckpt.weight_files[0]}: cannot load into {WAN_CLASS_NAME}: "
+                              + (f"missing {_brief(missing)}" if missing else f"unexpected {_brief(extra)}"))
+    model.load_state_dict(state, strict=False, assign=True)
 
 
 def load_wan_transformer(
