@@ -169,21 +169,27 @@ def _one_model_per_pass(teacher_block: nn.Module, student_block: nn.Module) -> N
     student_block.register_forward_pre_hook(runs_alone(teacher_block), with_kwargs=True)
 
 
-def map_large_allocations(threshold: int = 4 << 20) -> None:
-    """Have glibc map every allocation of ``threshold`` bytes or more on its own and unmap it when
-    freed (``mallopt(M_MMAP_THRESHOLD)``; by default the threshold rises to 32 MB after the first such
-    free, and blocks' gathered weights, their all-gather buffers and gradients then come from the
-    heap, where freed ones stay resident). Measured on an 8-block Wan2.1-1.3B in 2 sharded processes:
-    0.7 GB fewer kept after each teacher pass, a peak of 2.71 GB per process instead of 3.23 GB, 5%
-    slower (benchmarks/RESULTS.md). Not glibc: nothing changes."""
+def _libc():
+    """glibc, through ctypes (None where the C library is not glibc or cannot be opened)."""
     import ctypes
     import ctypes.util
 
-    M_MMAP_THRESHOLD = -3
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Have glibc map every allocation of ``threshold`` bytes or more on its own and unmap it when
+    freed (``mallopt(M_MMAP_THRESHOLD)``; by default the threshold rises to 32 MB after the first such
+    free, and blocks' gathered weights, their all-gather buffers and gradients then come from the
+    heap, where freed ones stay resident). Measured, Wan2.1-1.3B in 2 sharded processes on CPU: a
+    peak of 6.28 GB per process at 1 MB, 7.00 GB at 4 MB, 8.18 GB without (benchmarks/RESULTS.md)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
 def release_freed_memory() -> None:
@@ -191,13 +197,9 @@ def release_freed_memory() -> None:
     and what each sharded step frees (gathered blocks, their gradients) are many block-sized
     allocations that glibc keeps in its heap, resident: measured 1.3 GB after sharding Wan2.1-1.3B in 2
     processes, and 0.8 GB of 2 GB per process after each step of a 4-block Wan."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
-        pass
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def is_sharded(t: torch.Tensor) -> bool:

