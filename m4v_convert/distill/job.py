@@ -343,10 +343,10 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
     stage_params = {1: trainable_params(student, "mmdim", blocks)}
     for k in (2, 3):
         if k in plan.stages:  # --train all: the student's own copy of each weight it shares with the teacher
-            if presharded and {id(p) for p in teacher.parameters()} & {
-                    id(p) for p in trainable_params(student, plan.train, blocks).values()}:
+            trained = trainable_params(student, plan.train, blocks)
+            if presharded and {id(p) for p in teacher.parameters()} & {id(p) for p in trained.values()}:
                 raise M4VError("--fsdp: the sharded student shares a weight it trains with the teacher")  # a bug here
-            own_parameters_(student, trainable_params(student, plan.train, blocks), teacher)
+            own_parameters_(student, trained, teacher)
         stage_params[k] = trainable_params(student, plan.train, blocks)
     persist = list(dict.fromkeys(n for k in plan.stages for n in stage_params[k]))
 
