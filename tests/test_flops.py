@@ -112,6 +112,8 @@ MMDIM_VARIANTS = [
     dict(bidirectional=True, out_norm=False, chunk_size=5, temporal=False),
     dict(scan="time"),  # time-major: a permutation, the same counts
     dict(scan="alternate", layer_index=1, bidirectional=True, temporal_causal=False),
+    dict(temporal_queries="tokens", temporal_grid=3),  # every token queries every frame's regions
+    dict(temporal_queries="tokens", temporal_causal=False, bidirectional=True),
 ]
 
 
@@ -131,8 +133,10 @@ def test_mmdim_analytic_matches_flop_counter(extra, device):
     for name in ("m.in_proj", "m.out_proj", "m.ssd_scan", "m.matmul_total"):
         assert rows[name]["measured"] == rows[name]["analytic"], name  # linear parts and the scan: exact
     if cfg.temporal:
-        for name in ("down_proj", "qkv", "attn_out", "up_proj", "attention"):
+        linears = ("qkv",) if cfg.temporal_queries == "frames" else ("q_proj", "kv_proj")
+        for name in ("down_proj", *linears, "attn_out", "up_proj", "attention"):
             assert rows[f"m.temporal_{name}"]["rel_diff"] == 0.0, name
+            assert rows[f"m.temporal_{name}"]["measured"] > 0, name
     # conv and state passing are real multiply-adds that FlopCounterMode cannot see: flagged, explained
     assert rows["m.conv1d"]["flagged"] and rows["m.conv1d"]["explanation"].startswith("the depthwise")
     p = analytic["parts"]

@@ -492,6 +492,95 @@ def test_temporal_update_is_constant_within_a_region():
     assert not torch.allclose(out[:, 0, 0], out[:, 0, 5])
 
 
+def _dense_token_queries(tb: TemporalBranch, video, layout, sources=None):
+    """``queries="tokens"`` one token, one head, one slot at a time: every frame's g×g regions averaged
+    over the rows/columns PyTorch's adaptive pooling assigns them (floor(i·h/g) to ceil((i+1)·h/g)), the
+    region embedding added, a token's query with its own region's embedding (row·g//h, col·g//w),
+    softmax over the slots its frame may read and a zero null slot, then attn_out and up_proj."""
+    b, g, dim, heads = video.shape[0], tb.grid, tb.dim, tb.heads
+    hd = dim // heads
+    x = tb.down_proj(video)
+    slots, slot_frame, tokens = [], [], []  # tokens: (index, frame, region)
+    start, f0 = 0, 0
+    for blk in layout.blocks:
+        h, w = blk.height, blk.width
+        for f in range(blk.num_frames):
+            frame = x[:, start + f * h * w: start + (f + 1) * h * w].reshape(b, h, w, dim)
+            for i in range(g):
+                for j in range(g):
+                    rows = slice(i * h // g, -(-(i + 1) * h // g))
+                    cols = slice(j * w // g, -(-(j + 1) * w // g))
+                    slots.append(frame[:, rows, cols].mean((1, 2)) + tb.region_embed[i * g + j])
+                    slot_frame.append(f0 + f)
+            for r in range(h):
+                for c in range(w):
+                    tokens.append((start + f * h * w + r * w + c, f0 + f, (r * g // h) * g + c * g // w))
+        start += blk.num_tokens
+        f0 += blk.num_frames
+    kv = tb.kv_proj(torch.stack(slots, 1))  # (b, S, 2·dim)
+    k, v = kv[..., :dim], kv[..., dim:]
+    out = torch.zeros(b, layout.num_tokens, dim)
+    for n, frame, region in tokens:
+        q = tb.q_proj(x[:, n] + tb.region_embed[region])  # (b, dim)
+        for bi in range(b):
+            for hh in range(heads):
+                cols = slice(hh * hd, (hh + 1) * hd)
+                scores, values = [torch.tensor(0.0)], [torch.zeros(hd)]  # the null slot
+                for s, sf in enumerate(slot_frame):
+                    if tb.causal and sf > frame:
+                        continue
+                    if sources is not None and not bool(sources[bi, sf] if sources.dim() == 2 else sources[sf]):
+                        continue
+                    scores.append(q[bi, cols] @ k[bi, s, cols] / math.sqrt(hd))
+                    values.append(v[bi, s, cols])
+                p = torch.softmax(torch.stack(scores), 0)
+                out[bi, n, cols] = (p[:, None] * torch.stack(values)).sum(0)
+    return tb.up_proj(tb.attn_out(out))
+
+
+@pytest.mark.parametrize("causal, layout, grid", [
+    (True, MULTI_STAGE, 2),
+    (False, VideoLayout.single(3, 3, 5), 2),  # rows and columns not divisible by the grid: regions overlap
+    (False, VideoLayout.single(2, 4, 4), 3),
+])
+def test_temporal_token_queries_match_a_dense_reference(causal, layout, grid):
+    torch.manual_seed(0)
+    tb = TemporalBranch(6, grid=grid, dim=4, heads=2, causal=causal, queries="tokens")
+    video = torch.randn(2, layout.num_tokens, 6)
+    assert torch.all(tb(video, layout) == 0)  # up_proj starts at zero: a no-op
+    torch.nn.init.normal_(tb.up_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(tb(video, layout), _dense_token_queries(tb, video, layout), rtol=1e-5, atol=1e-6)
+        t = torch.arange(layout.num_frames)
+        sources = torch.stack([t % 2 == 0, t >= 1])  # per sample: the frames it may read
+        torch.testing.assert_close(tb(video, layout, sources), _dense_token_queries(tb, video, layout, sources),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_temporal_token_queries_differ_within_a_region():
+    """What a token reads depends on the token (frames mode: one update per region, see above)."""
+    layout = VideoLayout.single(2, 4, 6)
+    torch.manual_seed(0)
+    tb = TemporalBranch(3, grid=2, dim=4, heads=1, queries="tokens")
+    torch.nn.init.normal_(tb.up_proj.weight)
+    out = tb(torch.randn(1, layout.num_tokens, 3), layout).reshape(2, 4, 6, 3)
+    assert not torch.allclose(out[:, 0, 0], out[:, 1, 1])  # same region, different tokens
+
+
+def test_temporal_queries_frames_is_todays_branch():
+    """The default builds the same parameters in the same order (so the same random draws and weights)
+    as before the option existed, and a saved config without the field loads as it."""
+    cfg = MMDiMConfig(d_model=8, nheads=2, headdim=4, temporal_dim=4, temporal_heads=2)
+    assert cfg.temporal_queries == "frames"
+    blk = MMDiM(cfg)
+    assert [k for k in blk.state_dict() if k.startswith("temporal.")] == [
+        f"temporal.{m}.{p}" for m in ("down_proj", "qkv", "attn_out", "up_proj") for p in ("weight", "bias")]
+    old = {k: v for k, v in cfg.to_dict().items() if k != "temporal_queries"}
+    assert MMDiMConfig.from_dict(old) == cfg
+    with pytest.raises(ValueError, match="temporal queries"):
+        MMDiM(MMDiMConfig(d_model=8, nheads=2, headdim=4, temporal_queries="pixels"))
+
+
 # ---------------------------------------------------------------- full block
 
 def _block(**kw):

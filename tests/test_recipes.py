@@ -476,6 +476,8 @@ def test_generic_conversion_refuses_or_skips_what_it_does_not_offer(extra, expec
      "scan runs back through the frames at every other position (earlier frames would read later ones)"),
     ("wan2.1", lambda d: d["mmdim"].update(scan="diagonal"),
      "invalid mmdim settings: scan: expected one of space, time, alternate, got 'diagonal'"),
+    ("wan2.1", lambda d: d["mmdim"].update(temporal_queries="pixels"),
+     "invalid mmdim settings: temporal queries: expected one of frames, tokens, got 'pixels'"),
 ])
 def test_backbone_specific_recipe_fields_come_from_the_registry_with_their_messages(tmp_path, base, edit, expect):
     """The fields a registry entry claims, requires or refuses, with the loader's messages word for word."""

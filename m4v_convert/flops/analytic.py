@@ -108,6 +108,8 @@ def temporal_flops(config: MMDiMConfig, layout: VideoLayout) -> dict:
     """
     d, dim, g2 = config.d_model, config.temporal_dim, config.temporal_grid ** 2
     n, t = layout.num_tokens, layout.num_frames
+    if config.temporal_queries == "tokens":
+        return _token_query_flops(config, n, t)
     td = g2 * dim
     parts = {
         "temporal_down_proj": linear_flops(n, d, dim),
@@ -119,6 +121,29 @@ def temporal_flops(config: MMDiMConfig, layout: VideoLayout) -> dict:
     elementwise = {
         "temporal_pool": n * dim,
         "temporal_softmax": 5 * config.temporal_heads * t * (t + 1),
+        "temporal_residual_add": n * d,
+    }
+    return {"parts": parts, "elementwise": elementwise}
+
+
+def _token_query_flops(config: MMDiMConfig, n: int, t: int) -> dict:
+    """``temporal_queries: tokens``: ``down_proj`` and ``q_proj`` over the N tokens, ``kv_proj`` over the
+    T·g² region slots, every token's scores and weighted sum over T·g² + 1 slots (the null slot),
+    ``attn_out`` and ``up_proj`` over the N tokens."""
+    d, dim, g2 = config.d_model, config.temporal_dim, config.temporal_grid ** 2
+    slots = t * g2
+    parts = {
+        "temporal_down_proj": linear_flops(n, d, dim),
+        "temporal_q_proj": linear_flops(n, dim, dim),
+        "temporal_kv_proj": linear_flops(slots, dim, 2 * dim),
+        "temporal_attention": 2 * MAC * n * (slots + 1) * dim,
+        "temporal_attn_out": linear_flops(n, dim, dim),
+        "temporal_up_proj": linear_flops(n, dim, d),
+    }
+    elementwise = {
+        "temporal_pool": n * dim,
+        "temporal_region_embed": n * dim + slots * dim,
+        "temporal_softmax": 5 * config.temporal_heads * n * (slots + 1),
         "temporal_residual_add": n * d,
     }
     return {"parts": parts, "elementwise": elementwise}

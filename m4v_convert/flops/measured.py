@@ -144,7 +144,8 @@ def mmdim_component_rows(analytic: dict, counts: dict[str, dict[str, int]], pref
         compare(f"{label}.out_proj", p["out_proj"], _ops_sum(counts, fq("mixer.out_proj"))),
     ]
     if "temporal_down_proj" in p:
-        for part in ("down_proj", "qkv", "attn_out", "up_proj"):
+        linears = [k.removeprefix("temporal_") for k in p if k.startswith("temporal_") and k != "temporal_attention"]
+        for part in linears:
             rows.append(compare(f"{label}.temporal_{part}", p[f"temporal_{part}"],
                                 _ops_sum(counts, fq(f"temporal.{part}"))))
         rows.append(compare(f"{label}.temporal_attention", p["temporal_attention"],

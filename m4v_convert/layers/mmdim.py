@@ -62,6 +62,9 @@ class MMDiMConfig:
     temporal_dim: int = 32
     temporal_heads: int = 4
     temporal_causal: bool = True
+    # "frames": one query per frame (its pooled raster); "tokens": every token queries every frame's
+    # regions, so what it reads depends on where it is (layers/temporal.py)
+    temporal_queries: str = "frames"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -120,7 +123,7 @@ class MMDiM(nn.Module):
         if config.temporal:
             self.temporal = TemporalBranch(
                 config.d_model, grid=config.temporal_grid, dim=config.temporal_dim, heads=config.temporal_heads,
-                causal=config.temporal_causal, **fk,
+                causal=config.temporal_causal, queries=config.temporal_queries, **fk,
             )
 
     def recomposer(self, layout: VideoLayout) -> Recomposer:

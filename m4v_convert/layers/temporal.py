@@ -6,6 +6,12 @@ folded into one token of ``grid² · dim`` channels; multi-head attention runs o
 the result is unfolded back into ``grid²`` region slices, projected to the model width and
 added to every token of its region. ``up_proj`` starts at zero, so the branch starts as a no-op.
 Cost is O(T²) in the number of frames, independent of the frame size.
+
+``queries="tokens"`` keeps position (issue 28: on a teacher whose attention carries motion, a frame
+pooled to one query loses where things are): every token queries, with its own ``dim``-channel
+projection, the ``grid²`` region slots of every frame (each slot that region's pooled mean, plus a learned
+embedding of the region, which the token's query also gets for its own region), heads over ``dim``;
+one output per token. Cost O(N·T·grid²·dim): linear in the tokens.
 """
 
 from __future__ import annotations
@@ -16,23 +22,35 @@ import torch.nn.functional as F
 
 from m4v_convert.layers.recompose import VideoLayout
 
+QUERIES = ("frames", "tokens")
+
 
 class TemporalBranch(nn.Module):
     def __init__(self, d_model: int, *, grid: int = 2, dim: int = 64, heads: int = 4, causal: bool = True,
-                 device=None, dtype=None):
+                 queries: str = "frames", device=None, dtype=None):
         super().__init__()
-        token_dim = grid * grid * dim
+        if queries not in QUERIES:
+            raise ValueError(f"temporal queries: expected one of {', '.join(QUERIES)}, got {queries!r}")
+        token_dim = grid * grid * dim if queries == "frames" else dim
         if token_dim % heads:
-            raise ValueError(f"temporal heads: grid²·dim ({token_dim}) must be divisible by heads ({heads})")
+            what = "grid²·dim" if queries == "frames" else "dim"
+            raise ValueError(f"temporal heads: {what} ({token_dim}) must be divisible by heads ({heads})")
         fk = {"device": device, "dtype": dtype}
-        self.grid, self.dim, self.heads, self.causal = grid, dim, heads, causal
+        self.grid, self.dim, self.heads, self.causal, self.queries = grid, dim, heads, causal, queries
         self.down_proj = nn.Linear(d_model, dim, **fk)
-        self.qkv = nn.Linear(token_dim, 3 * token_dim, **fk)
+        if queries == "frames":
+            self.qkv = nn.Linear(token_dim, 3 * token_dim, **fk)
+        else:
+            self.region_embed = nn.Parameter(torch.zeros(grid * grid, dim, **fk))
+            self.q_proj = nn.Linear(dim, dim, **fk)
+            self.kv_proj = nn.Linear(dim, 2 * dim, **fk)
         self.attn_out = nn.Linear(token_dim, token_dim, **fk)
         self.up_proj = nn.Linear(dim, d_model, **fk)
         if self.up_proj.weight.device.type != "meta":
             nn.init.zeros_(self.up_proj.weight)
             nn.init.zeros_(self.up_proj.bias)
+            if queries == "tokens":
+                nn.init.normal_(self.region_embed, std=0.02)
 
     def _region_index(self, h: int, w: int, device) -> torch.Tensor:
         g = self.grid
@@ -62,6 +80,8 @@ class TemporalBranch(nn.Module):
             start += blk.num_tokens
         frames = torch.cat(tokens, dim=1)  # (b, T, g²·dim)
         t = frames.shape[1]
+        if self.queries == "tokens":
+            return self._token_queries(h_small, frames, layout, regions, sources)
 
         q, k, v = self.qkv(frames).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (b, H, T, hd)
         null = q.new_zeros(b, self.heads, 1, q.shape[-1])
@@ -89,5 +109,35 @@ class TemporalBranch(nn.Module):
             frame += blk.num_frames
         return updates[0] if len(updates) == 1 else torch.cat(updates, dim=1)
 
+    def _token_queries(self, h_small, frames, layout: VideoLayout, regions, sources) -> torch.Tensor:
+        """Every token attends to every frame's region slots (and a zero null slot) → (b, N, d)."""
+        b, n, _ = h_small.shape
+        t, g2, dev = frames.shape[1], self.grid * self.grid, h_small.device
+        token_region = torch.cat([r.repeat(blk.num_frames) for r, blk in zip(regions, layout.blocks)])  # (N,)
+        token_frame, f0 = [], 0  # each token's frame in sequence order
+        for blk in layout.blocks:
+            token_frame.append(torch.arange(f0, f0 + blk.num_frames, device=dev).repeat_interleave(blk.height * blk.width))
+            f0 += blk.num_frames
+        token_frame = torch.cat(token_frame)
+        slots = frames.reshape(b, t, g2, self.dim) + self.region_embed  # (b, T, g², dim)
+        k, v = self.kv_proj(slots.reshape(b, t * g2, self.dim)).chunk(2, dim=-1)
+        q = self.q_proj(h_small + self.region_embed.index_select(0, token_region))
+        heads = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  (b, H, ·, hd)
+        q, k, v = heads(q), heads(k), heads(v)
+        null = k.new_zeros(b, self.heads, 1, k.shape[-1])
+        k, v = torch.cat([null, k], dim=2), torch.cat([null, v], dim=2)
+        slot_frame = torch.arange(t, device=dev).repeat_interleave(g2)  # (T·g²,)
+        allowed = torch.ones(n, t * g2, dtype=torch.bool, device=dev)
+        if self.causal:
+            allowed = slot_frame[None, :] <= token_frame[:, None]
+        allowed = allowed.expand(b, n, t * g2)
+        if sources is not None:
+            src = sources.to(device=dev, dtype=torch.bool)
+            src = src.expand(b, t) if src.dim() == 1 else src
+            allowed = allowed & src.index_select(1, slot_frame)[:, None, :]
+        allowed = torch.cat([allowed.new_ones(b, n, 1), allowed], dim=2)  # null slot always visible
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # (b, H, N, hd)
+        return self.up_proj(self.attn_out(out.transpose(1, 2).reshape(b, n, self.dim)))
+
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, dim={self.dim}, heads={self.heads}, causal={self.causal}"
+        return f"grid={self.grid}, dim={self.dim}, heads={self.heads}, causal={self.causal}, queries={self.queries}"
