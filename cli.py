@@ -52,7 +52,8 @@ _NUM_PROCESSES = typer.Option(1, "--num-processes", help="data-parallel processe
 _FSDP = typer.Option(False, "--fsdp", help="shard teacher and student across the processes with FSDP2 (one block "
                      "per group; each process holds 1/N of the weights and training state) instead of replicating them")
 _OUT = typer.Option(..., "--out", help="output folder (written atomically)")
-_LAYERS = typer.Option(None, "--layers", help="'all', '0-9', '0,2,4' or mixes (default: recipe)")
+_LAYERS = typer.Option(None, "--layers", help="'all', '0-9', '0,2,4' or mixes (default: recipe); 'auto' with "
+                       "--flops-budget: the layers the teacher misses least that fit the budget")
 _DISTILL_STEPS = typer.Option(None, "--distill-steps", help="stage-1 steps (default: recipe)")
 _STAGES = typer.Option(None, "--stages", help="distillation stages to run, e.g. 1,2,3 (default: recipe; stage 3 "
                        "runs only with --data)")
@@ -87,6 +88,10 @@ def convert_cmd(
                                     "folder; for generic recipes a diffusers folder"),
     out: Path = _OUT,
     layers: Optional[str] = _LAYERS,
+    flops_budget: Optional[float] = typer.Option(None, "--flops-budget", help="with --layers auto: the converted "
+                                                 "model's FLOPs at most this fraction of the original's (e.g. 0.4)"),
+    probe_steps: Optional[int] = typer.Option(None, "--probe-steps", help="with --layers auto: stage-1 steps that "
+                                              "measure each layer's sensitivity (default 100)"),
     model: Optional[str] = typer.Option(None, "--model", help="published config of the recipe for a single-file "
                                         "--checkpoint (generic recipes)"),
     distill_steps: Optional[int] = _DISTILL_STEPS,

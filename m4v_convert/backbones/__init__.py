@@ -29,7 +29,8 @@ register(Backbone(
     converts="PyramidFlow (use e.g. --recipe pyramidflow-miniflux-768p)",
     conversion="m4v_convert.backbones.pyramidflow.conversion:PyramidFlowConversion",
     # fsdp: the teacher's records read weights outside its forward (a sharded weight there is not whole)
-    flags_not_offered=("model", "report_size", "report_frames", "deterministic", "videos", "fsdp", *PROMPT_FLAGS),
+    flags_not_offered=("model", "report_size", "report_frames", "deterministic", "videos", "fsdp", "flops_budget",
+                       "probe_steps", *PROMPT_FLAGS),
     check_flags="m4v_convert.backbones.pyramidflow.conversion:check_flags",
     published_flops="m4v_convert.backbones.pyramidflow.conversion:published_flops",
     converted_class="m4v_convert.backbones.pyramidflow.converted:converted_class_for_config",
@@ -49,7 +50,7 @@ register(Backbone(
 register(Backbone(
     name="generic",
     converts="any model a backbone: generic recipe describes",
-    flags_not_offered=("num_processes", "fsdp", "deterministic", "videos"),
+    flags_not_offered=("num_processes", "fsdp", "deterministic", "videos", "flops_budget", "probe_steps"),
     conversion="m4v_convert.backbones.generic.conversion:GenericConversion",
     check_flags="m4v_convert.backbones.generic.conversion:check_flags",
     default_stages="1,2",  # no stage 3 for generic recipes

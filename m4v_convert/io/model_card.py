@@ -71,6 +71,10 @@ def model_card(summary: dict, recipe, facts: CardFacts) -> str:
     pipeline = (", or the whole pipeline with `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`"
                 if summary.get("pipeline") else "")
     flops = f"\n## FLOPs\n\n{facts.flops}\n" if facts.flops else ""
+    if summary.get("layer_selection"):
+        from m4v_convert.jobs.layer_selection import selection_text
+
+        flops += f"\n## Layer selection (--layers auto)\n\nThe {selection_text(summary['layer_selection'])}"
     return f"""# Converted with m4v-convert {summary['version']}
 
 - source: `{summary['source']}`

@@ -64,6 +64,8 @@ class ConversionSummary(_Strict):
     original_total_flops: int | None
     converted_total_flops: int | None
     seconds: float | None
+    # --layers auto: budget, probe steps, each candidate's sensitivity, converted / kept layers, FLOPs ratio
+    layer_selection: dict[str, Any] | None = None
 
 
 class Conversion(Protocol):
@@ -81,6 +83,9 @@ class Conversion(Protocol):
 
     # optional: ``meta_teacher() -> nn.Module``, the teacher built from the checkpoint's config on the
     # meta device, no weight read (the memory plan, jobs/memory.py, uses it; without it, no plan)
+
+    # optional, for --layers auto (jobs/layer_selection.py): ``flops_ratio(config, layers) -> float``, converted /
+    # original FLOPs as ``flops_report`` counts them (backbones without it refuse --flops-budget)
 
     # optional, for --fsdp: ``load_sharded(layers, sharder) -> (teacher, student)``, both read and converted
     # one block at a time, each pair handed to ``sharder.block`` before the next is read (without it, every
@@ -135,10 +140,16 @@ def _convert(plan: ConversionPlan) -> dict:
     from m4v_convert.jobs.memory import check_memory
 
     flags, recipe, con, dist = plan.flags, plan.recipe, plan.console, plan.dist
+    selection = None  # --layers auto: how the layers were chosen (jobs/layer_selection.py)
     steps: Conversion = registry.resolve(plan.backbone.conversion)(plan)
     con.print(f"[bold]m4v-convert[/] {m4v_convert.__version__}  recipe [cyan]{recipe.name}[/]  "
               f"checkpoint {flags.checkpoint}" + (f"  ({dist.world} processes)" if dist.enabled else ""))
     steps.check_before_loading()
+    if plan.auto_layers:  # the budget can be checked from the config alone
+        from m4v_convert.jobs.layer_selection import check_budget
+
+        meta = steps.meta_teacher()
+        check_budget(plan, steps, steps.select_layers(meta), dict(meta.config))
     if steps.pipeline is not None:
         others = check_components(steps.pipeline, steps.transformer_folder)
         con.print(f"pipeline folder in: --out will be the pipeline with the converted {steps.transformer_folder}/ "
@@ -159,6 +170,10 @@ def _convert(plan: ConversionPlan) -> dict:
         teacher = steps.load_teacher()
         teacher.requires_grad_(False)
         layers = steps.select_layers(teacher)
+        if plan.auto_layers:
+            from m4v_convert.jobs.layer_selection import select_layers
+
+            layers, selection = select_layers(plan, steps, teacher, layers)
         con.print(steps.loaded_line(teacher, layers))
         torch.manual_seed(flags.seed)
         try:
@@ -182,6 +197,8 @@ def _convert(plan: ConversionPlan) -> dict:
 
     flops = steps.flops_report(cfg, layers)
     summary = conversion_summary(plan, layers, report, flops, steps.transformer_folder, steps.pipeline is not None)
+    if selection is not None:
+        summary["layer_selection"] = selection
     # config["m4v"]["layers"] holds the per-layer MMDiMConfig dicts; the plain list goes under its own key
     record = {k: v for k, v in summary.items() if k not in ("layers", "error_before", "error_after",
                                                            "end_to_end_error", "stages", "seconds")}

@@ -33,6 +33,8 @@ class ConvertFlags:
     checkpoint: Path
     out: Path
     layers: str | None = None
+    flops_budget: float | None = None  # --layers auto: converted / original FLOPs at most this (jobs/layer_selection.py)
+    probe_steps: int | None = None  # --layers auto: stage-1 steps of the sensitivity probe
     model: str | None = None  # a published config of the recipe (generic recipes, single-file checkpoints)
     distill_steps: int | None = None
     stage2_steps: int | None = None
@@ -109,8 +111,13 @@ class ConversionPlan:
 
     @property
     def layer_spec(self) -> str:
-        """``--layers``, else the recipe's ``default_layers``."""
-        return self.recipe.layers_or_default(self.flags.layers)
+        """``--layers``, else the recipe's ``default_layers``; ``auto``: every layer is a candidate (the job
+        chooses among them, jobs/layer_selection.py)."""
+        return "all" if self.auto_layers else self.recipe.layers_or_default(self.flags.layers)
+
+    @property
+    def auto_layers(self) -> bool:
+        return (self.flags.layers or "").strip().lower() == "auto"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,10 +171,32 @@ def load_for(flags: ConvertFlags, command: str | None = None):
     if flags.fsdp and flags.num_processes < 2 and not in_distributed_env():
         raise M4VError("--fsdp shards the weights across processes: add --num-processes N (N >= 2), or start the "
                        "command with accelerate launch / torchrun")
+    check_auto_layers(flags, in_distributed_env())
     if flags.report_frames is not None and flags.report_frames < 1:
         raise M4VError(f"--frames: expected >= 1, got {flags.report_frames}")
     entry.check_conversion_flags(flags, recipe)
     return recipe, entry
+
+
+def check_auto_layers(flags: ConvertFlags, launched: bool) -> None:
+    """``--layers auto`` goes with ``--flops-budget`` (and ``--probe-steps``), one process, and only with it."""
+    auto = (flags.layers or "").strip().lower() == "auto"
+    if not auto:
+        for name, value in (("--flops-budget", flags.flops_budget), ("--probe-steps", flags.probe_steps)):
+            if value is not None:
+                raise M4VError(f"{name} goes with --layers auto (it chooses the layers to convert)")
+        return
+    if flags.flops_budget is None:
+        raise M4VError("--layers auto needs --flops-budget F: the converted model's FLOPs as a fraction of the "
+                       "original's, e.g. 0.4")
+    if not 0 < flags.flops_budget < 1:
+        raise M4VError(f"--flops-budget: expected a fraction between 0 and 1 (converted / original FLOPs), got "
+                       f"{flags.flops_budget:g}")
+    if flags.probe_steps is not None and flags.probe_steps < 1:
+        raise M4VError(f"--probe-steps: expected >= 1, got {flags.probe_steps}")
+    if flags.num_processes > 1 or flags.fsdp or launched:
+        raise M4VError("--layers auto: not offered with several processes yet; choose the layers in one process "
+                       "(its conversion.json lists them) and give them to --layers")
 
 
 def plan_conversion(flags: ConvertFlags, recipe, entry, console=None) -> ConversionPlan:

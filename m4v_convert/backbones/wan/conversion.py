@@ -179,6 +179,16 @@ class WanConversion:
                                       mmdim_config=recipe.mmdim,
                                       name=f"{recipe.name} ({Path(self.plan.flags.checkpoint).name})")
 
+    def flops_ratio(self, config: dict, layers: list[int]) -> float:
+        """Converted / original FLOPs with ``layers`` converted, as the report counts them (no cross-check,
+        no curve: ``--layers auto`` asks once per candidate)."""
+        from m4v_convert.backbones.wan.flops import mmdim_config_fn_from, wan_config, wan_model_flops
+
+        cfg, recipe = wan_config(config), self.plan.recipe
+        r = wan_model_flops(cfg, self.frames, self.height, self.width, int(recipe.video.get("text_len", 512)), layers,
+                            mmdim_config_fn_from(cfg, recipe.mmdim))
+        return r["converted_total_flops"] / r["original_total_flops"]
+
     def write_flops(self, report: dict, folder: Path) -> None:
         from m4v_convert.flops.report import write_flops_report
 
