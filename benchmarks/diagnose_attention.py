@@ -18,7 +18,9 @@ conversion noises them (rectified flow, the recipe's shift), it prints
   initialized from the attention (B = K, C = Q) computes at best, the second what a state of d² features
   per head could;
 * with ``--student``, the converted layer (teacher-forced on the same inputs, as stage 1 sees them): its
-  relative error against the teacher, against the ``own frame`` oracle, and without its temporal branch.
+  relative error against the teacher, against the ``own frame`` oracle, and without its temporal branch,
+  and its share of what the other frames add to the teacher's output (the projection of student − own
+  frame on teacher − own frame: 1 keeps all of it, below 1 damps it).
 
     python benchmarks/diagnose_attention.py checkpoints/wan2.1-tiny-shapes-trail --student OUT
 
@@ -190,7 +192,13 @@ def main(argv=None) -> None:
                     x, ctx = records[i].hidden_states, records[i].context
                     s, _ = block(x, **ctx)
                     row["student"] = rel(s, target)
-                    row["student vs own frame"] = rel(s, out(oracles["own frame"]))
+                    own_frame = out(oracles["own frame"])
+                    row["student vs own frame"] = rel(s, own_frame)
+                    # how much of what the other frames add to the teacher's output the student adds (1: all
+                    # of it; below 1: it damps it): the projection of (student − own frame) on (teacher − own frame)
+                    cross = target - own_frame
+                    row["student's share of the other frames' part"] = float(((s - own_frame) * cross).sum()
+                                                                            / cross.pow(2).sum())
                     if block.config.temporal:
                         row["student without temporal branch"] = rel(s - block.temporal(x, ctx["layout"]), target)
                 for name, value in row.items():

@@ -10,9 +10,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from m4v_convert.backbones.wan.flops import mmdim_config_fn_from, wan_config, wan_model_flops
-from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan
+from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan, save_tiny_wan_recipe
 from m4v_convert.jobs.layer_selection import choose
-from m4v_convert.recipes import RECIPES_DIR
 
 runner = CliRunner()
 SIZE = ["--size", "480x832", "--frames", "81"]  # MM-DiM is cheaper than attention here, even in a tiny model
@@ -37,15 +36,9 @@ def test_choose_keeps_the_most_sensitive_layers_that_fit():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    teacher = make_tiny_wan(seed=1, num_layers=4)
-    ckpt = save_tiny_wan(teacher, tmp_path_factory.mktemp("ckpt") / "wan")
-    data = yaml.safe_load((RECIPES_DIR / "wan2.1.yaml").read_text())
-    data["published"] = {k: str(RECIPES_DIR / v) for k, v in data["published"].items()}
-    data["mmdim"].update(temporal_dim=8, temporal_heads=2)
-    data["calib"].update(latent_frames=2, latent_height=8, latent_width=8, text_len=6, num_samples=6, batch_size=2)
-    recipe = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(data))
-    return ckpt, recipe, data
+    ckpt = save_tiny_wan(make_tiny_wan(seed=1, num_layers=4), tmp_path_factory.mktemp("ckpt") / "wan")
+    recipe = save_tiny_wan_recipe(tmp_path_factory.mktemp("recipe") / "tiny.yaml")
+    return ckpt, recipe, yaml.safe_load(recipe.read_text())
 
 
 def _run(tiny, out, *flags):

@@ -14,7 +14,7 @@ from m4v_convert.backbones.wan.model import M4VWanTransformer3DModel, WanMMDiMAt
 from m4v_convert.convert import parse_layers
 from m4v_convert.errors import M4VError
 from m4v_convert.io.converted import save_converted
-from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan, tiny_wan_inputs
+from m4v_convert.backbones.wan.testing import make_tiny_wan, save_tiny_wan, save_tiny_wan_recipe, tiny_wan_inputs
 
 RECIPE_MMDIM = {"bc_norm": "across_groups", "rotary": True, "temporal_causal": False, "temporal_dim": 8,
                 "temporal_heads": 2}
@@ -172,17 +172,7 @@ def ckpt(tmp_path_factory, teacher):
 
 @pytest.fixture(scope="module")
 def recipe_file(tmp_path_factory):
-    import yaml
-
-    from m4v_convert.recipes import RECIPES_DIR
-
-    data = yaml.safe_load((RECIPES_DIR / "wan2.1.yaml").read_text())
-    data["published"] = {k: str(RECIPES_DIR / v) for k, v in data["published"].items()}
-    data["mmdim"].update(temporal_dim=8, temporal_heads=2)
-    data["calib"].update(latent_frames=2, latent_height=8, latent_width=8, text_len=6, num_samples=6, batch_size=2)
-    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return save_tiny_wan_recipe(tmp_path_factory.mktemp("recipe") / "tiny.yaml")
 
 
 def _convert(ckpt, out, recipe_file, *extra):

@@ -223,3 +223,19 @@ def save_tiny_wan(model, folder: str | os.PathLike, layout: str = "diffusers", k
     else:  # original-sharded
         _save_shards(state, folder, n_shards=3)
     return folder
+
+
+def save_tiny_wan_recipe(path: str | os.PathLike) -> Path:
+    """The shipped wan2.1 recipe for the tiny models above, written to ``path``: its published configs by
+    absolute path, a small temporal branch, synthetic calibration latents of 2 × 8 × 8 in batches of 2."""
+    import yaml
+
+    from m4v_convert.recipes import RECIPES_DIR
+
+    data = yaml.safe_load((RECIPES_DIR / "wan2.1.yaml").read_text())
+    data["published"] = {k: str(RECIPES_DIR / v) for k, v in data["published"].items()}
+    data["mmdim"].update(temporal_dim=8, temporal_heads=2)
+    data["calib"].update(latent_frames=2, latent_height=8, latent_width=8, text_len=6, num_samples=6, batch_size=2)
+    path = Path(path)
+    path.write_text(yaml.safe_dump(data))
+    return path
