@@ -4,9 +4,9 @@ Each candidate layer's sensitivity is its held-out relative error after a short 
 with every candidate converted: stage 1 trains each layer alone on the teacher's own inputs, so one short
 run measures every layer at once. Then, most sensitive first, a layer stays attention wherever the model
 still fits the budget without it (converted FLOPs / original FLOPs ≤ F, counted as the FLOPs report counts
-them: the conversion's ``flops_ratio(config, layers)``); the rest
-are converted, and the conversion runs as ``--layers`` with that list would (the same weights). The table
-goes to ``conversion.json`` (``layer_selection``) and the model card.
+them: the conversion's ``flops_ratio(config, layers)``); the rest are converted, and the conversion runs as
+``--layers`` with that list would (the same weights). The table goes to ``conversion.json``
+(``layer_selection``) and the model card.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import torch
 from m4v_convert.errors import M4VError
 
 DEFAULT_PROBE_STEPS = 100
+
+
+def probe_steps_of(flags) -> int:
+    return flags.probe_steps if flags.probe_steps is not None else DEFAULT_PROBE_STEPS
 
 
 def check_budget(plan, steps, candidates: list[int], config: dict) -> None:
@@ -47,7 +51,7 @@ def probe_sensitivity(plan, steps, teacher, candidates: list[int]) -> dict[int, 
     from m4v_convert.distill.job import run_distillation
 
     flags, d = plan.flags, plan.distill
-    probe_steps = flags.probe_steps if flags.probe_steps is not None else DEFAULT_PROBE_STEPS
+    probe_steps = probe_steps_of(flags)
     probe_plan = dataclasses.replace(
         d, stages=[1], schedules={1: dataclasses.replace(d.schedules[1], steps=probe_steps, checkpoint_every=0)},
         run_dir=None, resume_state=None)
@@ -70,7 +74,7 @@ def select_layers(plan, steps, teacher, candidates: list[int]) -> tuple[list[int
     sensitivity = probe_sensitivity(plan, steps, teacher, candidates)
     layers = choose(sensitivity, ratio, plan.flags.flops_budget)
     record = {"flops_budget": plan.flags.flops_budget,
-              "probe_steps": plan.flags.probe_steps if plan.flags.probe_steps is not None else DEFAULT_PROBE_STEPS,
+              "probe_steps": probe_steps_of(plan.flags),
               "sensitivity": {str(i): sensitivity[i] for i in sorted(sensitivity)},
               "converted": layers, "kept_attention": [i for i in candidates if i not in layers],
               "flops_ratio": ratio(layers)}

@@ -117,7 +117,7 @@ class ConversionPlan:
 
     @property
     def auto_layers(self) -> bool:
-        return (self.flags.layers or "").strip().lower() == "auto"
+        return wants_auto_layers(self.flags)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,10 +178,13 @@ def load_for(flags: ConvertFlags, command: str | None = None):
     return recipe, entry
 
 
+def wants_auto_layers(flags: ConvertFlags) -> bool:
+    return (flags.layers or "").strip().lower() == "auto"
+
+
 def check_auto_layers(flags: ConvertFlags, launched: bool) -> None:
     """``--layers auto`` goes with ``--flops-budget`` (and ``--probe-steps``), one process, and only with it."""
-    auto = (flags.layers or "").strip().lower() == "auto"
-    if not auto:
+    if not wants_auto_layers(flags):
         for name, value in (("--flops-budget", flags.flops_budget), ("--probe-steps", flags.probe_steps)):
             if value is not None:
                 raise M4VError(f"{name} goes with --layers auto (it chooses the layers to convert)")
