@@ -84,19 +84,8 @@ class TemporalBranch(nn.Module):
             return self._token_queries(h_small, frames, layout, regions, sources)
 
         q, k, v = self.qkv(frames).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (b, H, T, hd)
-        null = q.new_zeros(b, self.heads, 1, q.shape[-1])
-        k = torch.cat([null, k], dim=2)
-        v = torch.cat([null, v], dim=2)
-        allowed = torch.ones(t, t, dtype=torch.bool, device=video.device)
-        if self.causal:
-            allowed = torch.tril(allowed)
-        allowed = allowed.expand(b, t, t)
-        if sources is not None:
-            src = sources.to(device=video.device, dtype=torch.bool)
-            src = src.expand(b, t) if src.dim() == 1 else src
-            allowed = allowed & src[:, None, :]
-        allowed = torch.cat([allowed.new_ones(b, t, 1), allowed], dim=2)  # null slot always visible
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        every_frame = torch.arange(t, device=video.device)
+        out = self._attend(q, k, v, every_frame, every_frame, t, sources)
         out = self.attn_out(out.transpose(1, 2).reshape(b, t, -1))  # (b, T, g²·dim)
         out = self.up_proj(out.unflatten(-1, (g2, self.dim)))  # (b, T, g², d)
 
@@ -108,6 +97,23 @@ class TemporalBranch(nn.Module):
             updates.append(o.index_select(2, region).reshape(b, blk.num_tokens, -1))
             frame += blk.num_frames
         return updates[0] if len(updates) == 1 else torch.cat(updates, dim=1)
+
+    def _attend(self, q, k, v, query_frame, key_frame, t: int, sources) -> torch.Tensor:
+        """SDPA of (b, H, ·, hd) queries over keys plus a zero "null" slot every query sees; a query reads a
+        key only if the key's frame is a source (and, causal, not after the query's frame)."""
+        b = q.shape[0]
+        null = k.new_zeros(b, self.heads, 1, k.shape[-1])
+        k, v = torch.cat([null, k], dim=2), torch.cat([null, v], dim=2)
+        allowed = torch.ones(len(query_frame), len(key_frame), dtype=torch.bool, device=q.device)
+        if self.causal:
+            allowed = key_frame[None, :] <= query_frame[:, None]
+        allowed = allowed.expand(b, -1, -1)
+        if sources is not None:
+            src = sources.to(device=q.device, dtype=torch.bool)
+            src = src.expand(b, t) if src.dim() == 1 else src
+            allowed = allowed & src.index_select(1, key_frame)[:, None, :]
+        allowed = torch.cat([allowed.new_ones(b, len(query_frame), 1), allowed], dim=2)  # null slot always visible
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
 
     def _token_queries(self, h_small, frames, layout: VideoLayout, regions, sources) -> torch.Tensor:
         """Every token attends to every frame's region slots (and a zero null slot) → (b, N, d)."""
@@ -123,20 +129,8 @@ class TemporalBranch(nn.Module):
         k, v = self.kv_proj(slots.reshape(b, t * g2, self.dim)).chunk(2, dim=-1)
         q = self.q_proj(h_small + self.region_embed.index_select(0, token_region))
         heads = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  (b, H, ·, hd)
-        q, k, v = heads(q), heads(k), heads(v)
-        null = k.new_zeros(b, self.heads, 1, k.shape[-1])
-        k, v = torch.cat([null, k], dim=2), torch.cat([null, v], dim=2)
         slot_frame = torch.arange(t, device=dev).repeat_interleave(g2)  # (T·g²,)
-        allowed = torch.ones(n, t * g2, dtype=torch.bool, device=dev)
-        if self.causal:
-            allowed = slot_frame[None, :] <= token_frame[:, None]
-        allowed = allowed.expand(b, n, t * g2)
-        if sources is not None:
-            src = sources.to(device=dev, dtype=torch.bool)
-            src = src.expand(b, t) if src.dim() == 1 else src
-            allowed = allowed & src.index_select(1, slot_frame)[:, None, :]
-        allowed = torch.cat([allowed.new_ones(b, n, 1), allowed], dim=2)  # null slot always visible
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # (b, H, N, hd)
+        out = self._attend(heads(q), heads(k), heads(v), token_frame, slot_frame, t, sources)  # (b, H, N, hd)
         return self.up_proj(self.attn_out(out.transpose(1, 2).reshape(b, n, self.dim)))
 
     def extra_repr(self) -> str:
