@@ -358,8 +358,10 @@ def generate_cmd(
 def ablate(
     teacher: Path = typer.Argument(..., help="the Wan2.1 checkpoint to convert"),
     out: Path = typer.Option(..., "--out", help="output folder: ablation.md/json, variants/<name>/"),
-    variants: str = typer.Option("full,no-text-sandwich,no-registers,raster,no-temporal,forward-only", "--variants",
-                                 help="comma-separated MM-DiM variants (also: time-scan, alternate-scan)"),
+    variants: Optional[str] = typer.Option(None, "--variants", help="comma-separated MM-DiM variants: full, "
+                                           "no-text-sandwich, no-registers, raster, no-temporal, forward-only, "
+                                           "space-scan, time-scan, alternate-scan (default: full and each of the "
+                                           "first six the recipe has on)"),
     layers: Optional[str] = typer.Option(None, "--layers", help="layers to convert (default: recipe)"),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="stage-1 steps per variant "
                                                 "(default: recipe)"),
@@ -384,7 +386,7 @@ def ablate(
     from m4v_convert.jobs.ablate import AblateOptions, run_ablate
 
     _set_threads(threads)
-    run_ablate(AblateOptions(teacher=teacher, out=out, variants=[v.strip() for v in variants.split(",") if v.strip()],
+    run_ablate(AblateOptions(teacher=teacher, out=out, variants=None if variants is None else [v.strip() for v in variants.split(",") if v.strip()],
                              layers=layers, distill_steps=distill_steps, stage2_steps=stage2_steps, recipe=recipe,
                              calib=calib, prompts=prompts,
                              seeds=seeds, steps=steps, device=device, seed=seed, overwrite=overwrite,

@@ -480,16 +480,44 @@ def test_cli_ablate_bad_variant(folders, tmp_path):
     assert res.exit_code != 0 and "unknown 'nope'" in res.output and not (tmp_path / "o").exists()
 
 
-def test_ablate_runs_the_recipe_components_unless_asked_for_the_scan_variants():
+def test_ablate_switches_off_each_component_the_recipe_has_on():
     import inspect
 
     import cli
-    from m4v_convert.jobs.ablate import DEFAULT_VARIANTS, VARIANTS, AblateOptions
+    from m4v_convert.jobs.ablate import COMPONENTS, VARIANTS, AblateOptions, default_variants, recipe_mmdim
+    from m4v_convert.recipes import load_recipe
 
-    default = inspect.signature(cli.ablate).parameters["variants"].default.default
-    assert default.split(",") == list(DEFAULT_VARIANTS) == AblateOptions(teacher=Path("t"), out=Path("o")).variants
-    assert set(VARIANTS) - set(DEFAULT_VARIANTS) == {"time-scan", "alternate-scan"}
+    assert inspect.signature(cli.ablate).parameters["variants"].default.default is None
+    assert AblateOptions(teacher=Path("t"), out=Path("o")).variants is None  # the recipe decides
+    wan = recipe_mmdim(load_recipe("wan2.1"))
+    assert wan["scan"] == "space" and wan["bidirectional"] is True and wan["text_projections"] is False
+    # the shipped recipe scans space-major: every component but the scan order (nothing to switch off)
+    assert default_variants(wan) == ["full", "no-text-sandwich", "no-registers", "raster", "no-temporal",
+                                     "forward-only"]
+    assert default_variants({**wan, "scan": "alternate", "temporal": False}) == [
+        "full", "no-text-sandwich", "no-registers", "raster", "forward-only", "space-scan"]
+    # each component variant changes exactly the field it names, to a value the recipe has not
+    for name in COMPONENTS:
+        (key, value), = VARIANTS[name][0].items()
+        assert key in wan and value != {**wan, "scan": "time"}[key]
     assert VARIANTS["time-scan"][0] == {"scan": "time"} and VARIANTS["alternate-scan"][0] == {"scan": "alternate"}
+
+
+def test_cli_ablate_refuses_a_variant_the_recipe_already_is(folders, tmp_path):
+    import yaml
+
+    rec = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "wan2.1.yaml").read_text())
+    rec["mmdim"]["temporal"] = False
+    rec["published"] = {}
+    (tmp_path / "no-temporal.yaml").write_text(yaml.safe_dump(rec))
+    for args, said in [(["--variants", "full,space-scan"], "--variants space-scan: recipe wan2.1 already has "
+                         "mmdim.scan: \"space\""),
+                       (["--recipe", str(tmp_path / "no-temporal.yaml"), "--variants", "full,no-temporal"],
+                        "--variants no-temporal: recipe wan2.1 already has mmdim.temporal: false"),
+                       (["--variants", "full,raster,full"], "--variants: 'full' given twice")]:
+        res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(tmp_path / "o"), *args])
+        assert res.exit_code != 0 and said in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
 
 
 @pytest.fixture(scope="module")

@@ -29,19 +29,41 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "raster": ({"zigzag": False}, "raster scan instead of zigzag"),
     "no-temporal": ({"temporal": False}, "w/o temporal branch"),
     "forward-only": ({"bidirectional": False}, "forward scan only (no reversed scan)"),
-    # additions to measure (issue 28), not components of the recipe: asked for by name only
+    "space-scan": ({"scan": "space"}, "space-major scan at every layer (no time-major layers)"),
+    # scan orders to try on a recipe that scans space-major: asked for by name only
     "time-scan": ({"scan": "time"}, "time-major scan (position by position)"),
     "alternate-scan": ({"scan": "alternate"}, "time-major scan at odd layers"),
 }
-#: what ``ablate`` runs without --variants: the recipe's components (cli.py's --variants default too)
-DEFAULT_VARIANTS = ("full", "no-text-sandwich", "no-registers", "raster", "no-temporal", "forward-only")
+#: the components ``ablate`` switches off one at a time when --variants is not given, each only
+#: where the recipe has it on (a variant the recipe already is would repeat "full")
+COMPONENTS = ("no-text-sandwich", "no-registers", "raster", "no-temporal", "forward-only", "space-scan")
+
+
+def recipe_mmdim(rec) -> dict:
+    """The recipe's effective MM-DiM settings: its ``mmdim`` fields over MMDiMConfig's defaults."""
+    import dataclasses
+
+    from m4v_convert.layers.mmdim import MMDiMConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(MMDiMConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **rec.mmdim}
+
+
+def repeats_full(name: str, mmdim: dict) -> bool:
+    """Whether variant ``name`` changes nothing in these MM-DiM settings."""
+    return name != "full" and all(mmdim.get(k) == v for k, v in VARIANTS[name][0].items())
+
+
+def default_variants(mmdim: dict) -> list[str]:
+    """``full`` and every component of :data:`COMPONENTS` that these MM-DiM settings have on."""
+    return ["full"] + [name for name in COMPONENTS if not repeats_full(name, mmdim)]
 
 
 @dataclass(kw_only=True)
 class AblateOptions(SamplingOptions):
     teacher: Path
     out: Path
-    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    variants: list[str] | None = None  # default: default_variants(the recipe's MM-DiM settings)
     layers: str | None = None
     distill_steps: int | None = None
     stage2_steps: int | None = None
@@ -201,15 +223,23 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
     from m4v_convert.recipes import load_recipe
 
     con = _console(console)
-    unknown = [v for v in opts.variants if v not in VARIANTS]
-    if unknown or not opts.variants:
-        what = f"unknown {unknown[0]!r}" if unknown else "none given"
+    unknown = [v for v in opts.variants or () if v not in VARIANTS]
+    twice = [v for v in opts.variants or () if opts.variants.count(v) > 1]
+    if unknown or twice or opts.variants == []:
+        what = f"unknown {unknown[0]!r}" if unknown else f"{twice[0]!r} given twice" if twice else "none given"
         raise M4VError(f"--variants: {what} (choose from {', '.join(VARIANTS)})")
     seeds = opts.seed_list
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise M4VError(f"--distill-seeds: expected distinct seeds >= 0, got {','.join(map(str, seeds))}")
     settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
     rec = load_recipe(opts.recipe)
+    mmdim = recipe_mmdim(rec)
+    variants = default_variants(mmdim) if opts.variants is None else list(opts.variants)
+    same = [v for v in variants if repeats_full(v, mmdim)]
+    if same:
+        key, value = next(iter(VARIANTS[same[0]][0].items()))
+        raise M4VError(f"--variants {same[0]}: recipe {rec.name} already has mmdim.{key}: {json.dumps(value)} "
+                       "(the variant would repeat 'full')")
     entry = registry.for_recipe(rec)
     if entry.evaluate is None or registry.resolve(entry.evaluate) is not run_eval:
         raise M4VError(f"--recipe {rec.name}: ablate measures on the synthetic task, which the {entry.name} "
@@ -226,7 +256,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
     work_dir = ablate_work_dir(opts.out)
     wanted = _ablate_settings(opts, rec, settings, calib_label, task_source, device)
     finished = _open_ablate_work(work_dir, wanted, opts.overwrite, con)
-    units = [(name, seed, unit_name(name, seed, seeds)) for seed in seeds for name in opts.variants]
+    units = [(name, seed, unit_name(name, seed, seeds)) for seed in seeds for name in variants]
     resumed = [u for _, _, u in units if u in finished]
     t0 = time.time()
     try:
@@ -234,7 +264,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
             work = Path(work)
             if calib is None:  # regenerated bit for bit by a resumed run (seeded)
                 calib = write_task_calib(task, work / "calib", seed=opts.seed)
-            con.print(f"ablate: {len(opts.variants)} variants × {len(seeds)} distillation seed(s) "
+            con.print(f"ablate: {len(variants)} variants × {len(seeds)} distillation seed(s) "
                       f"({', '.join(map(str, seeds))}), equal budget: layers {opts.layers or 'recipe default'}, "
                       f"stage-1 steps {opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, "
                       f"stage-2 steps {opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, "
@@ -286,7 +316,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                 if full in results and name != "full":  # against all components of the same seed, same samples
                     metrics["vs_full"] = paired_psnr_delta(results[full], metrics)
                 (tmp / "variants" / unit / "metrics.json").write_text(metrics_json(metrics) + "\n")
-            summary = across_seeds(results, opts.variants, seeds) if len(seeds) > 1 else None
+            summary = across_seeds(results, variants, seeds) if len(seeds) > 1 else None
             report = {
                 "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
                 "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,
@@ -305,7 +335,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                 f"prompts × {settings.seeds} seeds, {settings.steps} Euler steps.\n\n{markdown_table(rows)}\n\n"
                 + "".join(f"- {name}: {interval_text(m)}{vs_full_text(m)}\n" for name, m in rows)
                 + ("" if summary is None else "\n## Across distillation seeds\n\n" + across_seeds_markdown(
-                    summary, {n: VARIANTS[n][1] for n in opts.variants}) + "\n"))
+                    summary, {n: VARIANTS[n][1] for n in variants}) + "\n"))
     except BaseException:
         kept = sorted(d.name for d in (work_dir / "variants").iterdir())  # converted (folders appear whole)
         if not kept:
