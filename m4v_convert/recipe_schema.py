@@ -78,6 +78,10 @@ class StageBase(Strict):
 class Stage2(StageBase):
     feature_weight: NonNegNumber | None = None
     output_weight: NonNegNumber | None = None
+    # share of batches whose inputs are states of the student's own sampling (distill/job.py), and that
+    # sampler's Euler steps
+    on_policy: Annotated[Number, Field(ge=0, le=1)] | None = None
+    on_policy_steps: PosInt | None = None
 
 
 class Distill(Strict):
@@ -387,14 +391,11 @@ class RecipeFile(Strict):
         """The fields a backbone's registry entry says are its own, or required by it."""
         from m4v_convert.backbones import registry
 
-        given = self.model_fields_set
-        calib_given = self.calib.model_fields_set if self.calib is not None else set()
         for entry in registry.entries():
             if entry.name == self.backbone:
                 continue
             for key in entry.recipe_fields:
-                section, _, sub = key.rpartition(".")
-                if (sub in calib_given) if section == "calib" else (key in given):
+                if _given(self, key):
                     raise _field_error(key, f"is only used by backbone '{entry.name}'")
         for key in registry.get(self.backbone).recipe_required:
             if getattr(self, key) is None:
@@ -402,6 +403,16 @@ class RecipeFile(Strict):
                 what = f"this field (one of {list(allowed)})" if allowed else "this section (see docs/recipes.md)"
                 raise _field_error(key, f"backbone '{self.backbone}' needs {what}")
         return self
+
+
+def _given(model: BaseModel, dotted: str) -> bool:
+    """Whether the recipe sets the field at ``dotted`` (``calib.corrupt_ratio``: the section's field)."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        model = getattr(model, section, None)
+        if model is None:
+            return False
+    return name in model.model_fields_set
 
 
 def _literal_values(annotation) -> tuple:

@@ -444,10 +444,12 @@ def sample_sigmas(steps: int, shift: float) -> torch.Tensor:
 
 @torch.no_grad()
 def euler_sample(model, noise: torch.Tensor, text: torch.Tensor, steps: int = 20, shift: float = 3.0,
-                 batch_size: int | None = None, on_batch=None) -> torch.Tensor:
+                 batch_size: int | None = None, on_batch=None, stop: int | None = None) -> torch.Tensor:
     """Flow-match Euler sampler: x ← x + (σ_next − σ)·v(x, 1000σ), from σ = 1 to 0.
 
     ``on_batch(n)``: called after each batch of ``n`` samples is done (progress display).
+    ``stop``: return the state after that many of the ``steps`` steps (at σ = ``sample_sigmas(steps,
+    shift)[stop]``) instead of the sample.
     """
     sigmas = sample_sigmas(steps, shift)
     outs = []
@@ -456,8 +458,8 @@ def euler_sample(model, noise: torch.Tensor, text: torch.Tensor, steps: int = 20
     for s in range(0, noise.shape[0], bs):
         x = noise[s:s + bs].float()
         txt = text[s:s + bs]
-        for i in range(steps):
-            t = torch.full((x.shape[0],), float(sigmas[i]) * 1000.0)
+        for i in range(steps if stop is None else stop):
+            t = torch.full((x.shape[0],), float(sigmas[i]) * 1000.0, device=x.device)
             v = model(hidden_states=x.to(dtype), timestep=t.to(dtype), encoder_hidden_states=txt.to(dtype),
                       return_dict=False)[0].float()
             x = x + (sigmas[i + 1] - sigmas[i]) * v

@@ -449,10 +449,88 @@ def test_recipe_schedule_fields_are_validated(tmp_path):
                            ({"stage2": {"lr": 0}}, "distill.stage2.lr"),
                            ({"stage2": {"epochs": 3}}, "distill.stage2.epochs"),
                            ({"stages": "1,5"}, "distill.stages"),
-                           ({"train": "everything"}, "distill.train")]:
+                           ({"train": "everything"}, "distill.train"),
+                           ({"stage2": {"on_policy": 1.5}}, "distill.stage2.on_policy"),
+                           ({"stage2": {"on_policy_steps": 0}}, "distill.stage2.on_policy_steps")]:
         path = _recipe(tmp_path / "r.yaml", **distill)
         with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
             load_recipe(path)
+
+
+# ------------------------------------------------------------------------------------------------ on-policy stage 2
+
+
+def test_on_policy_batches_are_the_students_own_sampling_states(teacher):
+    """distill.stage2.on_policy: a batch's video is replaced, with that probability, by the state after k
+    Euler steps of the model's own sampling from fresh noise (k uniform below on_policy_steps), checked
+    against the sampler written out here and the generator's draws replayed; 0 draws nothing."""
+    from m4v_convert.backbones.wan.distill import WanDistillAdapter
+    from m4v_convert.distill.calibration import CalibSpec, noised_batch, shift_sigma, synthetic_samples
+    from m4v_convert.distill.distributed import DistContext
+    from m4v_convert.distill.job import DistillPlan, on_policy_batch
+
+    spec = CalibSpec(latent_frames=2, latent_height=8, latent_width=8, text_len=6, text_dim=32, in_channels=4,
+                     flow_shift=3.0)
+    adapter = WanDistillAdapter(layers=[0, 1], patch_size=(1, 2, 2), spec=spec)
+    samples = synthetic_samples(spec, 2, seed=0)
+    batch = noised_batch(samples, spec, torch.Generator().manual_seed(1))
+    steps = 5
+    sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1), 3.0)
+
+    def by_hand(noise, k):
+        x = noise.clone()
+        for i in range(k):
+            t = torch.full((x.shape[0],), float(sigmas[i]) * 1000.0)
+            x = x + (sigmas[i + 1] - sigmas[i]) * teacher(hidden_states=x, timestep=t,
+                                                         encoder_hidden_states=batch["encoder_hidden_states"],
+                                                         return_dict=False)[0]
+        return x
+
+    off = DistillPlan(stages=[2], schedules={})
+    gen = torch.Generator().manual_seed(0)
+    assert on_policy_batch(batch, teacher, adapter, off, gen, DistContext()) is batch
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing drawn
+
+    for share, world, rank in [(1.0, 1, 0), (0.5, 1, 0), (1.0, 2, 1)]:
+        plan = DistillPlan(stages=[2], schedules={}, on_policy=share, on_policy_steps=steps)
+        gen, replay = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        ks = []
+        for _ in range(8):
+            got = on_policy_batch(batch, teacher, adapter, plan, gen, DistContext(rank=rank, world=world))
+            if float(torch.rand((), generator=replay)) >= share:
+                assert got is batch
+                ks.append(None)
+                continue
+            k = int(torch.randint(steps, (), generator=replay))
+            noise = torch.randn((2 * world, *batch["hidden_states"].shape[1:]), generator=replay)[2 * rank:2 * rank + 2]
+            torch.testing.assert_close(got["hidden_states"], by_hand(noise, k), rtol=1e-5, atol=1e-5)
+            assert torch.equal(got["timestep"], torch.full((2,), float(sigmas[k]) * 1000.0))
+            assert got["encoder_hidden_states"] is batch["encoder_hidden_states"]
+            ks.append(k)
+        assert len({k for k in ks if k is not None}) > 1 and (share == 1.0) == (None not in ks), ks
+
+
+def test_on_policy_stage2_trains_and_is_refused_outside_wan(ckpt, tmp_path):
+    from m4v_convert.recipes import load_recipe
+
+    recipe = _recipe(tmp_path / "on-policy.yaml", stage2={"on_policy": 1.0, "on_policy_steps": 4})
+    res = _convert(ckpt, tmp_path / "out", recipe, "--stages", "1,2", "--distill-steps", "4", "--stage2-steps", "12",
+                   "--lr", "0.003")
+    assert res.exit_code == 0, res.output
+    s2 = json.loads((tmp_path / "out" / "conversion.json").read_text())["stages"]["stage2"]
+    assert s2["end_to_end_after"] < s2["end_to_end_before"], s2
+    assert len(_losses(_log(tmp_path / "out"), "stage2")) == 12
+    # a PyramidFlow recipe has no sampler for it: refused when the recipe is read
+    import yaml
+
+    from m4v_convert.recipes import RECIPES_DIR
+
+    data = yaml.safe_load((RECIPES_DIR / "pyramidflow-miniflux-768p.yaml").read_text())
+    data["published"] = {k: str(RECIPES_DIR / v) for k, v in (data.get("published") or {}).items()}
+    data.setdefault("distill", {}).setdefault("stage2", {})["on_policy"] = 0.5
+    (tmp_path / "pf.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match=r"distill\.stage2\.on_policy.*only used by backbone 'wan'"):
+        load_recipe(tmp_path / "pf.yaml")
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -478,9 +556,12 @@ def _kill_at(proc: subprocess.Popen, run: Path, stage: str, step: int) -> dict:
     return json.loads((run / "state.json").read_text())
 
 
-def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(ckpt, recipe_file, tmp_path):
+@pytest.mark.parametrize("on_policy", [False, True], ids=["calibration-inputs", "on-policy"])
+def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(ckpt, recipe_file, tmp_path, on_policy):
     common = ["--stages", "1,2", "--distill-steps", "4", "--stage2-steps", "40", "--checkpoint-every", "3",
               "--deterministic", "--mixed-precision", "no"]
+    if on_policy:  # the stage-2 stream depends on the student's weights and the checkpointed generator
+        recipe_file = _recipe(tmp_path / "on-policy.yaml", stage2={"on_policy": 0.5, "on_policy_steps": 4})
     run = tmp_path / "run"
     killed = subprocess.Popen([sys.executable, str(ROOT / "cli.py")] +
                               _args(ckpt, tmp_path / "out", recipe_file, *common, "--run-dir", str(run)),

@@ -23,6 +23,8 @@ register(Backbone(
     eval_options="m4v_convert.jobs.eval:EvalOptions",
     evaluate="m4v_convert.jobs.eval:run_eval",
     eval_refusal="PyramidFlow eval options; a Wan eval draws its inputs from the synthetic task (--prompts, --task)",
+    # stage 2 on the student's own samples: a flow-match Euler sampler of Wan's inputs (wan/distill.py)
+    recipe_fields=("distill.stage2.on_policy", "distill.stage2.on_policy_steps"),
 ))
 register(Backbone(
     name="pyramidflow",

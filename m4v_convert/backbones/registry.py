@@ -50,8 +50,8 @@ class Backbone:
 
     Recipe fields (plain data, checked by the recipe loader before any model is read):
 
-    - ``recipe_fields``: the recipe fields only this family reads (``calib.x`` for a field of the
-      ``calib`` section); another family's recipe that sets one is refused.
+    - ``recipe_fields``: the recipe fields only this family reads (a dotted path for a field of a
+      section: ``calib.x``, ``distill.stage2.x``); another family's recipe that sets one is refused.
     - ``recipe_required``: the fields (or sections) this family's recipes must set.
     - ``refused_mmdim``: ``(mmdim key, why)``: MM-DiM settings this family takes only at their default.
     """

@@ -47,6 +47,10 @@ class DistillPlan:
     bf16: bool = False
     grad_checkpointing: bool = False
     layer_groups: int = 1  # every stage trains the converted layers in this many groups, one after another
+    # stage 2: share of batches whose inputs are the student's own sampling states (see on_policy_batch),
+    # and the Euler steps of that sampler
+    on_policy: float = 0.0
+    on_policy_steps: int = 20
     run_dir: RunDir | None = None
     resume_state: dict | None = field(default=None, repr=False)
 
@@ -187,6 +191,7 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
         grad_checkpointing=bool(opts.grad_checkpointing if opts.grad_checkpointing is not None
                                 else d.get("grad_checkpointing", False)),
         layer_groups=int(getattr(opts, "layer_groups", None) or d.get("layer_groups", 1)),
+        on_policy=float(s2.get("on_policy", 0.0)), on_policy_steps=int(s2.get("on_policy_steps", 20)),
     )
     if plan.layer_groups < 1:
         raise M4VError(f"--layer-groups: expected >= 1, got {plan.layer_groups}")
@@ -239,6 +244,24 @@ def _draw(pool: list, adapter, generator: torch.Generator, per_rank: int, dist: 
     out = adapter.batch([pool[i] for i in idx], generator, "cpu", torch.float32, with_target=with_target)
     rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     return adapter.shard(out, rows, device, dtype, with_target=with_target)
+
+
+def on_policy_batch(batch: dict, student: nn.Module, adapter, plan: DistillPlan, generator: torch.Generator,
+                    dist: DistContext) -> dict:
+    """Stage 2's batch, or (with probability ``plan.on_policy``) the same text's state at a random step
+    of the student's own sampling from fresh noise (``adapter.rollout``): stage 2 then also learns the
+    teacher's velocity where the student's own errors have led it, which noised calibration latents
+    never show (docs/fidelity-moving-teacher.md). Every process draws the same step and the global
+    batch's noise, so they stay in step and a checkpoint resumes the stream."""
+    if plan.on_policy <= 0:  # no draw: the stream, and the weights, of a run without it
+        return batch
+    if float(torch.rand((), generator=generator)) >= plan.on_policy:
+        return batch
+    k = int(torch.randint(plan.on_policy_steps, (), generator=generator))
+    rows = batch["hidden_states"].shape[0]
+    noise = torch.randn((rows * dist.world, *batch["hidden_states"].shape[1:]), generator=generator)
+    noise = noise[dist.rank * rows:(dist.rank + 1) * rows].to(batch["hidden_states"].device)
+    return adapter.rollout(student, batch, noise, k, plan.on_policy_steps)
 
 
 def teacher_calib_cache(opts, plan: DistillPlan) -> Path:
@@ -361,7 +384,8 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
         "data": None if data is None else samples_fingerprint(data),
         "model": adapter.identity(model_cfg), "dtype": str(dtype), "teacher": fingerprint(full_tensors(teacher)),
         "lora": [plan.lora_rank, plan.lora_alpha] if plan.uses_lora else None,
-        "loss": {"feature_weight": plan.feature_weight, "output_weight": plan.output_weight},
+        "loss": {"feature_weight": plan.feature_weight, "output_weight": plan.output_weight,
+                 **({"on_policy": [plan.on_policy, plan.on_policy_steps]} if plan.on_policy > 0 else {})},
         **({"layer_groups": plan.layer_groups} if plan.layer_groups > 1 else {}),
         **({"sharded": True} if dist.fsdp else {}),
     }
@@ -505,7 +529,8 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
         if "stage2" not in trainer.completed:
             run_grouped(2, lambda gen: Stage2Task(
                 s_teacher, s_student, adapter.feature_modules,
-                lambda step: _draw(train_pool, adapter, gen, sched2.batch_size, dist, device, dtype),
+                lambda step: on_policy_batch(_draw(train_pool, adapter, gen, sched2.batch_size, dist, device, dtype),
+                                             student, adapter, plan, gen, dist),
                 generator=gen, feature_weight=plan.feature_weight, output_weight=plan.output_weight,
                 counter=adapter.count))
         results["stage2"] = trainer.completed["stage2"]

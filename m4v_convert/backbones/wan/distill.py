@@ -67,6 +67,19 @@ class WanDistillAdapter:
     def batch(self, samples: list, generator: torch.Generator, device, dtype, with_target: bool = False):
         return noised_batch(samples, self.spec, generator, device, dtype, with_target=with_target)
 
+    def rollout(self, model: nn.Module, batch: dict, noise: torch.Tensor, k: int, steps: int) -> dict:
+        """``batch`` with its video replaced by ``model``'s own sampling state after ``k`` of ``steps``
+        flow-match Euler steps from ``noise`` (the calibration's flow shift, ``batch``'s text), and
+        its timestep by that state's (stage 2's on-policy inputs: ``distill.job.on_policy_batch``)."""
+        from m4v_convert.synthetic import euler_sample, sample_sigmas
+
+        x = batch["hidden_states"]
+        text = batch["encoder_hidden_states"]
+        state = euler_sample(model, noise, text, steps=steps, shift=self.spec.flow_shift, stop=k)
+        sigma = float(sample_sigmas(steps, self.spec.flow_shift)[k])
+        return {**batch, "hidden_states": state.to(x.dtype),
+                "timestep": torch.full_like(batch["timestep"], sigma * 1000.0)}
+
     def shard(self, batch, rows: slice, device, dtype, with_target: bool = False):
         kwargs, target = batch if with_target else (batch, None)
         kwargs = {k: v[rows].to(device=device, dtype=dtype) for k, v in kwargs.items()}
