@@ -27,6 +27,8 @@ from m4v_convert.recipe_schema import FieldError, RecipeFile
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _MMDIM_FIXED = {"d_model", "nheads", "headdim", "d_state", "ngroups", "layer_index", "extra"}
+#: MMDiMConfig's default of every field that has one
+MMDIM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MMDiMConfig) if f.default is not dataclasses.MISSING}
 
 
 @dataclass
@@ -46,6 +48,12 @@ class Recipe:
     allow_double_stream: bool = False  # pyramidflow: may --layers name double-stream blocks
     spec: RecipeFile | None = None  # the validated file (generic backbones read their sections here)
     raw: dict | None = None  # the YAML as loaded (recorded in converted configs)
+
+    @property
+    def mmdim_settings(self) -> dict:
+        """Every MM-DiM setting a conversion with this recipe uses: its ``mmdim`` fields over
+        MMDiMConfig's defaults (sizes, which the model gives, left out)."""
+        return {**MMDIM_DEFAULTS, **self.mmdim}
 
     def layers_or_default(self, layers: str | None) -> str:
         """``--layers`` as given (an empty one is refused by ``parse_layers``), else ``default_layers``."""
@@ -281,9 +289,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise RecipeError("\n".join(msgs)) from None
     mmdim = data.get("mmdim") or {}
     _check_mmdim(mmdim, where)
-    defaults = {f.name: f.default for f in dataclasses.fields(MMDiMConfig)}
     for key, why in registry.get(spec.backbone).refused_mmdim:
-        if key in mmdim and mmdim[key] != defaults[key]:
+        if key in mmdim and mmdim[key] != MMDIM_DEFAULTS[key]:
             raise RecipeError(f"{where(('mmdim', key))}: field 'mmdim.{key}' {why}")
     published = {}
     for key, rel in (data.get("published") or {}).items():

@@ -484,12 +484,12 @@ def test_ablate_switches_off_each_component_the_recipe_has_on():
     import inspect
 
     import cli
-    from m4v_convert.jobs.ablate import COMPONENTS, VARIANTS, AblateOptions, default_variants, recipe_mmdim
+    from m4v_convert.jobs.ablate import COMPONENTS, VARIANTS, AblateOptions, default_variants
     from m4v_convert.recipes import load_recipe
 
     assert inspect.signature(cli.ablate).parameters["variants"].default.default is None
     assert AblateOptions(teacher=Path("t"), out=Path("o")).variants is None  # the recipe decides
-    wan = recipe_mmdim(load_recipe("wan2.1"))
+    wan = load_recipe("wan2.1").mmdim_settings
     assert wan["scan"] == "space" and wan["bidirectional"] is True and wan["text_projections"] is False
     # the shipped recipe scans space-major: every component but the scan order (nothing to switch off)
     assert default_variants(wan) == ["full", "no-text-sandwich", "no-registers", "raster", "no-temporal",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,16 +37,6 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 #: the components ``ablate`` switches off one at a time when --variants is not given, each only
 #: where the recipe has it on (a variant the recipe already is would repeat "full")
 COMPONENTS = ("no-text-sandwich", "no-registers", "raster", "no-temporal", "forward-only", "space-scan")
-
-
-def recipe_mmdim(rec) -> dict:
-    """The recipe's effective MM-DiM settings: its ``mmdim`` fields over MMDiMConfig's defaults."""
-    import dataclasses
-
-    from m4v_convert.layers.mmdim import MMDiMConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(MMDiMConfig) if f.default is not dataclasses.MISSING}
-    return {**defaults, **rec.mmdim}
 
 
 def repeats_full(name: str, mmdim: dict) -> bool:
@@ -233,7 +223,7 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
         raise M4VError(f"--distill-seeds: expected distinct seeds >= 0, got {','.join(map(str, seeds))}")
     settings = _settings(opts.prompts, opts.seeds, opts.steps, opts.shift)
     rec = load_recipe(opts.recipe)
-    mmdim = recipe_mmdim(rec)
+    mmdim = rec.mmdim_settings
     variants = default_variants(mmdim) if opts.variants is None else list(opts.variants)
     same = [v for v in variants if repeats_full(v, mmdim)]
     if same:
