@@ -116,3 +116,72 @@ def test_auto_is_refused_where_the_backbone_does_not_offer_it(tmp_path):
     res = runner.invoke(app, ["pyramidflow", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
                               "--layers", "auto", "--flops-budget", "0.4"])
     assert res.exit_code != 0 and "--flops-budget: not offered for pyramidflow recipes" in res.output
+
+
+def _one_kept_budget(tiny):
+    """A budget between one attention layer kept and two: exactly the most sensitive layer stays attention."""
+    one_kept = max(_ratio(tiny, [j for j in range(4) if j != i]) for i in range(4))
+    two_kept = min(_ratio(tiny, [j for j in range(4) if j not in (i, k)]) for i in range(4) for k in range(i))
+    return f"{(one_kept + two_kept) / 2:.6f}"
+
+
+def test_auto_resumes_with_its_own_selection_and_does_not_probe_again(tiny, tmp_path, monkeypatch,
+                                                                        interrupt_stage2):
+    import m4v_convert.backbones.wan.load as load
+    import m4v_convert.jobs.layer_selection as layer_selection
+
+    flags = ["--layers", "auto", "--flops-budget", _one_kept_budget(tiny), "--probe-steps", "2",
+             "--stage2-steps", "3", "--checkpoint-every", "1"]
+    ref = _run(tiny, tmp_path / "ref", *flags)  # uninterrupted
+    assert ref.exit_code == 0, ref.output
+    run = tmp_path / "run"
+    interrupt_stage2(2)  # Ctrl-C in stage 2, after the probe and stage 1
+    res = _run(tiny, tmp_path / "out", *flags, "--run-dir", str(run))
+    assert res.exit_code != 0 and "--resume" in res.output and not (tmp_path / "out").exists()
+    interrupt_stage2(None)
+
+    def no_probe(*a, **k):
+        raise AssertionError("the probe ran again")
+
+    monkeypatch.setattr(layer_selection, "probe_sensitivity", no_probe)
+    # another budget: refused before any weight is read, the run's checkpoint untouched
+    real_load = load.load_wan_transformer
+    monkeypatch.setattr(load, "load_wan_transformer", no_probe)
+    before = (run / "state.pt").read_bytes()
+    other = [*flags[:2], "--flops-budget", "0.99", *flags[4:]]
+    res = _run(tiny, tmp_path / "out", *other, "--resume", str(run))
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    text = " ".join(res.output.split())
+    assert "that run chose its layers with --flops-budget" in text and "this one asks for --flops-budget 0.99" in text
+    assert (run / "state.pt").read_bytes() == before
+    monkeypatch.setattr(load, "load_wan_transformer", real_load)
+    res = _run(tiny, tmp_path / "out", *flags, "--resume", str(run))
+    assert res.exit_code == 0, res.output
+    assert "the resumed run's selection (its probe is not run again)" in " ".join(res.output.split())
+    a, b = (json.loads((tmp_path / d / "conversion.json").read_text()) for d in ("ref", "out"))
+    assert b["layer_selection"] == a["layer_selection"] and b["layers"] == a["layers"] == a["layer_selection"][
+        "converted"]
+    wa, wb = (load_file(str(tmp_path / d / "diffusion_pytorch_model.safetensors")) for d in ("ref", "out"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_auto_samples_the_teacher_once_into_the_runs_own_cache(tiny, tmp_path, monkeypatch):
+    """The probe has no run folder of its own: with --run-dir elsewhere it must still sample into that run's
+    cache (which the run then reuses), not a second time into a folder beside --out."""
+    import m4v_convert.distill.teacher_samples as teacher_samples
+
+    calls = []
+    real = teacher_samples.sample_with_teacher
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(teacher_samples, "sample_with_teacher", counted)
+    run, out = tmp_path / "elsewhere" / "run", tmp_path / "out"
+    res = _run(tiny, out, "--layers", "auto", "--flops-budget", _one_kept_budget(tiny), "--probe-steps", "2",
+               "--teacher-calib", "--run-dir", str(run))
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1, res.output
+    assert (run / "teacher_calib").is_dir() and not (tmp_path / "out.train").exists()
+    assert "reused" in res.output

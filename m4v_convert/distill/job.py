@@ -53,6 +53,12 @@ class DistillPlan:
     on_policy_steps: int = 20
     run_dir: RunDir | None = None
     resume_state: dict | None = field(default=None, repr=False)
+    # where teacher-generated calibration is cached (teacher_calib_cache), fixed with the run folder so that
+    # a --layers auto probe, which has no run folder, samples into the cache the run then reuses
+    teacher_calib_dir: Path | None = None
+    # --layers auto: the selection (jobs/layer_selection.py), part of the run's identity so that a resume
+    # reuses it instead of probing again
+    layer_selection: dict | None = None
 
     @property
     def uses_lora(self) -> bool:
@@ -214,6 +220,7 @@ def make_plan(recipe, opts, device: torch.device, default_stages: str = "1,2,3")
             raise M4VError(f"run folder {plan.run_dir.path} holds the checkpoint of an earlier run"
                            f"{plan.run_dir.progress_text()}; continue it with --resume {plan.run_dir.path}, or delete "
                            "that folder to start over (--overwrite replaces --out only, never a run's checkpoint)")
+    plan.teacher_calib_dir = teacher_calib_cache(opts, plan)
     return plan
 
 
@@ -266,6 +273,8 @@ def on_policy_batch(batch: dict, student: nn.Module, adapter, plan: DistillPlan,
 
 def teacher_calib_cache(opts, plan: DistillPlan) -> Path:
     """Where teacher-generated calibration is cached: --calib-cache, else the run folder's ``teacher_calib/``."""
+    if getattr(plan, "teacher_calib_dir", None) is not None:
+        return plan.teacher_calib_dir
     if opts.calib_cache is not None:
         return Path(opts.calib_cache)
     run = (plan.run_dir.path if plan.run_dir is not None
@@ -388,6 +397,7 @@ def run_distillation(teacher, student, adapter: DistillAdapter, recipe, opts, pl
                  **({"on_policy": [plan.on_policy, plan.on_policy_steps]} if plan.on_policy > 0 else {})},
         **({"layer_groups": plan.layer_groups} if plan.layer_groups > 1 else {}),
         **({"sharded": True} if dist.fsdp else {}),
+        **({"layer_selection": plan.layer_selection} if plan.layer_selection is not None else {}),
     }
     state = plan.resume_state
     if state is not None:

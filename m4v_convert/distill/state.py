@@ -209,6 +209,7 @@ _IDENTITY_WORDS = {
     "calibration": "calibration data (source and contents)", "data": "--data contents",
     "model": "checkpoint architecture", "dtype": "--dtype", "teacher": "teacher (its weights)",
     "lora": "LoRA settings", "loss": "loss weights", "sharded": "--fsdp (sharded weights)",
+    "layer_selection": "--layers auto selection",
 }
 
 FINGERPRINT_VALUES = 4096  # values sampled per tensor

@@ -26,7 +26,9 @@ def probe_steps_of(flags) -> int:
 
 
 def check_budget(plan, steps, candidates: list[int], config: dict) -> None:
-    """Before any weight is read: converting every candidate must fit the budget."""
+    """Before any weight is read: converting every candidate must fit the budget, and a resumed run must
+    have chosen its layers for this budget."""
+    resumed_selection(plan)
     budget = plan.flags.flops_budget
     floor = steps.flops_ratio(config, candidates)
     if floor > budget:
@@ -68,18 +70,42 @@ def probe_sensitivity(plan, steps, teacher, candidates: list[int]) -> dict[int, 
 
 
 def select_layers(plan, steps, teacher, candidates: list[int]) -> tuple[list[int], dict]:
-    """(layers to convert, the ``layer_selection`` record) for ``--layers auto``."""
-    config = dict(teacher.config)
-    ratio = lambda layers: steps.flops_ratio(config, layers)  # noqa: E731
-    sensitivity = probe_sensitivity(plan, steps, teacher, candidates)
-    layers = choose(sensitivity, ratio, plan.flags.flops_budget)
-    record = {"flops_budget": plan.flags.flops_budget,
-              "probe_steps": probe_steps_of(plan.flags),
-              "sensitivity": {str(i): sensitivity[i] for i in sorted(sensitivity)},
-              "converted": layers, "kept_attention": [i for i in candidates if i not in layers],
-              "flops_ratio": ratio(layers)}
+    """(layers to convert, the ``layer_selection`` record) for ``--layers auto``. A resumed run keeps the
+    selection it made (saved with its identity) rather than probing again."""
+    saved = resumed_selection(plan)
+    if saved is not None:
+        plan.console.print("--layers auto: the resumed run's selection (its probe is not run again)")
+        record = saved
+    else:
+        config = dict(teacher.config)
+        ratio = lambda layers: steps.flops_ratio(config, layers)  # noqa: E731
+        sensitivity = probe_sensitivity(plan, steps, teacher, candidates)
+        layers = choose(sensitivity, ratio, plan.flags.flops_budget)
+        record = {"flops_budget": plan.flags.flops_budget,
+                  "probe_steps": probe_steps_of(plan.flags),
+                  "sensitivity": {str(i): sensitivity[i] for i in sorted(sensitivity)},
+                  "converted": layers, "kept_attention": [i for i in candidates if i not in layers],
+                  "flops_ratio": ratio(layers)}
     plan.console.print(selection_text(record))
-    return layers, record
+    if saved is not None or plan.distill.resume_state is None:  # a run saved without one resumes as it was
+        plan.distill.layer_selection = record
+    return list(record["converted"]), record
+
+
+def resumed_selection(plan) -> dict | None:
+    """The selection of the run that ``--resume`` continues (None: not resuming, or that run chose its layers
+    otherwise); refused when this command asks for another budget or probe."""
+    state = plan.distill.resume_state
+    saved = None if state is None else state["identity"].get("layer_selection")
+    if saved is None:
+        return None
+    asked = {"flops_budget": plan.flags.flops_budget, "probe_steps": probe_steps_of(plan.flags)}
+    if any(saved[k] != v for k, v in asked.items()):
+        raise M4VError(f"--resume {plan.distill.run_dir.path}: that run chose its layers with --flops-budget "
+                       f"{saved['flops_budget']:g} --probe-steps {saved['probe_steps']}, this one asks for "
+                       f"--flops-budget {asked['flops_budget']:g} --probe-steps {asked['probe_steps']}; resume it "
+                       "with the same, or pass another --run-dir to start a new run")
+    return saved
 
 
 def selection_text(record: dict) -> str:
