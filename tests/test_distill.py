@@ -483,7 +483,7 @@ def test_on_policy_batches_are_the_students_own_sampling_states(teacher):
             t = torch.full((x.shape[0],), float(sigmas[i]) * 1000.0)
             x = x + (sigmas[i + 1] - sigmas[i]) * teacher(hidden_states=x, timestep=t,
                                                          encoder_hidden_states=batch["encoder_hidden_states"],
-                                                         return_dict=False)[0]
+                                                         return_dict=False)[0].float()
         return x
 
     off = DistillPlan(stages=[2], schedules={})
@@ -508,6 +508,21 @@ def test_on_policy_batches_are_the_students_own_sampling_states(teacher):
             assert got["encoder_hidden_states"] is batch["encoder_hidden_states"]
             ks.append(k)
         assert len({k for k in ks if k is not None}) > 1 and (share == 1.0) == (None not in ks), ks
+
+    # mixed precision: the sampler runs under the bf16 autocast the stage's own forward runs under
+    plan = DistillPlan(stages=[2], schedules={}, on_policy=1.0, on_policy_steps=steps, bf16=True)
+    for seed in range(20):  # a draw with at least one sampler step
+        replay = torch.Generator().manual_seed(seed)
+        float(torch.rand((), generator=replay))
+        k = int(torch.randint(steps, (), generator=replay))
+        if k > 0:
+            break
+    noise = torch.randn((2, *batch["hidden_states"].shape[1:]), generator=replay)
+    got = on_policy_batch(batch, teacher, adapter, plan, torch.Generator().manual_seed(seed), DistContext())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = by_hand(noise, k)
+    torch.testing.assert_close(got["hidden_states"], want, rtol=1e-5, atol=1e-5)
+    assert (got["hidden_states"] - by_hand(noise, k)).abs().max() > 1e-3  # not the float32 sampler
 
 
 def test_on_policy_stage2_trains_and_is_refused_outside_wan(ckpt, tmp_path):

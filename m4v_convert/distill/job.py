@@ -268,7 +268,9 @@ def on_policy_batch(batch: dict, student: nn.Module, adapter, plan: DistillPlan,
     rows = batch["hidden_states"].shape[0]
     noise = torch.randn((rows * dist.world, *batch["hidden_states"].shape[1:]), generator=generator)
     noise = noise[dist.rank * rows:(dist.rank + 1) * rows].to(batch["hidden_states"].device)
-    return adapter.rollout(student, batch, noise, k, plan.on_policy_steps)
+    # the sampler runs in the precision of the stage's own forward (the trainer's bf16 autocast)
+    with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=plan.bf16):
+        return adapter.rollout(student, batch, noise, k, plan.on_policy_steps)
 
 
 def teacher_calib_cache(opts, plan: DistillPlan) -> Path:
