@@ -393,6 +393,22 @@ def ablate(
                              distill_seeds=_int_list(distill_seeds, "--distill-seeds")))
 
 
+
+@app.command("ablate-merge")
+@user_errors
+def ablate_merge(
+    parts: list[Path] = typer.Argument(..., help="the --out folders of ablate runs that each did a share of one "
+                                       "ablation (other --variants or --distill-seeds)"),
+    out: Path = typer.Option(..., "--out", help="output folder: ablation.md/json, variants/<name>/ (model files "
+                             "hard-linked from the parts where possible)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+):
+    """Merge ablate runs into one ablation: each variant paired against the full conversion of its distillation
+    seed, whichever run holds it, and the across-seed table, as one ablate run of the whole grid writes them."""
+    from m4v_convert.jobs.ablate import merge_ablations
+
+    merge_ablations(parts, out, overwrite=overwrite)
+
 def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
     if text is None:
         return None

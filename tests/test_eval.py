@@ -431,19 +431,29 @@ def test_cli_ablate_continues_an_interrupted_run_with_the_same_numbers(folders, 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_ablate_distils_each_variant_at_every_seed_and_pairs_within_a_seed(folders, tiny_recipe, tmp_path):
-    from safetensors.torch import load_file
-
-    from m4v_convert.metrics import paired_psnr_delta
-
+@pytest.fixture(scope="module")
+def two_seed_ablation(folders, tiny_recipe, tmp_path_factory):
+    """``ablate(out, *flags)``, and two runs of it: full and no-registers at distillation seeds 0 and 1
+    (``whole``), no-registers at seed 1 alone (``single``)."""
     def ablate(out, *extra):
         return runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(out), "--recipe", str(tiny_recipe),
                                    "--distill-steps", "2", "--stage2-steps", "1", "--layers", "all", "--seeds", "1",
                                    "--steps", "2", "--threads", "1", "--prompts", str(folders / "prompts.txt"), *extra])
 
-    out = tmp_path / "abl"
-    res = ablate(out, "--variants", "full,no-registers", "--distill-seeds", "0,1")
+    root = tmp_path_factory.mktemp("ablate")
+    res = ablate(root / "whole", "--variants", "full,no-registers", "--distill-seeds", "0,1")
     assert res.exit_code == 0, res.output
+    res = ablate(root / "single", "--variants", "no-registers", "--distill-seeds", "1")
+    assert res.exit_code == 0, res.output
+    return ablate, root / "whole", root / "single"
+
+
+def test_cli_ablate_distils_each_variant_at_every_seed_and_pairs_within_a_seed(two_seed_ablation, tmp_path):
+    from safetensors.torch import load_file
+
+    from m4v_convert.metrics import paired_psnr_delta
+
+    ablate, out, single = two_seed_ablation
     report = json.loads((out / "ablation.json").read_text())
     units = ["full-seed0", "no-registers-seed0", "full-seed1", "no-registers-seed1"]
     assert list(report["variants"]) == units and report["distill_seeds"] == [0, 1]
@@ -451,8 +461,6 @@ def test_cli_ablate_distils_each_variant_at_every_seed_and_pairs_within_a_seed(f
     assert any(not torch.equal(weights["full-seed0"][k], weights["full-seed1"][k]) for k in weights["full-seed0"])
     # oracle: a unit is the ablation of that one distillation seed alone, bit for bit (the calibration
     # latents the task generates follow --seed, 0 in both runs)
-    single = tmp_path / "single"
-    assert ablate(single, "--variants", "no-registers", "--distill-seeds", "1").exit_code == 0
     alone = load_file(str(single / "variants" / "no-registers" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(alone[k], weights["no-registers-seed1"][k]) for k in alone)
     v = report["variants"]
@@ -474,6 +482,54 @@ def test_cli_ablate_distils_each_variant_at_every_seed_and_pairs_within_a_seed(f
     res = ablate(tmp_path / "bad", "--distill-seeds", "one")
     assert res.exit_code != 0 and "comma-separated integers" in " ".join(res.output.split())
 
+
+
+def test_ablate_merge_gives_the_report_of_one_run_of_the_whole_grid(two_seed_ablation, tmp_path):
+    """Oracle: parts that split the grid (full at seeds 0 and 1; no-registers at seed 0; no-registers at
+    seed 1 alone, paired with another part's full) merge into the report one run of the grid writes."""
+    import os
+
+    ablate, whole, single = two_seed_ablation
+    fulls, reg0 = tmp_path / "fulls", tmp_path / "reg0"
+    assert ablate(fulls, "--variants", "full", "--distill-seeds", "0,1").exit_code == 0
+    assert ablate(reg0, "--variants", "no-registers", "--distill-seeds", "0").exit_code == 0
+    parts = (fulls, reg0, single)
+    before = {f: f.read_bytes() for p in parts for f in p.rglob("*") if f.is_file()}
+    out = tmp_path / "merged"
+    res = runner.invoke(app, ["ablate-merge", *map(str, parts), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    got, want = (json.loads((d / "ablation.json").read_text()) for d in (out, whole))
+    assert list(got["variants"]) == list(want["variants"]) and got["distill_seeds"] == [0, 1]
+    run_only = {"seconds", "convert_seconds", "distill"}  # wall times, and the conversion's log
+    for unit, m in want["variants"].items():
+        assert {k: v for k, v in got["variants"][unit].items() if k not in run_only} == {
+            k: v for k, v in m.items() if k not in run_only}, unit
+        assert json.loads((out / "variants" / unit / "metrics.json").read_text()) == got["variants"][unit]
+    assert got["across_seeds"] == want["across_seeds"]
+    assert (out / "ablation.md").read_text() == (whole / "ablation.md").read_text()
+    # the parts are read, never written: the model files are linked, the merged reports new files
+    assert {f: f.read_bytes() for p in parts for f in p.rglob("*") if f.is_file()} == before
+    model, source = out / "variants" / "no-registers-seed1" / "diffusion_pytorch_model.safetensors", \
+        single / "variants" / "no-registers" / "diffusion_pytorch_model.safetensors"
+    assert os.path.samefile(model, source)
+    assert not os.path.samefile(out / "variants" / "no-registers-seed1" / "metrics.json",
+                                single / "variants" / "no-registers" / "metrics.json")
+
+    def merge(*args):
+        res = runner.invoke(app, ["ablate-merge", *map(str, args)])
+        assert res.exit_code != 0 and "Traceback" not in res.output
+        assert len([line for line in res.output.splitlines() if line.startswith("error:")]) == 1, res.output
+        return " ".join(res.output.split())
+
+    assert "is in both" in merge(fulls, whole, "--out", tmp_path / "o")
+    assert "missing no-registers at seed 0" in merge(fulls, single, "--out", tmp_path / "o")
+    assert "give two or more" in merge(fulls, "--out", tmp_path / "o")
+    assert "no ablation.json" in merge(fulls, tmp_path, "--out", tmp_path / "o")
+    assert "would overwrite that input" in merge(fulls, reg0, single, "--out", fulls / "x")
+    other = tmp_path / "other"  # another budget: not a part of this ablation
+    assert ablate(other, "--variants", "no-registers", "--distill-seeds", "0", "--distill-steps", "1").exit_code == 0
+    assert "their distill_steps differ" in merge(fulls, other, single, "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 def test_cli_ablate_bad_variant(folders, tmp_path):
     res = runner.invoke(app, ["ablate", str(folders / "teacher"), "--out", str(tmp_path / "o"), "--variants", "nope"])

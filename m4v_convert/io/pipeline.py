@@ -89,16 +89,20 @@ def write_pipeline(root: Path, out: Path, converted: str, class_name: str,
     index = read_model_index(root)
     how: dict[str, str] = {}
     for name in check_components(root, converted):
-        how[name] = _carry(root / name, out / name, copy_components)
+        how[name] = carry_tree(root / name, out / name, copy_components)
     index[converted] = [LOADER_MODULE, class_name]  # out/converted/m4v_transformer.py (io/converted.py)
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return how
 
 
-def _carry(src: Path, dst: Path, copy: bool) -> str:
-    """Hard-link every file of ``src`` under ``dst`` (copy where linking fails or ``copy``)."""
+def carry_tree(src: Path, dst: Path, copy: bool = False, skip: set[str] = frozenset()) -> str:
+    """Hard-link every file of ``src`` under ``dst`` (copy where linking fails or ``copy``), but those
+    named in ``skip``. A linked file is the source's own: write a new file in its place, never into it."""
     linked = not copy
+    dst.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.rglob("*")):
+        if path.name in skip:
+            continue
         target = dst / path.relative_to(src)
         if path.is_dir():
             target.mkdir(parents=True, exist_ok=True)

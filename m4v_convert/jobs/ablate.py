@@ -2,7 +2,8 @@
 switched off) at the same distillation budget (same layers, steps, calibration data, seed) through
 the conversion job (:func:`m4v_convert.jobs.convert.run_conversion`) with a temporary recipe, and
 tabulate the eval's metrics (:mod:`m4v_convert.jobs.eval`) per variant. Finished variants are kept
-in a work folder, so an interrupted run continues where it stopped.
+in a work folder, so an interrupted run continues where it stopped. ``ablate-merge``
+(:func:`merge_ablations`) joins runs that each did a share of one ablation into its report.
 """
 
 from __future__ import annotations
@@ -299,33 +300,17 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                     _write_json_atomic(vdir / "metrics.json", metrics)  # this variant is finished
                 results[unit] = metrics
                 rows.append((label, metrics))
+            pair_with_full(results, units, seeds)
             for name, seed, unit in units:
-                metrics = results[unit]
                 shutil.copytree(work_dir / "variants" / unit, tmp / "variants" / unit)
-                full = unit_name("full", seed, seeds)
-                if full in results and name != "full":  # against all components of the same seed, same samples
-                    metrics["vs_full"] = paired_psnr_delta(results[full], metrics)
-                (tmp / "variants" / unit / "metrics.json").write_text(metrics_json(metrics) + "\n")
-            summary = across_seeds(results, variants, seeds) if len(seeds) > 1 else None
+                (tmp / "variants" / unit / "metrics.json").write_text(metrics_json(results[unit]) + "\n")
             report = {
                 "teacher": str(Path(opts.teacher).resolve()), "task": task_source, "recipe": opts.recipe,
                 "layers": opts.layers, "distill_steps": opts.distill_steps, "stage2_steps": opts.stage2_steps,
                 "calibration": calib_label, "seed": opts.seed, "distill_seeds": seeds, "eval": wanted["eval"],
                 "variants": results, "resumed_variants": resumed, "seconds": round(time.time() - t0, 1),
             }
-            if summary is not None:
-                report["across_seeds"] = summary
-            (tmp / "ablation.json").write_text(metrics_json(report) + "\n")
-            (tmp / "ablation.md").write_text(
-                f"# MM-DiM component ablation\n\nteacher `{opts.teacher}`, equal distillation budget per variant "
-                f"(layers {opts.layers or 'recipe default'}, stage-1 steps "
-                f"{opts.distill_steps if opts.distill_steps is not None else 'recipe default'}, stage-2 steps "
-                f"{opts.stage2_steps if opts.stage2_steps is not None else 'recipe default'}, calibration "
-                f"{calib_label}, distillation seed(s) {', '.join(map(str, seeds))}); eval on {len(settings.labels)} "
-                f"prompts × {settings.seeds} seeds, {settings.steps} Euler steps.\n\n{markdown_table(rows)}\n\n"
-                + "".join(f"- {name}: {interval_text(m)}{vs_full_text(m)}\n" for name, m in rows)
-                + ("" if summary is None else "\n## Across distillation seeds\n\n" + across_seeds_markdown(
-                    summary, {n: VARIANTS[n][1] for n in variants}) + "\n"))
+            summary = write_report(tmp, report, rows, variants)
     except BaseException:
         kept = sorted(d.name for d in (work_dir / "variants").iterdir())  # converted (folders appear whole)
         if not kept:
@@ -335,6 +320,43 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                       "the same command continues from them")
         raise
     shutil.rmtree(work_dir, ignore_errors=True)
+    print_report(con, rows, summary, Path(opts.out))
+    return report
+
+
+def pair_with_full(results: dict, units: list[tuple[str, int, str]], seeds: list[int]) -> None:
+    """Each variant's ``vs_full``: its paired PSNR difference against the full conversion of the same
+    distillation seed (the same eval samples), where that seed has one."""
+    for name, seed, unit in units:
+        full = unit_name("full", seed, seeds)
+        results[unit].pop("vs_full", None)
+        if full in results and name != "full":
+            results[unit]["vs_full"] = paired_psnr_delta(results[full], results[unit])
+
+
+def write_report(folder: Path, report: dict, rows: list[tuple[str, dict]], variants: list[str]) -> dict | None:
+    """``ablation.json`` and ``ablation.md`` of ``report`` into ``folder``; returns the across-seed summary
+    (None with one distillation seed), which ``report`` then holds as ``across_seeds``."""
+    seeds, results, ev = report["distill_seeds"], report["variants"], report["eval"]
+    summary = across_seeds(results, variants, seeds) if len(seeds) > 1 else None
+    if summary is not None:
+        report["across_seeds"] = summary
+    (folder / "ablation.json").write_text(metrics_json(report) + "\n")
+    default = "recipe default"
+    (folder / "ablation.md").write_text(
+        f"# MM-DiM component ablation\n\nteacher `{report['teacher']}`, equal distillation budget per variant "
+        f"(layers {report['layers'] or default}, stage-1 steps "
+        f"{report['distill_steps'] if report['distill_steps'] is not None else default}, stage-2 steps "
+        f"{report['stage2_steps'] if report['stage2_steps'] is not None else default}, calibration "
+        f"{report['calibration']}, distillation seed(s) {', '.join(map(str, seeds))}); eval on {len(ev['prompts'])} "
+        f"prompts × {ev['seeds_per_prompt']} seeds, {ev['sampler_steps']} Euler steps.\n\n{markdown_table(rows)}\n\n"
+        + "".join(f"- {name}: {interval_text(m)}{vs_full_text(m)}\n" for name, m in rows)
+        + ("" if summary is None else "\n## Across distillation seeds\n\n" + across_seeds_markdown(
+            summary, {n: VARIANTS[n][1] for n in variants}) + "\n"))
+    return summary
+
+
+def print_report(con, rows: list[tuple[str, dict]], summary: dict | None, out: Path) -> None:
     con.print(metrics_table(rows, title="MM-DiM component ablation (equal distillation budget)"),
               width=max(con.width, 120))  # a log file (80 columns by default) keeps the whole table
     for name, m in rows:
@@ -346,5 +368,100 @@ def run_ablate(opts: AblateOptions, console=None) -> dict:
                 line += (f"; vs all components {', '.join(f'{d:+.2f}' for d in row['vs_full_psnr_delta_db'])} dB "
                          f"({'the same sign at every seed' if row['vs_full_consistent'] else 'the seed flips it'})")
             con.print(line)
-    con.print(f"[green]wrote[/] {Path(opts.out).resolve()} (ablation.json, ablation.md, variants/*)")
+    con.print(f"[green]wrote[/] {out.resolve()} (ablation.json, ablation.md, variants/*)")
+
+
+#: what the parts of one ablation must share to be merged: the same teacher, task, recipe, budget,
+#: calibration and eval (so every variant is distilled alike and evaluated on the same samples)
+SAME_EXPERIMENT = ("teacher", "task", "recipe", "layers", "distill_steps", "stage2_steps", "calibration", "eval")
+GENERATED_CALIB = "task (generated)"
+
+
+def _read_part(folder: Path) -> dict:
+    path = Path(folder) / "ablation.json"
+    if not path.is_file():
+        raise M4VError(f"{folder}: no ablation.json (not the --out folder of a finished ablate run)")
+    try:
+        report = json.loads(path.read_text())
+        unnamed = [u for u, m in report["variants"].items() if "variant" not in m or "distill_seed" not in m]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise M4VError(f"{path}: not an ablate report ({type(e).__name__}: {e})") from None
+    if unnamed:
+        raise M4VError(f"{path}: {unnamed[0]} does not say its variant and distillation seed (an ablate report "
+                       "older than ablate-merge: run that part again)")
+    return report
+
+
+def merge_ablations(parts: list[Path], out: Path, overwrite: bool = False, console=None) -> dict:
+    """One ablation from the ``--out`` folders of ``ablate`` runs that each did a share of it (other
+    ``--variants`` or ``--distill-seeds``, e.g. on other machines): every variant paired against the full
+    conversion of its distillation seed, whichever part holds it, and the across-seed table, as one
+    ``ablate`` run of the whole grid writes them. The parts are only read: their model files are
+    hard-linked into ``out`` where the filesystem allows (else copied), their reports left as they are."""
+    from m4v_convert.io.output import atomic_output_dir, check_output_dir
+    from m4v_convert.io.pipeline import carry_tree
+    from m4v_convert.jobs.plan import console_or_default
+
+    con = console_or_default(console)
+    parts = [Path(p) for p in parts]
+    if len(parts) < 2:
+        raise M4VError("ablate-merge: give two or more ablate --out folders to merge")
+    if len({p.resolve() for p in parts}) < len(parts):
+        raise M4VError("ablate-merge: a folder is given twice")
+    reports = [_read_part(p) for p in parts]
+    first = reports[0]
+    same = SAME_EXPERIMENT + (("seed",) if first.get("calibration") == GENERATED_CALIB else ())
+    for part, report in zip(parts[1:], reports[1:]):
+        differ = [k for k in same if report.get(k) != first.get(k)]
+        if differ:
+            hint = (" (the calibration generated from the task follows --seed: run every part with the same --seed "
+                    "and choose its distillation seeds with --distill-seeds)" if differ == ["seed"] else "")
+            raise M4VError(f"{part} and {parts[0]} are not parts of one ablation: their {', '.join(differ)} "
+                           f"differ{hint}")
+    found: dict[tuple[str, int], tuple[Path, str, dict]] = {}
+    teacher_reads = None
+    for part, report in zip(parts, reports):
+        for unit, m in report["variants"].items():
+            key = (m["variant"], int(m["distill_seed"]))
+            if key in found:
+                raise M4VError(f"variant {key[0]} at distillation seed {key[1]} is in both {found[key][0]} and {part}: "
+                               "merge parts that do not overlap")
+            if key[0] not in VARIANTS:
+                raise M4VError(f"{part}: unknown variant {key[0]!r}")
+            # pairs compare the same eval samples: the teacher's must be the same in every part
+            if teacher_reads is None:
+                teacher_reads = m.get("read_teacher")
+            elif m.get("read_teacher") != teacher_reads:
+                raise M4VError(f"{part}: its teacher samples differ from {parts[0]}'s (another device or torch "
+                               "version?): its variants cannot be paired with theirs")
+            found[key] = (part, unit, m)
+    seeds = sorted({s for _, s in found})
+    variants = [v for v in VARIANTS if any(name == v for name, _ in found)]
+    missing = [f"{v} at seed {s}" for s in seeds for v in variants if (v, s) not in found]
+    if missing:
+        raise M4VError(f"the parts do not cover every variant at every distillation seed: missing {', '.join(missing)} "
+                       "(ablate --variants V --distill-seeds S makes a part that adds them)")
+    out = check_output_dir(out, overwrite, {f"part {i + 1}": p for i, p in enumerate(parts)})
+    units = [(name, seed, unit_name(name, seed, seeds)) for seed in seeds for name in variants]
+    results, rows = {}, []
+    for name, seed, unit in units:
+        metrics = dict(found[(name, seed)][2])
+        metrics["label"] = VARIANTS[name][1] + (f", seed {seed}" if len(seeds) > 1 else "")
+        results[unit] = metrics
+        rows.append((metrics["label"], metrics))
+    pair_with_full(results, units, seeds)
+    con.print(f"ablate-merge: {len(variants)} variants × {len(seeds)} distillation seed(s) ({', '.join(map(str, seeds))}) "
+              f"from {len(parts)} parts")
+    with atomic_output_dir(out, overwrite) as tmp:
+        for name, seed, unit in units:
+            part, part_unit, _ = found[(name, seed)]
+            carry_tree(part / "variants" / part_unit, tmp / "variants" / unit, skip={"metrics.json"})
+            (tmp / "variants" / unit / "metrics.json").write_text(metrics_json(results[unit]) + "\n")
+        given = {r.get("seed") for r in reports}  # --seed of each part (None where they differ)
+        report = {**{k: first.get(k) for k in SAME_EXPERIMENT}, "seed": given.pop() if len(given) == 1 else None,
+                  "distill_seeds": seeds,
+                  "variants": results, "merged_from": [str(p.resolve()) for p in parts],
+                  "resumed_variants": [], "seconds": None}
+        summary = write_report(tmp, report, rows, variants)
+    print_report(con, rows, summary, out)
     return report
