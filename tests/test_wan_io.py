@@ -104,8 +104,6 @@ def test_a_loaded_model_keeps_no_weight_file_mapped(layout, saved, monkeypatch):
     file's pages do not count twice), and every shard was released before the next was copied."""
     import gc
 
-    from m4v_convert.backbones.wan import load
-
     def mapped(files):
         maps = Path("/proc/self/maps").read_text()
         return {f.name for f in files if str(f.resolve()) in maps}
