@@ -393,7 +393,6 @@ def ablate(
                              distill_seeds=_int_list(distill_seeds, "--distill-seeds")))
 
 
-
 @app.command("ablate-merge")
 @user_errors
 def ablate_merge(
@@ -408,6 +407,7 @@ def ablate_merge(
     from m4v_convert.jobs.ablate import merge_ablations
 
     merge_ablations(parts, out, overwrite=overwrite)
+
 
 def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
     if text is None:

@@ -274,7 +274,8 @@ def on_policy_batch(batch: dict, student: nn.Module, adapter, plan: DistillPlan,
 
 
 def teacher_calib_cache(opts, plan: DistillPlan) -> Path:
-    """Where teacher-generated calibration is cached: --calib-cache, else the run folder's ``teacher_calib/``."""
+    """Where teacher-generated calibration is cached: --calib-cache, else the run folder's ``teacher_calib/``
+    (decided once, by ``make_plan``: ``plan.teacher_calib_dir``)."""
     if getattr(plan, "teacher_calib_dir", None) is not None:
         return plan.teacher_calib_dir
     if opts.calib_cache is not None:
