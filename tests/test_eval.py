@@ -526,6 +526,16 @@ def test_ablate_merge_gives_the_report_of_one_run_of_the_whole_grid(two_seed_abl
     assert "give two or more" in merge(fulls, "--out", tmp_path / "o")
     assert "no ablation.json" in merge(fulls, tmp_path, "--out", tmp_path / "o")
     assert "would overwrite that input" in merge(fulls, reg0, single, "--out", fulls / "x")
+    # the task file as a run spelled it (relative to where it ran) is the same task
+    import shutil
+
+    relative = tmp_path / "relative"
+    shutil.copytree(reg0, relative)
+    report = json.loads((relative / "ablation.json").read_text())
+    report["task"] = os.path.relpath(report["task"])
+    (relative / "ablation.json").write_text(json.dumps(report))
+    res = runner.invoke(app, ["ablate-merge", str(fulls), str(relative), str(single), "--out", str(tmp_path / "rel")])
+    assert res.exit_code == 0, res.output
     other = tmp_path / "other"  # another budget: not a part of this ablation
     assert ablate(other, "--variants", "no-registers", "--distill-seeds", "0", "--distill-steps", "1").exit_code == 0
     assert "their distill_steps differ" in merge(fulls, other, single, "--out", tmp_path / "o")

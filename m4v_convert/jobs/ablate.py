@@ -377,6 +377,14 @@ SAME_EXPERIMENT = ("teacher", "task", "recipe", "layers", "distill_steps", "stag
 GENERATED_CALIB = "task (generated)"
 
 
+def _comparable(key: str, value):
+    """A report's ``key`` as parts compare it: the task file as a resolved path (a run records it as its
+    teacher argument was spelled, relative to where it ran: resolved here against this directory)."""
+    if key == "task" and isinstance(value, str) and value != "default":
+        return str(Path(value).resolve())
+    return value
+
+
 def _read_part(folder: Path) -> dict:
     path = Path(folder) / "ablation.json"
     if not path.is_file():
@@ -412,7 +420,7 @@ def merge_ablations(parts: list[Path], out: Path, overwrite: bool = False, conso
     first = reports[0]
     same = SAME_EXPERIMENT + (("seed",) if first.get("calibration") == GENERATED_CALIB else ())
     for part, report in zip(parts[1:], reports[1:]):
-        differ = [k for k in same if report.get(k) != first.get(k)]
+        differ = [k for k in same if _comparable(k, report.get(k)) != _comparable(k, first.get(k))]
         if differ:
             hint = (" (the calibration generated from the task follows --seed: run every part with the same --seed "
                     "and choose its distillation seeds with --distill-seeds)" if differ == ["seed"] else "")
